@@ -22,6 +22,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _give_default_permissions(path: Path) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual umask-based mode."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -47,6 +58,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        _give_default_permissions(tmp_path)
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     finally:
@@ -68,9 +80,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        for child in tmp.iterdir():
-            with open(child, "rb+") as f:
-                os.fsync(f.fileno())
+        for child in (tmp, *tmp.iterdir()):
+            if child.is_file():
+                with open(child, "rb+") as f:
+                    os.fsync(f.fileno())
+            _give_default_permissions(child)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)

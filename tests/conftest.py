@@ -18,3 +18,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fake_mnist(tmp_path_factory: pytest.TempPathFactory):
+    """A folder holding a tiny synthetic MNIST (400 train / 100 test images) in torchvision's layout."""
+    from helpers import write_fake_mnist
+
+    return write_fake_mnist(tmp_path_factory.mktemp("fake_mnist"))

@@ -1,0 +1,201 @@
+"""The ``lightning-lora`` command line.
+
+    lightning-lora fit -c configs/pretrain.yaml                 # pretrain the base
+    lightning-lora fit -c configs/finetune_lora.yaml            # LoRA fine-tune on digit 9
+    lightning-lora fit -c configs/finetune_lora.yaml -c configs/ddp.yaml   # the same on 2 processes
+    lightning-lora test -c configs/finetune_lora.yaml --ckpt_path CKPT
+    lightning-lora inspect -c configs/finetune_lora.yaml        # which layers get adapters, no training
+    lightning-lora export --ckpt CKPT --out adapter/            # adapter folder (safetensors)
+    lightning-lora merge --ckpt CKPT --out model.pt2            # merged plain model, no lightning_lora needed
+
+``fit``/``validate``/``test``/``predict`` are LightningCLI's; the other verbs are dispatched
+by :func:`main` before LightningCLI sees the arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_lora.data import MNISTDataModule
+from lightning_lora.files import atomic_file
+from lightning_lora.inject import (
+    count_parameters,
+    find_targets,
+    get_lora_config,
+    inject_lora,
+    merge_and_unload,
+    save_adapter,
+)
+from lightning_lora.lora import LoRAConfig
+from lightning_lora.module import LitClassifier, build_net
+
+CALLBACK_NAME = "LoRAInjectionCallback"
+
+
+class LoRACLI(LightningCLI):
+    """LightningCLI with the data's class count linked into the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+
+def run_lightning(args: Sequence[str] | None = None) -> LoRACLI:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
+    return LoRACLI(
+        LitClassifier,
+        MNISTDataModule,
+        args=None if args is None else list(args),
+        auto_configure_optimizers=False,  # its optimizer would be built before the adapters exist
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="lightning_lora", default_hp_metric=False)
+        },
+    )
+
+
+def _merge_configs(paths: Sequence[str]) -> dict[str, Any]:
+    """Read YAML configs in order; later ones override earlier ones (lists are replaced)."""
+
+    def merge(into: dict, update: dict) -> dict:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+        return into
+
+    merged: dict[str, Any] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config {path} does not exist")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config {path} must be a YAML mapping")
+        merge(merged, data)
+    return merged
+
+
+def lora_config_from(config: dict[str, Any]) -> LoRAConfig | None:
+    """The LoRAConfig of the config's ``LoRAInjectionCallback``, or ``None`` if it has none."""
+    names = {f.name for f in fields(LoRAConfig)}
+    for callback in (config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith(CALLBACK_NAME):
+            init_args = callback.get("init_args") or {}
+            return LoRAConfig(**{k: v for k, v in init_args.items() if k in names and v is not None})
+    return None
+
+
+def inspect_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lightning-lora inspect",
+        description="List the layers a config's LoRAInjectionCallback adapts, with shapes and added parameters, "
+        "without reading data or training.",
+    )
+    parser.add_argument("-c", "--config", action="append", required=True, help="YAML config (repeatable)")
+    opts = parser.parse_args(argv)
+    config = _merge_configs(opts.config)
+    net_config = (config.get("model") or {}).get("net")
+    if not isinstance(net_config, dict):
+        raise ValueError("the config has no model.net with class_path and init_args")
+    lora = lora_config_from(config)
+    if lora is None:
+        raise ValueError(f"the config lists no {CALLBACK_NAME} under trainer.callbacks: nothing would be injected")
+    net = build_net(net_config)
+    targets = find_targets(net, lora)
+    extra = 1 if lora.use_dora else 0
+    rows = [
+        (
+            name,
+            f"{m.out_features} x {m.in_features}",
+            lora.rank * (m.in_features + m.out_features) + extra * m.out_features,
+        )
+        for name, m in targets.items()
+    ]
+    width = max(len(r[0]) for r in rows + [("module", "", 0)])
+    print(f"{'module':<{width}}  {'weight (out x in)':>18}  {'adds':>10}")
+    for name, shape, added in rows:
+        print(f"{name:<{width}}  {shape:>18}  {added:>10,}")
+    inject_lora(net, lora)
+    print(f"{lora}\n{count_parameters(net)}")
+    return 0
+
+
+def _load_trained(ckpt: str) -> LitClassifier:
+    return LitClassifier.load_from_checkpoint(ckpt, map_location="cpu")
+
+
+def export_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lightning-lora export",
+        description="Write a checkpoint's adapter as a folder (config JSON + safetensors).",
+    )
+    parser.add_argument("--ckpt", required=True, help="a fine-tuning checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="the adapter folder to write (replaced atomically)")
+    opts = parser.parse_args(argv)
+    model = _load_trained(opts.ckpt)
+    if get_lora_config(model.net) is None:
+        raise ValueError(f"checkpoint {opts.ckpt} holds no LoRA adapters; export needs a fine-tuning checkpoint")
+    path = save_adapter(model.net, opts.out)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"adapter written to {path} ({size:,} bytes)")
+    return 0
+
+
+def merge_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lightning-lora merge",
+        description="Merge a checkpoint's adapters into the weights and write a plain exported program "
+        "(torch.export .pt2). Load it without lightning_lora: torch.export.load(path).module()(x).",
+    )
+    parser.add_argument("--ckpt", required=True, help="a fine-tuning checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="the file to write, e.g. merged.pt2 (replaced atomically)")
+    parser.add_argument(
+        "--input-shape", type=int, nargs="+", default=[1, 28, 28], help="one sample's shape (default: 1 28 28)"
+    )
+    opts = parser.parse_args(argv)
+    model = _load_trained(opts.ckpt)
+    net = merge_and_unload(model.net).eval()
+    example = torch.zeros(2, *opts.input_shape)
+    program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    with atomic_file(opts.out) as tmp:
+        torch.export.save(program, tmp)
+    print(f"merged model written to {opts.out}")
+    return 0
+
+
+VERBS: dict[str, Callable[[Sequence[str]], int]] = {
+    "inspect": inspect_command,
+    "export": export_command,
+    "merge": merge_command,
+}
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Console-script entry point: extra verbs first, then LightningCLI."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in VERBS:
+        try:
+            code = VERBS[argv[0]](argv[1:])
+        except (ValueError, FileNotFoundError, TypeError) as err:
+            print(f"lightning-lora {argv[0]}: error: {err}", file=sys.stderr)
+            code = 1
+        raise SystemExit(code)
+    run_lightning(args)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["LoRACLI", "main", "run_lightning"]

@@ -1,0 +1,216 @@
+"""LitClassifier: the LightningModule that trains, evaluates and checkpoints a base net.
+
+It knows nothing of *when* adapters are injected (that is the callback's job) but it makes
+every checkpoint self-describing: the LoRA config travels in the checkpoint, and
+:meth:`LitClassifier.on_load_checkpoint` re-injects before the weights load, so
+``LitClassifier.load_from_checkpoint(path)`` restores a fine-tuned model strictly, with no
+callback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from lightning_lora.inject import get_lora_config, inject_lora
+from lightning_lora.lora import LoRAConfig
+from lightning_lora.metrics import DigitMetrics, log_digit_metrics
+
+LORA_CONFIG_KEY = "lora_config"
+
+
+def net_spec(net: nn.Module) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` for a net that records its ``init_args``, else ``None``."""
+    init_args = getattr(net, "init_args", None)
+    if not isinstance(init_args, dict):
+        return None
+    cls = type(net)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
+
+
+def build_net(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a net from :func:`net_spec` output (only ``nn.Module`` classes are accepted)."""
+    class_path = spec.get("class_path")
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise ValueError(f"net spec needs a dotted 'class_path', got {spec!r}")
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"net class_path {class_path!r} is not an nn.Module class")
+    return cls(**spec.get("init_args", {}))
+
+
+def read_checkpoint_state(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True``, with one clear error per failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist; check the path")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, a pickle with code, plain garbage: all refused
+        raise ValueError(
+            f"{what} {path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            "It may be truncated or not a Lightning .ckpt; only weights-only checkpoints are loaded."
+        ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{what} {path} has no 'state_dict'; pass a .ckpt file written by Lightning")
+    return checkpoint
+
+
+def _state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    own = model.state_dict()
+    problems = []
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs net {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if shapes:
+        problems.append("shape mismatches " + "; ".join(shapes))
+    return problems
+
+
+def load_base_checkpoint(net: nn.Module, path: str | Path) -> None:
+    """Load pretrained weights into a plain ``net`` from a Lightning checkpoint, strictly."""
+    checkpoint = read_checkpoint_state(path, "base_checkpoint")
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    if checkpoint.get(LORA_CONFIG_KEY) is not None:
+        raise ValueError(
+            f"base_checkpoint {path} holds a LoRA fine-tuned model; a base checkpoint must be a plain "
+            "(pretraining) checkpoint. To continue a LoRA run, pass it as --ckpt_path instead."
+        )
+    problems = _state_dict_mismatch(net, state)
+    if problems:
+        raise ValueError(
+            f"base_checkpoint {path} does not fit the net {type(net).__name__}: "
+            + "; ".join(problems)
+            + ". Use the same net and sizes as the pretraining run."
+        )
+    net.load_state_dict(state, strict=True)
+
+
+class LitClassifier(pl.LightningModule):
+    """Classifies with ``net``; trains whatever in it requires grad.
+
+    Args:
+        net: The network (a plain ``nn.Module``). From YAML: ``class_path`` + ``init_args``.
+        optimizer: Called with the trainable parameters only; built after the callback has
+            injected the adapters, so it never holds frozen weights.
+        base_checkpoint: A pretraining checkpoint whose weights are loaded (strictly) before
+            any callback runs. This starts a fine-tune; ``--ckpt_path`` means resume only.
+        num_classes: Size of the output layer (10 for MNIST, also for digit subsets, so the
+            head keeps the pretrained base's shape).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        base_checkpoint: str | None = None,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        if isinstance(net, dict):
+            net = build_net(net)
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+        self.save_hyperparameters(ignore=["net", "optimizer"])
+        spec = net_spec(net)
+        if spec is not None:
+            self.hparams["net"] = spec
+        self.net = net
+        self.optimizer = optimizer
+        self.num_classes = num_classes
+        if base_checkpoint is not None:
+            load_base_checkpoint(net, base_checkpoint)
+        self.val_metrics = DigitMetrics(num_classes)
+        self.test_metrics = DigitMetrics(num_classes)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any):  # type: ignore[override]
+        """Restore a trained model; the base checkpoint is not re-read (its weights are in the file)."""
+        read_checkpoint_state(checkpoint_path)
+        kwargs.setdefault("base_checkpoint", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss, predicted digits and targets for one batch: shared by every stage."""
+        x, y = batch
+        logits = self(x)
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"net outputs {logits.shape[-1]} classes but num_classes is {self.num_classes}; "
+                "make the net's num_classes match"
+            )
+        return F.cross_entropy(logits, y), logits.argmax(dim=-1), y
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, preds, y = self.model_step(batch)
+        batch_size = len(y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log("train/acc", (preds == y).float().mean(), on_step=True, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.val_metrics.update(*self.model_step(batch))
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.test_metrics.update(*self.model_step(batch))
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch[0]).argmax(dim=-1)
+
+    def on_validation_epoch_end(self) -> None:
+        log_digit_metrics(self, "val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        log_digit_metrics(self, "test", self.test_metrics)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "nothing to train: every parameter is frozen. Add a LoRAInjectionCallback "
+                "(trainer.callbacks) or unfreeze part of the net."
+            )
+        return self.optimizer(trainable)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        config = get_lora_config(self.net)
+        checkpoint[LORA_CONFIG_KEY] = None if config is None else config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-create the adapters a checkpoint was trained with, before its weights load."""
+        saved = checkpoint.get(LORA_CONFIG_KEY)
+        current = get_lora_config(self.net)
+        if saved is None:
+            if current is not None:
+                raise ValueError(
+                    "this checkpoint holds no LoRA adapters, but the model has them: it looks like a "
+                    "pretraining checkpoint passed as --ckpt_path to a LoRA run. ckpt_path resumes an "
+                    "interrupted run of the same kind; to start fine-tuning from pretrained weights, pass "
+                    "them as --model.base_checkpoint instead."
+                )
+            return
+        config = LoRAConfig.from_dict(saved)
+        if current is not None and current != config:
+            raise ValueError(
+                f"the checkpoint was trained with {config}, but the model now holds {current}; "
+                "resume with the same LoRAInjectionCallback settings"
+            )
+        inject_lora(self.net, config)
