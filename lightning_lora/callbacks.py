@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -117,8 +118,9 @@ class LoRAInjectionCallback(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.target(pl_module)
+        path = self.adapter_path(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero and not trainer.fast_dev_run:
-            path = save_adapter(net, self.adapter_path(trainer))
+            save_adapter(net, path)
             rank_zero_info(f"LoRA adapter saved to {path}")
         if self.merge_on_fit_end:
             merge_lora(net)
@@ -149,5 +151,22 @@ class LoRAInjectionCallback(pl.Callback):
         if self.compare_disabled:
             log_digit_metrics(pl_module, "test", self.base_metrics["test"], suffix="_base")
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _close_spawned_gloo_group(trainer)
+
     def state_dict(self) -> dict[str, Any]:
         return {"lora_config": self.config.to_dict()}
+
+
+def _close_spawned_gloo_group(trainer: pl.Trainer) -> None:
+    """Destroy a ``ddp_spawn`` worker's gloo process group before the worker exits.
+
+    Lightning destroys only NCCL groups at exit; a gloo group left to the interpreter's shutdown
+    sometimes aborts the worker ("terminate called without an active exception"). Spawned
+    workers exit right after this hook, so nothing needs the group afterwards; ``ddp`` (one
+    long-lived process per rank) keeps its group for later ``fit``/``test`` calls.
+    """
+    spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"
+    if spawned and dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.barrier()
+        dist.destroy_process_group()

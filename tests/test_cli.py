@@ -1,0 +1,241 @@
+"""The lightning-lora command line: every config, the extra verbs, DDP, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_base_checkpoint
+
+from lightning_lora import load_adapter
+from lightning_lora.cli import main
+from lightning_lora.models import RichBoyNet
+from lightning_lora.module import LitClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+RUNS_ON_CPU = [
+    ["pretrain.yaml"],
+    ["finetune_lora.yaml"],
+    ["finetune_dora.yaml"],
+    ["finetune_lora.yaml", "bf16.yaml"],
+]
+PARSED_ONLY = [["finetune_lora.yaml", "ddp.yaml"], ["finetune_lora.yaml", "gpu.yaml", "bf16.yaml"]]
+
+
+def config_args(names: list[str]) -> list[str]:
+    return [arg for name in names for arg in ("-c", str(CONFIGS / name))]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, fake_mnist):
+    """Run in a fresh folder holding the pretrain checkpoint the finetune configs point at."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-lora"])
+    torch.manual_seed(0)
+    write_base_checkpoint(tmp_path / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
+    return tmp_path
+
+
+def test_every_config_is_exercised():
+    used = {name for combo in RUNS_ON_CPU + PARSED_ONLY for name in combo}
+    assert used == {p.name for p in CONFIGS.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("names", RUNS_ON_CPU, ids=lambda n: "+".join(n))
+def test_config_runs_fast_dev_run(workdir, fake_mnist, names):
+    main(["fit", *config_args(names), "--data.data_dir", str(fake_mnist), "--trainer.fast_dev_run", "1"])
+
+
+@pytest.mark.parametrize("names", PARSED_ONLY, ids=lambda n: "+".join(n))
+def test_overlay_configs_parse(workdir, fake_mnist, names, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config_args(names), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "LoRAInjectionCallback" in printed
+    assert ("strategy: ddp" in printed) if "ddp.yaml" in names else ("precision: bf16-mixed" in printed)
+
+
+@pytest.mark.gpu
+def test_gpu_overlay_runs(workdir, fake_mnist):
+    main(["fit", *config_args(PARSED_ONLY[1]), "--data.data_dir", str(fake_mnist), "--trainer.fast_dev_run", "1"])
+
+
+def test_inspect_lists_targets_shapes_and_counts(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "-c", str(CONFIGS / "finetune_lora.yaml")])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "linear1" in out and "1000 x 784" in out and "1,784" in out
+    assert "linear3" in out and "10 x 2000" in out and "2,010" in out
+    assert "trainable params: 6,794 || all params: 2,813,804" in out
+
+
+def test_inspect_of_a_config_without_the_callback(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "-c", str(CONFIGS / "pretrain.yaml")])
+    assert exit_info.value.code == 1
+    assert "lists no LoRAInjectionCallback" in capsys.readouterr().err
+
+
+def test_verb_errors_exit_cleanly(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", "missing.ckpt", "--out", "a"])
+    assert exit_info.value.code == 1
+    assert "checkpoint missing.ckpt does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "--ckpt", "x.ckpt"])
+    assert exit_info.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, fake_mnist):
+    """A real short fine-tune then test through the CLI, with TensorBoard logs and a checkpoint."""
+    root = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setattr(sys, "argv", ["lightning-lora"])
+        torch.manual_seed(0)
+        write_base_checkpoint(root / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
+        common = [*config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
+        common += ["--trainer.enable_progress_bar", "false"]
+        main(
+            [
+                "fit",
+                *common,
+                "--trainer.max_steps",
+                "4",
+                "--trainer.val_check_interval",
+                "2",
+                "--trainer.log_every_n_steps",
+                "1",
+            ]
+        )
+        ckpt = root / "runs/finetune_lora/checkpoints/last.ckpt"
+        main(["test", *common, "--ckpt_path", str(ckpt)])
+    return root, ckpt
+
+
+def test_export_reproduces_the_fine_tuned_predictions(trained_run, tmp_path, fake_mnist):
+    root, ckpt = trained_run
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "adapter")])
+    model = LitClassifier.load_from_checkpoint(ckpt).eval()
+    base = LitClassifier(RichBoyNet(), base_checkpoint=str(root / "runs/pretrain/checkpoints/last.ckpt")).eval()
+    load_adapter(base.net, tmp_path / "adapter")
+    x = torch.randn(32, 1, 28, 28)
+    assert torch.equal(base(x), model(x))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 40_000
+    assert ckpt.stat().st_size > 10_000_000
+
+
+def test_merge_writes_a_model_that_loads_without_lightning_lora(trained_run, tmp_path):
+    _, ckpt = trained_run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged.pt2")])
+    assert exit_info.value.code == 0
+    x = torch.randn(16, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys; sys.modules['lightning_lora'] = None\n"  # importing it would now fail
+        "import torch\n"
+        f"program = torch.export.load({str(tmp_path / 'merged.pt2')!r}).module()\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"torch.save(program(x), {str(tmp_path / 'out.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    merged = torch.load(tmp_path / "out.pt")
+    model = LitClassifier.load_from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(merged.argmax(-1), expected.argmax(-1))
+
+
+def event_dir(root: Path, name: str) -> Path:
+    return sorted((root / "runs" / name).glob("version_*"))[-1]
+
+
+def test_tensorboard_event_files_hold_scalars_and_images(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = trained_run
+    tags = {"scalars": set(), "images": set()}
+    for version in (root / "runs" / "finetune_lora").glob("version_*"):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0, "images": 0})
+        events.Reload()
+        tags["scalars"] |= set(events.Tags()["scalars"])
+        tags["images"] |= set(events.Tags()["images"])
+    expected = {"train/loss_step", "train/acc_step", "val/loss", "val/acc", "val/acc_base", "val/wrong_digit_9"}
+    expected |= {"params/trainable", "params/total", "params/trainable_pct"}
+    expected |= {"test/acc", "test/loss", "test/acc_base"}
+    expected |= {f"test/{kind}_digit_{d}{sfx}" for kind in ("acc", "wrong") for d in range(10) for sfx in ("", "_base")}
+    assert expected <= tags["scalars"], expected - tags["scalars"]
+    assert {"val/confusion_matrix", "test/confusion_matrix", "test/confusion_matrix_base"} <= tags["images"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_server_serves_the_scalars(trained_run):
+    root, _ = trained_run
+    port = free_port()
+    tensorboard = Path(sys.executable).parent / "tensorboard"
+    server = subprocess.Popen(
+        [str(tensorboard), "--logdir", str(root / "runs"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/tags"
+        deadline, tags = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    tags = json.load(response)
+                if any("val/acc" in run_tags for run_tags in tags.values()):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        finetune = {tag for run, run_tags in tags.items() if run.startswith("finetune_lora") for tag in run_tags}
+        assert {"val/acc", "val/acc_base", "params/trainable", "test/acc"} <= finetune
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_ddp_subprocess_run_keeps_adapters_identical_across_ranks(workdir, fake_mnist):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    env.pop("MASTER_PORT", None)
+    command = [
+        str(Path(sys.executable).parent / "lightning-lora"),
+        "fit",
+        *config_args(["finetune_lora.yaml", "ddp.yaml"]),
+        "--data.data_dir", str(fake_mnist),
+        "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", "3",
+        "--trainer.val_check_interval", "1.0",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks+=helpers.RecordAdapters",
+        "--trainer.callbacks.out_dir", str(workdir / "ranks"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(workdir / "ranks" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(workdir / "ranks" / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys() and len(rank0) == 6
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert (workdir / "runs/finetune_lora/version_0/adapter/adapter_model.safetensors").is_file()
