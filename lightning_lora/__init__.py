@@ -1,6 +1,8 @@
 """lightning-lora: LoRA fine-tuning for PyTorch Lightning.
 
-The core (:mod:`lightning_lora.lora`, :mod:`lightning_lora.inject`) is pure PyTorch::
+The core (:mod:`lightning_lora.lora`, :mod:`lightning_lora.inject`) is pure PyTorch and never
+imports Lightning; the Lightning pieces (``LitClassifier``, ``LoRAInjectionCallback``,
+``MNISTDataModule``) and the ``lightning-lora`` command build on it::
 
     from lightning_lora import LoRAConfig, inject_lora, disable_lora, merge_and_unload
 
@@ -29,12 +31,35 @@ from lightning_lora.inject import (
     unmerge_lora,
 )
 from lightning_lora.lora import LoRAConfig, LoRALinear, ModuleToSave
+from lightning_lora.models import MLP, RichBoyNet
+
+# The Lightning pieces load on first use, so the core can be imported without Lightning's
+# import cost (or in an environment where only torch is wanted).
+_LAZY = {
+    "LitClassifier": "lightning_lora.module",
+    "LoRAInjectionCallback": "lightning_lora.callbacks",
+    "MNISTDataModule": "lightning_lora.data",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_lora' has no attribute {name!r}")
+
 
 __all__ = [
+    "MLP",
+    "LitClassifier",
     "LoRAConfig",
+    "LoRAInjectionCallback",
     "LoRALinear",
     "ModuleToSave",
+    "MNISTDataModule",
     "ParameterCount",
+    "RichBoyNet",
     "__version__",
     "base_fingerprint",
     "count_parameters",

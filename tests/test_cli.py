@@ -239,3 +239,13 @@ def test_ddp_subprocess_run_keeps_adapters_identical_across_ranks(workdir, fake_
     assert rank0.keys() == rank1.keys() and len(rank0) == 6
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert (workdir / "runs/finetune_lora/version_0/adapter/adapter_model.safetensors").is_file()
+
+
+def test_rerun_into_the_same_log_folder_does_not_fail_on_the_saved_config(workdir, fake_mnist):
+    args = ["fit", *config_args(["pretrain.yaml"]), "--data.data_dir", str(fake_mnist), "--trainer.max_steps", "1"]
+    args += ["--trainer.logger.init_args.version", "fixed", "--trainer.limit_val_batches", "1"]
+    args += ["--trainer.enable_progress_bar", "false", "--seed_everything", "7"]
+    main(args)
+    main(args)
+    saved = (workdir / "runs/pretrain/fixed/config.yaml").read_text()
+    assert "seed_everything: 7" in saved and "lightning_lora.models.RichBoyNet" in saved

@@ -378,3 +378,15 @@ class TestAdapterFiles:
         assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp folders left
         with pytest.raises(ValueError, match="holds no adapters to save"):
             save_adapter(tiny(), tmp_path / "x")
+
+
+def test_the_core_imports_without_lightning():
+    import subprocess
+    import sys
+
+    code = "import sys, lightning_lora, lightning_lora.inject; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    code = "import lightning_lora; print(lightning_lora.LoRAInjectionCallback.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "LoRAInjectionCallback"
