@@ -21,7 +21,6 @@ from torch import nn
 
 from lightning_lora.inject import count_parameters, disable_lora, inject_lora, merge_lora, save_adapter
 from lightning_lora.lora import ALL_LINEAR, LoRAConfig
-from lightning_lora.metrics import DigitMetrics, log_digit_metrics
 
 
 class LoRAInjectionCallback(pl.Callback):
@@ -72,7 +71,7 @@ class LoRAInjectionCallback(pl.Callback):
         self.adapter_dir = adapter_dir
         self.merge_on_fit_end = merge_on_fit_end
         self.compare_disabled = compare_disabled
-        self.base_metrics: dict[str, DigitMetrics] = {}
+        self.base_metrics: dict[str, nn.Module] = {}
 
     @staticmethod
     def target(pl_module: pl.LightningModule) -> nn.Module:
@@ -82,13 +81,12 @@ class LoRAInjectionCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         inject_lora(self.target(pl_module), self.config)  # idempotent: setup runs for every stage
         if self.compare_disabled and not self.base_metrics:
-            if not hasattr(pl_module, "model_step"):
+            if not (hasattr(pl_module, "model_step") and hasattr(pl_module, "new_eval_metrics")):
                 raise TypeError(
-                    f"compare_disabled needs a module with model_step(batch) -> (loss, preds, targets), "
-                    f"such as LitClassifier; {type(pl_module).__name__} has none. Set compare_disabled=False."
+                    "compare_disabled needs a module with model_step(batch) and new_eval_metrics(), such as "
+                    f"LitClassifier; {type(pl_module).__name__} lacks them. Set compare_disabled=False."
                 )
-            classes = getattr(pl_module, "num_classes", 10)
-            self.base_metrics = {"val": DigitMetrics(classes), "test": DigitMetrics(classes)}
+            self.base_metrics = {"val": pl_module.new_eval_metrics(), "test": pl_module.new_eval_metrics()}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainable = {id(p): name for name, p in pl_module.named_parameters() if p.requires_grad}
@@ -145,11 +143,11 @@ class LoRAInjectionCallback(pl.Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.compare_disabled:
-            log_digit_metrics(pl_module, "val", self.base_metrics["val"], suffix="_base")
+            self.base_metrics["val"].log(pl_module, "val", suffix="_base")
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.compare_disabled:
-            log_digit_metrics(pl_module, "test", self.base_metrics["test"], suffix="_base")
+            self.base_metrics["test"].log(pl_module, "test", suffix="_base")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _close_spawned_gloo_group(trainer)

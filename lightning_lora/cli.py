@@ -21,13 +21,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import yaml
 from jsonargparse import lazy_instance
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_lora.data import MNISTDataModule
 from lightning_lora.files import atomic_file
 from lightning_lora.inject import (
     count_parameters,
@@ -38,23 +38,22 @@ from lightning_lora.inject import (
     save_adapter,
 )
 from lightning_lora.lora import LoRAConfig
-from lightning_lora.module import LitClassifier, build_net
+from lightning_lora.module import NetModule, build_net, load_trained
 
 CALLBACK_NAME = "LoRAInjectionCallback"
 
 
-class LoRACLI(LightningCLI):
-    """LightningCLI with the data's class count linked into the model."""
+def run_lightning(args: Sequence[str] | None = None) -> LightningCLI:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``).
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-
-
-def run_lightning(args: Sequence[str] | None = None) -> LoRACLI:
-    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
-    return LoRACLI(
-        LitClassifier,
-        MNISTDataModule,
+    Model and data are chosen by ``class_path`` (any :class:`NetModule` and any
+    ``LightningDataModule``), so the classifier and the regression experiment share one command.
+    """
+    return LightningCLI(
+        NetModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         args=None if args is None else list(args),
         auto_configure_optimizers=False,  # its optimizer would be built before the adapters exist
         save_config_kwargs={"overwrite": True},
@@ -105,7 +104,8 @@ def inspect_command(argv: Sequence[str]) -> int:
     parser.add_argument("-c", "--config", action="append", required=True, help="YAML config (repeatable)")
     opts = parser.parse_args(argv)
     config = _merge_configs(opts.config)
-    net_config = (config.get("model") or {}).get("net")
+    model = config.get("model") or {}
+    net_config = (model.get("init_args") or model).get("net")
     if not isinstance(net_config, dict):
         raise ValueError("the config has no model.net with class_path and init_args")
     lora = lora_config_from(config)
@@ -131,10 +131,6 @@ def inspect_command(argv: Sequence[str]) -> int:
     return 0
 
 
-def _load_trained(ckpt: str) -> LitClassifier:
-    return LitClassifier.load_from_checkpoint(ckpt, map_location="cpu")
-
-
 def export_command(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lightning-lora export",
@@ -143,7 +139,7 @@ def export_command(argv: Sequence[str]) -> int:
     parser.add_argument("--ckpt", required=True, help="a fine-tuning checkpoint (.ckpt)")
     parser.add_argument("--out", required=True, help="the adapter folder to write (replaced atomically)")
     opts = parser.parse_args(argv)
-    model = _load_trained(opts.ckpt)
+    model = load_trained(opts.ckpt)
     if get_lora_config(model.net) is None:
         raise ValueError(f"checkpoint {opts.ckpt} holds no LoRA adapters; export needs a fine-tuning checkpoint")
     path = save_adapter(model.net, opts.out)
@@ -164,7 +160,7 @@ def merge_command(argv: Sequence[str]) -> int:
         "--input-shape", type=int, nargs="+", default=[1, 28, 28], help="one sample's shape (default: 1 28 28)"
     )
     opts = parser.parse_args(argv)
-    model = _load_trained(opts.ckpt)
+    model = load_trained(opts.ckpt)
     net = merge_and_unload(model.net).eval()
     example = torch.zeros(2, *opts.input_shape)
     program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
@@ -198,4 +194,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["LoRACLI", "main", "run_lightning"]
+__all__ = ["main", "run_lightning"]

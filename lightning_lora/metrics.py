@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MeanSquaredError
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 
@@ -45,6 +45,24 @@ class DigitMetrics(nn.Module):
     def reset(self) -> None:
         self.confusion.reset()
         self.loss.reset()
+
+    def log(self, module: pl.LightningModule, stage: str, suffix: str = "") -> None:
+        log_digit_metrics(module, stage, self, suffix)
+
+
+class RegressionMetrics(nn.Module):
+    """The mean squared error over all outputs of all samples (gathered across DDP ranks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mse = MeanSquaredError()
+
+    def update(self, loss: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> None:
+        self.mse.update(preds.detach().float(), targets)
+
+    def log(self, module: pl.LightningModule, stage: str, suffix: str = "") -> None:
+        module.log(f"{stage}/mse{suffix}", self.mse.compute())
+        self.mse.reset()
 
 
 def confusion_image(confusion: torch.Tensor, title: str) -> np.ndarray:

@@ -61,3 +61,19 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x.flatten(start_dim=1))
+
+
+class LinearModel(nn.Module):
+    """One linear layer, ``y = W x`` (no bias by default): the smallest model LoRA can adapt.
+
+    Used by the low-rank-shift experiment, where a rank-1 adapter must recover a shift of the
+    true weights by a matrix of ones exactly.
+    """
+
+    def __init__(self, num_features: int = 1001, num_outputs: int = 1000, bias: bool = False) -> None:
+        super().__init__()
+        self.init_args = {"num_features": num_features, "num_outputs": num_outputs, "bias": bias}
+        self.linear = nn.Linear(num_features, num_outputs, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)

@@ -1,8 +1,8 @@
-"""LitClassifier: the LightningModule that trains, evaluates and checkpoints a base net.
+"""LightningModules around a plain net: LitClassifier (MNIST digits) and LitRegressor.
 
-It knows nothing of *when* adapters are injected (that is the callback's job) but it makes
+They know nothing of *when* adapters are injected (that is the callback's job) but they make
 every checkpoint self-describing: the LoRA config travels in the checkpoint, and
-:meth:`LitClassifier.on_load_checkpoint` re-injects before the weights load, so
+:meth:`NetModule.on_load_checkpoint` re-injects before the weights load, so
 ``LitClassifier.load_from_checkpoint(path)`` restores a fine-tuned model strictly, with no
 callback.
 """
@@ -21,9 +21,10 @@ from torch import nn
 
 from lightning_lora.inject import get_lora_config, inject_lora
 from lightning_lora.lora import LoRAConfig
-from lightning_lora.metrics import DigitMetrics, log_digit_metrics
+from lightning_lora.metrics import DigitMetrics, RegressionMetrics
 
 LORA_CONFIG_KEY = "lora_config"
+MODULE_CLASS_KEY = "lightning_lora_module"
 
 
 def net_spec(net: nn.Module) -> dict[str, Any] | None:
@@ -101,8 +102,15 @@ def load_base_checkpoint(net: nn.Module, path: str | Path) -> None:
     net.load_state_dict(state, strict=True)
 
 
-class LitClassifier(pl.LightningModule):
-    """Classifies with ``net``; trains whatever in it requires grad.
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class NetModule(pl.LightningModule):
+    """What every module here shares: the net, its optimizer, base weights and checkpoints.
+
+    Subclasses define :meth:`model_step` (loss, predictions, targets for one batch) and
+    :meth:`new_eval_metrics`; validation and test then run the same way for all of them, and
+    the callback can evaluate the same batches with the adapter disabled.
 
     Args:
         net: The network (a plain ``nn.Module``). From YAML: ``class_path`` + ``init_args``.
@@ -110,16 +118,10 @@ class LitClassifier(pl.LightningModule):
             injected the adapters, so it never holds frozen weights.
         base_checkpoint: A pretraining checkpoint whose weights are loaded (strictly) before
             any callback runs. This starts a fine-tune; ``--ckpt_path`` means resume only.
-        num_classes: Size of the output layer (10 for MNIST, also for digit subsets, so the
-            head keeps the pretrained base's shape).
     """
 
     def __init__(
-        self,
-        net: nn.Module,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        base_checkpoint: str | None = None,
-        num_classes: int = 10,
+        self, net: nn.Module, optimizer: OptimizerCallable = torch.optim.Adam, base_checkpoint: str | None = None
     ) -> None:
         super().__init__()
         if isinstance(net, dict):
@@ -132,11 +134,18 @@ class LitClassifier(pl.LightningModule):
             self.hparams["net"] = spec
         self.net = net
         self.optimizer = optimizer
-        self.num_classes = num_classes
         if base_checkpoint is not None:
             load_base_checkpoint(net, base_checkpoint)
-        self.val_metrics = DigitMetrics(num_classes)
-        self.test_metrics = DigitMetrics(num_classes)
+        self.val_metrics = self.new_eval_metrics()
+        self.test_metrics = self.new_eval_metrics()
+
+    def new_eval_metrics(self) -> nn.Module:
+        """A fresh metrics object with ``update(loss, preds, targets)`` and ``log(module, stage, suffix)``."""
+        raise NotImplementedError
+
+    def model_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss, predictions and targets for one batch: shared by every stage."""
+        raise NotImplementedError
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any):  # type: ignore[override]
@@ -148,38 +157,25 @@ class LitClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Loss, predicted digits and targets for one batch: shared by every stage."""
-        x, y = batch
-        logits = self(x)
-        if logits.shape[-1] != self.num_classes:
-            raise ValueError(
-                f"net outputs {logits.shape[-1]} classes but num_classes is {self.num_classes}; "
-                "make the net's num_classes match"
-            )
-        return F.cross_entropy(logits, y), logits.argmax(dim=-1), y
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, preds, y = self.model_step(batch)
-        batch_size = len(y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        self.log("train/acc", (preds == y).float().mean(), on_step=True, on_epoch=True, batch_size=batch_size)
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, preds, targets = self.model_step(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.val_metrics.update(*self.model_step(batch))
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.test_metrics.update(*self.model_step(batch))
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self(batch[0]).argmax(dim=-1)
+    def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self.model_step(batch)[1]
 
     def on_validation_epoch_end(self) -> None:
-        log_digit_metrics(self, "val", self.val_metrics)
+        self.val_metrics.log(self, "val")
 
     def on_test_epoch_end(self) -> None:
-        log_digit_metrics(self, "test", self.test_metrics)
+        self.test_metrics.log(self, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -193,6 +189,7 @@ class LitClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         config = get_lora_config(self.net)
         checkpoint[LORA_CONFIG_KEY] = None if config is None else config.to_dict()
+        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Re-create the adapters a checkpoint was trained with, before its weights load."""
@@ -214,3 +211,66 @@ class LitClassifier(pl.LightningModule):
                 "resume with the same LoRAInjectionCallback settings"
             )
         inject_lora(self.net, config)
+
+
+class LitClassifier(NetModule):
+    """Classifies digits with ``net``; logs micro accuracy, per-digit numbers, confusion matrices.
+
+    Args:
+        net, optimizer, base_checkpoint: See :class:`NetModule`.
+        num_classes: Size of the output layer (10 for MNIST, also for digit subsets, so the
+            head keeps the pretrained base's shape).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        base_checkpoint: str | None = None,
+        num_classes: int = 10,
+    ) -> None:
+        self.num_classes = num_classes
+        super().__init__(net, optimizer, base_checkpoint)
+
+    def new_eval_metrics(self) -> DigitMetrics:
+        return DigitMetrics(self.num_classes)
+
+    def model_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        if logits.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"net outputs {logits.shape[-1]} classes but num_classes is {self.num_classes}; "
+                "make the net's num_classes match"
+            )
+        return F.cross_entropy(logits, y), logits.argmax(dim=-1), y
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss, preds, y = self.model_step(batch)
+        batch_size = len(y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log("train/acc", (preds == y).float().mean(), on_step=True, on_epoch=True, batch_size=batch_size)
+        return loss
+
+
+class LitRegressor(NetModule):
+    """Fits ``net`` to real-valued targets with the mean squared error (logged as ``*/mse``)."""
+
+    def new_eval_metrics(self) -> RegressionMetrics:
+        return RegressionMetrics()
+
+    def model_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch
+        preds = self(x)
+        return F.mse_loss(preds.float(), y), preds, y
+
+
+def load_trained(path: str | Path) -> NetModule:
+    """Load a checkpoint written by any :class:`NetModule`, as the class that wrote it, in eval mode."""
+    checkpoint = read_checkpoint_state(path)
+    class_path = checkpoint.get(MODULE_CLASS_KEY) or f"{LitClassifier.__module__}.{LitClassifier.__qualname__}"
+    module_name, _, name = class_path.rpartition(".")
+    module_class = getattr(importlib.import_module(module_name), name, None) if module_name else None
+    if not (isinstance(module_class, type) and issubclass(module_class, NetModule)):
+        raise ValueError(f"checkpoint {path} names {class_path!r}, which is not a lightning_lora NetModule")
+    return module_class.load_from_checkpoint(path, map_location="cpu").eval()
