@@ -7,6 +7,7 @@
     lightning-lora inspect -c configs/finetune_lora.yaml        # which layers get adapters, no training
     lightning-lora export --ckpt CKPT --out adapter/            # adapter folder (safetensors)
     lightning-lora merge --ckpt CKPT --out model.pt2            # merged plain model, no lightning_lora needed
+    lightning-lora report --base CKPT --finetuned CKPT --out DIR  # adapter on / off / merged, per digit
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI's; the other verbs are dispatched
 by :func:`main` before LightningCLI sees the arguments.
@@ -170,10 +171,30 @@ def merge_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def report_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lightning-lora report",
+        description="Compare a pretrained model with its LoRA fine-tune (adapter on, off and merged) on the "
+        "test split; print the report and write summary.md, summary.json and the adapter into --out.",
+    )
+    parser.add_argument("--base", required=True, help="the pretraining checkpoint")
+    parser.add_argument("--finetuned", required=True, help="the fine-tuning checkpoint")
+    parser.add_argument("--out", required=True, help="folder for summary.md, summary.json and adapter/")
+    parser.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: the fine-tune's data_dir)")
+    parser.add_argument("--merged", help="a file from `lightning-lora merge` to check against the unmerged model")
+    opts = parser.parse_args(argv)
+    from lightning_lora.report import report
+
+    _, markdown_path = report(opts.base, opts.finetuned, opts.out, opts.data_dir, opts.merged)
+    print(Path(markdown_path).read_text())
+    return 0
+
+
 VERBS: dict[str, Callable[[Sequence[str]], int]] = {
     "inspect": inspect_command,
     "export": export_command,
     "merge": merge_command,
+    "report": report_command,
 }
 
 

@@ -268,6 +268,11 @@ class LitRegressor(NetModule):
 def load_trained(path: str | Path) -> NetModule:
     """Load a checkpoint written by any :class:`NetModule`, as the class that wrote it, in eval mode."""
     checkpoint = read_checkpoint_state(path)
+    if "pytorch-lightning_version" not in checkpoint:
+        raise ValueError(
+            f"checkpoint {path} was not written by a Lightning run (it holds only weights); pass a .ckpt "
+            "from a lightning-lora fit (e.g. runs/<name>/checkpoints/last.ckpt)"
+        )
     class_path = checkpoint.get(MODULE_CLASS_KEY) or f"{LitClassifier.__module__}.{LitClassifier.__qualname__}"
     module_name, _, name = class_path.rpartition(".")
     module_class = getattr(importlib.import_module(module_name), name, None) if module_name else None

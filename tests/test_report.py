@@ -1,0 +1,137 @@
+"""The experiment reports, and the three experiments end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_base_checkpoint
+
+from lightning_lora.cli import main, run_lightning
+from lightning_lora.models import MLP
+from lightning_lora.report import report
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+REAL_MNIST = REPO / "data"
+needs_mnist = pytest.mark.skipif(
+    not (REAL_MNIST / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file(),
+    reason="real MNIST not found in data/MNIST/raw (link it: ln -s ../shared/datasets data)",
+)
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-lora"])
+    return tmp_path
+
+
+def fit(*args: str) -> None:
+    main(["fit", *args, *QUIET])
+
+
+def test_classification_report_on_synthetic_digits(workdir, fake_mnist):
+    torch.manual_seed(0)
+    data = ["--data.data_dir", str(fake_mnist), "--data.batch_size", "16"]
+    net = ["--model.net.class_path", "lightning_lora.models.MLP", "--model.net.init_args.hidden_sizes", "[32]"]
+    fit("-c", str(CONFIGS / "mlp_pretrain.yaml"), *data, *net)
+    fit("-c", str(CONFIGS / "mlp_finetune_lora.yaml"), *data, *net, "--data.train_digits", "[3]")
+    summary, markdown = report(
+        "runs/mlp_pretrain/checkpoints/last.ckpt", "runs/mlp_finetune_lora/checkpoints/last.ckpt", workdir / "out"
+    )
+    assert summary["adapter_off_identical_to_base"] is True
+    assert summary["merged_predictions_equal_unmerged"] is True
+    assert summary["trained_digits"] == [3] and summary["test_samples"] == 100
+    assert summary["adapter_off"] == summary["base"]
+    assert sum(summary["base"]["wrong_per_digit"]) == round(100 * (1 - summary["base"]["accuracy"]))
+    assert summary["parameters"]["trainable"] == 4 * (784 + 32) + 4 * (32 + 10)
+    assert summary["adapter_bytes"] < summary["checkpoint_bytes"]
+    assert json.loads((workdir / "out" / "summary.json").read_text()) == summary
+    text = Path(markdown).read_text()
+    assert "| adapter off |" in text and "bit for bit" in text and "Digit 3 (trained)" in text
+    assert (workdir / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_report_refuses_checkpoints_it_cannot_compare(workdir, fake_mnist, capsys):
+    weights_only = write_base_checkpoint(workdir / "base.ckpt", MLP(hidden_sizes=[8]))
+    args = ["--out", "o", "--data-dir", str(fake_mnist)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--base", str(weights_only), "--finetuned", str(weights_only), *args])
+    assert exit_info.value.code == 1
+    assert "was not written by a Lightning run" in capsys.readouterr().err
+    data = ["--data.data_dir", str(fake_mnist), "--trainer.max_steps", "2"]
+    fit("-c", str(CONFIGS / "mlp_pretrain.yaml"), *data)
+    pretrain = "runs/mlp_pretrain/checkpoints/last.ckpt"
+    with pytest.raises(SystemExit):
+        main(["report", "--base", pretrain, "--finetuned", pretrain, *args])
+    assert "holds no LoRA adapters; pass the fine-tuning checkpoint" in capsys.readouterr().err
+
+
+def test_shift_experiment_at_reduced_size(workdir, capsys):
+    """A rank-1 adapter recovers theta + 1 from a model fitted to theta.
+
+    The base's MSE on the shifted data is about num_features (each output gains the sum of
+    101 standard-normal inputs). A learned delta off by eps per weight leaves an MSE of about
+    num_features * eps**2, so MSE < num_features * 1e-4 means the shift was recovered to 1%.
+    """
+    sizes = ["--model.net.init_args.num_features", "101", "--model.net.init_args.num_outputs", "100"]
+    sizes += ["--data.num_features", "101", "--data.num_outputs", "100", "--data.num_samples", "4000"]
+    fit("-c", str(CONFIGS / "shift_pretrain.yaml"), *sizes, "--model.optimizer.init_args.lr", "10")
+    fit("-c", str(CONFIGS / "shift_finetune_lora.yaml"), *sizes)
+    with pytest.raises(SystemExit):
+        main(["report", "--base", "runs/shift_pretrain/checkpoints/last.ckpt", "--finetuned",
+              "runs/shift_finetune_lora/checkpoints/last.ckpt", "--out", "out"])  # fmt: skip
+    summary = json.loads((workdir / "out" / "summary.json").read_text())
+    assert abs(summary["delta_mean"] - 1.0) < 0.05
+    assert summary["mse_base_on_new_data"] > 50
+    assert summary["mse_merged_plain_model"] < 101 * 1e-4
+    assert summary["merged_model_types"] == ["Linear", "LinearModel"]
+    assert "learned delta, mean (target 1)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_experiment_1_full_size(workdir):
+    """The main job as `make demo` runs it, checked against what was logged."""
+    data = ["--data.data_dir", str(REAL_MNIST)]
+    fit("-c", str(CONFIGS / "pretrain.yaml"), *data)
+    fit("-c", str(CONFIGS / "finetune_lora.yaml"), *data)
+    cli = run_lightning(["test", "-c", str(CONFIGS / "finetune_lora.yaml"), *data, *QUIET,
+                         "--ckpt_path", "runs/finetune_lora/checkpoints/last.ckpt"])  # fmt: skip
+    logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    summary, _ = report(
+        "runs/pretrain/checkpoints/last.ckpt", "runs/finetune_lora/checkpoints/last.ckpt", "out", str(REAL_MNIST)
+    )
+    assert summary["adapter_off_identical_to_base"] is True
+    assert summary["adapter_on"]["wrong_per_digit"][9] < summary["base"]["wrong_per_digit"][9]
+    assert summary["parameters"]["trainable"] == 6_794
+    for digit in range(10):
+        assert summary["adapter_on"]["wrong_per_digit"][digit] == logged[f"test/wrong_digit_{digit}"]
+        assert summary["base"]["wrong_per_digit"][digit] == logged[f"test/wrong_digit_{digit}_base"]
+    assert summary["adapter_on"]["accuracy"] == pytest.approx(logged["test/acc"], abs=1e-6)
+    assert summary["base"]["accuracy"] == pytest.approx(logged["test/acc_base"], abs=1e-6)
+    assert (workdir / "out" / "summary.md").is_file() and (workdir / "out" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+@needs_mnist
+def test_experiment_2_reduced_size(workdir):
+    data = ["--data.data_dir", str(REAL_MNIST), "--trainer.limit_train_batches", "100"]
+    data += ["--trainer.limit_val_batches", "10"]
+    fit("-c", str(CONFIGS / "mlp_pretrain.yaml"), *data)
+    fit("-c", str(CONFIGS / "mlp_finetune_lora.yaml"), *data)
+    summary, _ = report(
+        "runs/mlp_pretrain/checkpoints/last.ckpt",
+        "runs/mlp_finetune_lora/checkpoints/last.ckpt",
+        "out",
+        str(REAL_MNIST),
+    )
+    assert summary["merged_predictions_equal_unmerged"] is True
+    assert summary["merged_max_abs_logit_difference"] < 1e-4
+    assert summary["adapter_off_identical_to_base"] is True
+    assert summary["base"]["accuracy"] > 0.85
