@@ -17,7 +17,7 @@ from helpers import write_base_checkpoint
 
 from lightning_lora import load_adapter
 from lightning_lora.cli import main
-from lightning_lora.models import RichBoyNet
+from lightning_lora.models import MLP, LinearModel, RichBoyNet
 from lightning_lora.module import LitClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +27,10 @@ RUNS_ON_CPU = [
     ["finetune_lora.yaml"],
     ["finetune_dora.yaml"],
     ["finetune_lora.yaml", "bf16.yaml"],
+    ["mlp_pretrain.yaml"],
+    ["mlp_finetune_lora.yaml"],
+    ["shift_pretrain.yaml"],
+    ["shift_finetune_lora.yaml"],
 ]
 PARSED_ONLY = [["finetune_lora.yaml", "ddp.yaml"], ["finetune_lora.yaml", "gpu.yaml", "bf16.yaml"]]
 
@@ -42,6 +46,8 @@ def workdir(tmp_path, monkeypatch, fake_mnist):
     monkeypatch.setattr(sys, "argv", ["lightning-lora"])
     torch.manual_seed(0)
     write_base_checkpoint(tmp_path / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
+    write_base_checkpoint(tmp_path / "runs/mlp_pretrain/checkpoints/last.ckpt", MLP())
+    write_base_checkpoint(tmp_path / "runs/shift_pretrain/checkpoints/last.ckpt", LinearModel())
     return tmp_path
 
 
@@ -52,7 +58,8 @@ def test_every_config_is_exercised():
 
 @pytest.mark.parametrize("names", RUNS_ON_CPU, ids=lambda n: "+".join(n))
 def test_config_runs_fast_dev_run(workdir, fake_mnist, names):
-    main(["fit", *config_args(names), "--data.data_dir", str(fake_mnist), "--trainer.fast_dev_run", "1"])
+    data = [] if names[0].startswith("shift") else ["--data.data_dir", str(fake_mnist)]
+    main(["fit", *config_args(names), *data, "--trainer.fast_dev_run", "1"])
 
 
 @pytest.mark.parametrize("names", PARSED_ONLY, ids=lambda n: "+".join(n))
