@@ -258,3 +258,45 @@ class TestAutocast:
         with torch.no_grad():
             fp32 = layer(x)
         torch.testing.assert_close(out.float(), fp32, atol=0.1, rtol=0.05)
+
+
+class TestFastPath:
+    """The custom autograd Functions (full-precision path) against autograd's own derivatives."""
+
+    def test_gradcheck_through_the_layer_with_nd_input_and_trainable_bias(self):
+        from torch.func import functional_call
+
+        layer = LoRALinear(nn.Linear(5, 3).double(), rank=2, alpha=3).double()
+        params = {
+            "weight": layer.weight.detach().clone().requires_grad_(),
+            "bias": layer.bias.detach().clone().requires_grad_(),
+            "lora_A": layer.lora_A.detach().double().clone().requires_grad_(),
+            "lora_B": torch.randn(3, 2, dtype=torch.double, requires_grad=True),
+        }
+        x = torch.randn(2, 4, 5, dtype=torch.double, requires_grad=True)
+
+        def run(x, weight, bias, lora_A, lora_B):
+            return functional_call(layer, {"weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}, (x,))
+
+        assert torch.autograd.gradcheck(run, (x, *params.values()))
+
+    def test_gradcheck_of_the_out_of_place_update(self):
+        from lightning_lora.lora import low_rank_update
+
+        args = [torch.randn(*shape, dtype=torch.double, requires_grad=True) for shape in ((3, 4, 6), (2, 6), (5, 2))]
+        assert torch.autograd.gradcheck(lambda x, a, b: low_rank_update(x, a, b, 0.7), args)
+
+    def test_fast_path_matches_the_plain_formula(self):
+        _, layer = make_layer(12, 7, rank=3, alpha=6)
+        train_adapter(frozen(layer))
+        layer.zero_grad(set_to_none=True)
+        x = torch.randn(2, 5, 12, requires_grad=True)
+        out = layer(x)
+        out.pow(2).sum().backward()
+        fast = (out.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+        x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+        plain = F.linear(x, layer.weight, layer.bias) + F.linear(F.linear(x, layer.lora_A) * layer.scale, layer.lora_B)
+        plain.pow(2).sum().backward()
+        expected = (plain.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)
+        for got, want in zip(fast, expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

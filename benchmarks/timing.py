@@ -1,0 +1,43 @@
+"""Interleaved timing: every candidate runs once per round, rounds repeat, medians are kept.
+
+Shared machines drift by 10-25% between runs; timing candidates side by side in one process,
+round after round, keeps their ratios stable even when absolute times move.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], object]], rounds: int = 15, sample_seconds: float = 0.03, warmup: int = 3
+):
+    """Median seconds per call for each candidate, measured round-robin.
+
+    Each sample repeats a candidate enough times to last about ``sample_seconds`` (as judged
+    from the warm-up), so fast and slow candidates are timed with similar precision.
+    """
+    repeats = {}
+    for name, fn in candidates.items():
+        start = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        per_call = (time.perf_counter() - start) / warmup
+        repeats[name] = max(1, min(50, round(sample_seconds / max(per_call, 1e-9))))
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            for _ in range(repeats[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / repeats[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table (so results paste straight into RESULTS.md)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
