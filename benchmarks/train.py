@@ -120,7 +120,7 @@ def trainer_run(data_dir: str, batch: int, steps: int, warmup: int, lora: bool) 
         limit_val_batches=0,
         callbacks=callbacks,
     )
-    model = LitClassifier(RichBoyNet(), optimizer=functools.partial(torch.optim.Adam, lr=LR))
+    model = LitClassifier(RichBoyNet(), optimizer=functools.partial(torch.optim.Adam, lr=LR, fused=True))
     trainer.fit(model, MNISTDataModule(data_dir=data_dir, batch_size=batch))
     return meter.rate()
 

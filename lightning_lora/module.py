@@ -24,6 +24,12 @@ from lightning_lora.lora import LoRAConfig
 from lightning_lora.metrics import DigitMetrics, RegressionMetrics
 
 LORA_CONFIG_KEY = "lora_config"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; raised before the optimizer can apply it."""
+
+
 MODULE_CLASS_KEY = "lightning_lora_module"
 
 
@@ -138,6 +144,8 @@ class NetModule(pl.LightningModule):
             load_base_checkpoint(net, base_checkpoint)
         self.val_metrics = self.new_eval_metrics()
         self.test_metrics = self.new_eval_metrics()
+        self._train_sums: torch.Tensor | None = None
+        self._train_names: list[str] = []
 
     def new_eval_metrics(self) -> nn.Module:
         """A fresh metrics object with ``update(loss, preds, targets)`` and ``log(module, stage, suffix)``."""
@@ -157,10 +165,58 @@ class NetModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def train_step_metrics(self, loss: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Per-step training metrics by name (the loss, plus what a subclass adds)."""
+        return {"loss": loss.detach()}
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, preds, targets = self.model_step(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        self._stop_if_not_finite(loss, batch_idx)
+        values = self.train_step_metrics(loss, preds, targets)
+        # Running sums for the epoch means: Lightning's self.log costs ~1 ms per call on CPU
+        # (it re-places its result object on every call), more than a small model's whole step.
+        stacked = torch.stack([v.float() for v in values.values()]) * len(targets)
+        if self._train_sums is None or self._train_sums.device != stacked.device:
+            self._train_sums = torch.zeros(len(values) + 1, device=stacked.device)
+            self._train_names = list(values)
+        self._train_sums[:-1] += stacked
+        self._train_sums[-1] += len(targets)
+        if self._logs_this_step():
+            self.log_dict({f"train/{name}": v for name, v in values.items()}, prog_bar=True, batch_size=len(targets))
         return loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Stop at the first NaN/inf loss, on every rank at once, before weights are touched.
+
+        Raising here (inside the step) means no optimizer step and no checkpoint follow, so the
+        last checkpoint written stays the last good one. Under DDP the ranks agree first; a lone
+        rank raising would leave the others waiting in the next all-reduce.
+        """
+        bad = not bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}); training stopped before applying it. Likely causes: a learning rate too high "
+                "for this model (lower model.optimizer.init_args.lr), or an overflow in reduced precision (with "
+                "16-mixed try bf16-mixed or 32-true). Checkpoints written before this step are intact: fix the "
+                "setting and resume from the last one with --ckpt_path, or start again."
+            )
+
+    def _logs_this_step(self) -> bool:
+        """Whether the loggers will write this step (Lightning's log_every_n_steps rule)."""
+        trainer = self.trainer
+        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.global_step == 0
+
+    def on_train_epoch_start(self) -> None:
+        self._train_sums = None
+
+    def on_train_epoch_end(self) -> None:
+        if self._train_sums is None:
+            return
+        means = self._train_sums[:-1] / self._train_sums[-1].clamp_min(1)
+        self.log_dict({f"train/{n}_epoch": m for n, m in zip(self._train_names, means, strict=True)}, sync_dist=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.val_metrics.update(*self.model_step(batch))
@@ -245,12 +301,8 @@ class LitClassifier(NetModule):
             )
         return F.cross_entropy(logits, y), logits.argmax(dim=-1), y
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss, preds, y = self.model_step(batch)
-        batch_size = len(y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        self.log("train/acc", (preds == y).float().mean(), on_step=True, on_epoch=True, batch_size=batch_size)
-        return loss
+    def train_step_metrics(self, loss: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> dict:
+        return {"loss": loss.detach(), "acc": (preds == targets).float().mean()}
 
 
 class LitRegressor(NetModule):

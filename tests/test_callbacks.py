@@ -191,3 +191,19 @@ def test_ddp_spawn_two_cpu_processes_keep_identical_adapters(tmp_path, fake_mnis
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert any(torch.count_nonzero(v) > 0 for k, v in rank0.items() if k.endswith("lora_B"))
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, fake_mnist, base_ckpt):
+    from lightning_lora.module import NonFiniteLossError
+
+    model = make_model(base_ckpt, lr=1e30)  # Adam moves every adapter weight by ~lr: the loss overflows soon
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=1, save_top_k=-1)
+    trainer = make_trainer(tmp_path, [lora(), checkpoints], max_steps=40)
+    with pytest.raises(NonFiniteLossError, match=r"loss became (nan|inf) at step \d+ .*learning rate too high"):
+        trainer.fit(model, data(fake_mnist))
+    assert trainer.global_step < 40
+    written = sorted((tmp_path / "ck").glob("*.ckpt"))
+    assert written, "at least the first good steps were checkpointed"
+    for path in written:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values()), path.name

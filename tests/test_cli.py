@@ -182,7 +182,16 @@ def test_tensorboard_event_files_hold_scalars_and_images(trained_run):
         events.Reload()
         tags["scalars"] |= set(events.Tags()["scalars"])
         tags["images"] |= set(events.Tags()["images"])
-    expected = {"train/loss_step", "train/acc_step", "val/loss", "val/acc", "val/acc_base", "val/wrong_digit_9"}
+    expected = {
+        "train/loss",
+        "train/acc",
+        "train/loss_epoch",
+        "train/acc_epoch",
+        "val/loss",
+        "val/acc",
+        "val/acc_base",
+        "val/wrong_digit_9",
+    }
     expected |= {"params/trainable", "params/total", "params/trainable_pct"}
     expected |= {"test/acc", "test/loss", "test/acc_base"}
     expected |= {f"test/{kind}_digit_{d}{sfx}" for kind in ("acc", "wrong") for d in range(10) for sfx in ("", "_base")}
