@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_lora.errors import UsageError
 from lightning_lora.inject import count_parameters, disable_lora, inject_lora, merge_lora, save_adapter
 from lightning_lora.lora import ALL_LINEAR, LoRAConfig
 
@@ -79,7 +80,10 @@ class LoRAInjectionCallback(pl.Callback):
         return getattr(pl_module, "net", pl_module)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        inject_lora(self.target(pl_module), self.config)  # idempotent: setup runs for every stage
+        try:
+            inject_lora(self.target(pl_module), self.config)  # idempotent: setup runs for every stage
+        except ValueError as err:  # targets that match nothing, or a non-Linear: the config is wrong
+            raise UsageError(str(err)) from err
         if self.compare_disabled and not self.base_metrics:
             if not (hasattr(pl_module, "model_step") and hasattr(pl_module, "new_eval_metrics")):
                 raise TypeError(

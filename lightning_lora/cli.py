@@ -16,11 +16,12 @@ by :func:`main` before LightningCLI sees the arguments.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
@@ -29,6 +30,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_lora.errors import NonFiniteLossError, UsageError, root_cause
 from lightning_lora.files import atomic_file
 from lightning_lora.inject import (
     count_parameters,
@@ -44,13 +46,23 @@ from lightning_lora.module import NetModule, build_net, load_trained
 CALLBACK_NAME = "LoRAInjectionCallback"
 
 
+class LoRACLI(LightningCLI):
+    """LightningCLI whose construction errors are reported as usage errors, by their root cause."""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # jsonargparse wraps the constructor's own error
+            raise UsageError(str(root_cause(err))) from err
+
+
 def run_lightning(args: Sequence[str] | None = None) -> LightningCLI:
     """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``).
 
     Model and data are chosen by ``class_path`` (any :class:`NetModule` and any
     ``LightningDataModule``), so the classifier and the regression experiment share one command.
     """
-    return LightningCLI(
+    return LoRACLI(
         NetModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -198,17 +210,33 @@ VERBS: dict[str, Callable[[Sequence[str]], int]] = {
 }
 
 
+RUNTIME_ERRORS = (ValueError, OSError, NonFiniteLossError)
+
+
+def _fail(verb: str, error: BaseException, code: int) -> NoReturn:
+    """One paragraph on stderr, no traceback (set LIGHTNING_LORA_TRACEBACK=1 to see it)."""
+    if os.environ.get("LIGHTNING_LORA_TRACEBACK") == "1":
+        raise error
+    print(f"lightning-lora {verb}: error: {error}", file=sys.stderr)
+    raise SystemExit(code)
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Console-script entry point: extra verbs first, then LightningCLI."""
+    """Console-script entry point: extra verbs first, then LightningCLI.
+
+    Exit codes: 0 success, 2 a usage error (a bad flag, config value or path), 1 a failure
+    while running (missing data, a broken file, a non-finite loss).
+    """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in VERBS:
-        try:
-            code = VERBS[argv[0]](argv[1:])
-        except (ValueError, FileNotFoundError, TypeError) as err:
-            print(f"lightning-lora {argv[0]}: error: {err}", file=sys.stderr)
-            code = 1
-        raise SystemExit(code)
-    run_lightning(args)
+    verb = argv[0] if argv else ""
+    try:
+        if verb in VERBS:
+            raise SystemExit(VERBS[verb](argv[1:]))
+        run_lightning(args)
+    except UsageError as err:
+        _fail(verb, err, 2)
+    except RUNTIME_ERRORS as err:
+        _fail(verb, err, 1)
 
 
 if __name__ == "__main__":

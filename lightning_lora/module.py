@@ -19,16 +19,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from lightning_lora.errors import NonFiniteLossError
 from lightning_lora.inject import get_lora_config, inject_lora
 from lightning_lora.lora import LoRAConfig
 from lightning_lora.metrics import DigitMetrics, RegressionMetrics
 
 LORA_CONFIG_KEY = "lora_config"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; raised before the optimizer can apply it."""
-
 
 MODULE_CLASS_KEY = "lightning_lora_module"
 

@@ -265,3 +265,64 @@ def test_rerun_into_the_same_log_folder_does_not_fail_on_the_saved_config(workdi
     main(args)
     saved = (workdir / "runs/pretrain/fixed/config.yaml").read_text()
     assert "seed_everything: 7" in saved and "lightning_lora.models.RichBoyNet" in saved
+
+
+def lora_overlay(tmp_path: Path, **init_args) -> str:
+    """A config replacing the callback list with one LoRAInjectionCallback(**init_args)."""
+    import yaml
+
+    callback = {"class_path": "lightning_lora.callbacks.LoRAInjectionCallback", "init_args": init_args}
+    path = tmp_path / "overlay.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
+        (["--data.train_digits", "[10]"], 2, "train_digits must be digits 0-9, got [10]"),
+        (["--data.train_digits", "[]"], 2, "train_digits is empty"),
+        (["--data.train_digits", "[3, 3]"], 2, "train_digits lists [3] more than once"),
+        (["--model.base_checkpoint", "nope.ckpt"], 2, "base_checkpoint nope.ckpt does not exist"),
+        (["--trainer.max_stepz", "3"], 2, "unrecognized arguments: --trainer.max_stepz"),
+        (["--data.data_dir", "nowhere", "--data.download", "false"], 1, "MNIST is not in nowhere/MNIST/raw"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_message(workdir, fake_mnist, capsys, extra, code, message):
+    args = ["fit", *config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--trainer.fast_dev_run", "1"])
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("init_args", "message"),
+    [
+        ({"rank": 0}, "LoRAConfig.rank must be an integer >= 1, got 0"),
+        ({"alpha": -1}, "LoRAConfig.alpha must be a finite number > 0, got -1"),
+        ({"dropout": 1.5}, "LoRAConfig.dropout must be in [0, 1), got 1.5"),
+        ({"init": "xavier"}, "Expected a typing.Literal['kaiming', 'gaussian']. Got value: xavier"),
+        ({"bias": "some"}, "Got value: some"),
+        ({"target_modules": ["fc9"]}, "pattern 'fc9' matches no module. Linear layers in this model: ['linear1'"),
+        ({"target_modules": ["relu"]}, "LoRA target 'relu' is a ReLU, not an nn.Linear"),
+    ],
+)
+def test_bad_lora_settings_are_usage_errors(workdir, fake_mnist, capsys, init_args, message):
+    args = ["fit", *config_args(["finetune_lora.yaml"]), "-c", lora_overlay(workdir, **init_args)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--data.data_dir", str(fake_mnist), "--trainer.fast_dev_run", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_non_finite_loss_is_a_runtime_error(workdir, fake_mnist, capsys):
+    args = ["fit", *config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
+    args += ["--model.optimizer.init_args.lr", "1e30", "--trainer.max_steps", "30"]
+    args += ["--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    assert "the training loss became" in capsys.readouterr().err
