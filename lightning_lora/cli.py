@@ -29,6 +29,7 @@ import yaml
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_lora.errors import NonFiniteLossError, UsageError, root_cause
 from lightning_lora.files import atomic_file
@@ -41,7 +42,7 @@ from lightning_lora.inject import (
     save_adapter,
 )
 from lightning_lora.lora import LoRAConfig
-from lightning_lora.module import NetModule, build_net, load_trained
+from lightning_lora.module import NetModule, build_net, load_trained, read_checkpoint_state
 
 CALLBACK_NAME = "LoRAInjectionCallback"
 
@@ -54,6 +55,20 @@ class LoRACLI(LightningCLI):
             super().instantiate_classes()
         except Exception as err:  # jsonargparse wraps the constructor's own error
             raise UsageError(str(root_cause(err))) from err
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (weights-only) before LightningCLI reads its hyperparameters.
+
+        A missing, truncated or foreign file, or a pickle carrying code, becomes one clear usage
+        error; nothing in it is ever executed.
+        """
+        path = self.config[self.config.subcommand].get("ckpt_path")
+        if path is not None and path not in ("last", "best", "hpc", "registry"):  # Lightning's keywords
+            try:
+                read_checkpoint_state(path, "ckpt_path")
+            except (ValueError, FileNotFoundError) as err:
+                raise UsageError(str(err)) from err
+        super()._parse_ckpt_path()
 
 
 def run_lightning(args: Sequence[str] | None = None) -> LightningCLI:
@@ -237,6 +252,13 @@ def main(args: Sequence[str] | None = None) -> None:
         _fail(verb, err, 2)
     except RUNTIME_ERRORS as err:
         _fail(verb, err, 1)
+    except SIGTERMException:
+        print(
+            f"lightning-lora {verb}: stopped by SIGTERM after saving a checkpoint (last.ckpt in the "
+            "ModelCheckpoint folder); resume with --ckpt_path pointing at it",
+            file=sys.stderr,
+        )
+        raise SystemExit(143) from None  # 128 + SIGTERM, so a chain of commands stops here
 
 
 if __name__ == "__main__":

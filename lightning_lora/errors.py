@@ -1,5 +1,7 @@
 """The package's own exception types, so callers (and the CLI) can tell usage from failure."""
 
+import os
+
 
 class UsageError(ValueError):
     """A setting is wrong (a config value, a flag, a path): fix the command or config and rerun."""
@@ -9,10 +11,25 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; raised before the optimizer could apply it."""
 
 
+def _raised_here(error: BaseException) -> bool:
+    """Whether the exception was raised from lightning_lora's own code."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}lightning_lora{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
 def root_cause(error: BaseException) -> BaseException:
-    """The innermost exception of a chain (jsonargparse wraps constructor errors in its own)."""
+    """The exception worth showing from a chain (jsonargparse wraps constructor errors in its own).
+
+    That is the outermost one raised by lightning_lora (its message names the fix), else the
+    innermost of the chain.
+    """
+    chain = [error]
     while True:
-        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        inner = chain[-1].__cause__ or (None if chain[-1].__suppress_context__ else chain[-1].__context__)
         if inner is None:
-            return error
-        error = inner
+            break
+        chain.append(inner)
+    ours = [e for e in chain if _raised_here(e)]
+    return ours[0] if ours else chain[-1]
