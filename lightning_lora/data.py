@@ -9,13 +9,14 @@ step of the networks here.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import MNIST
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -44,6 +45,29 @@ class TensorBatchDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices, device=self.labels.device)
         return self.images[index], self.labels[index]
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffle whose order depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch. ``skip`` drops the first
+    samples of the next pass only: the part of an epoch a checkpoint had already trained on.
+    """
+
+    def __init__(self, size: int, seed: int, skip: int = 0) -> None:
+        self.size, self.seed, self.skip, self.epoch = size, seed, skip, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator)[self.skip :]
+        self.skip = 0
+        return iter(order.tolist())
 
 
 def keep_batch(batch: Any) -> Any:
@@ -181,7 +205,14 @@ class MNISTDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        """Shuffled by (seed, epoch); after a mid-epoch resume it continues where the run stopped."""
+        if self.train_set is None:
+            raise RuntimeError("MNISTDataModule.setup() has not built this split yet")
+        batches_per_epoch = math.ceil(len(self.train_set) / self.batch_size)
+        trainer = getattr(self, "trainer", None)  # set by Lightning; absent when used standalone
+        done = trainer.global_step % batches_per_epoch if trainer is not None else 0
+        sampler = EpochShuffle(len(self.train_set), self.seed, skip=done * self.batch_size)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=keep_batch)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from lightning_lora.errors import NonFiniteLossError
+from lightning_lora.errors import NonFiniteLossError, UsageError
 from lightning_lora.inject import get_lora_config, inject_lora
 from lightning_lora.lora import LoRAConfig
 from lightning_lora.metrics import DigitMetrics, RegressionMetrics
@@ -232,7 +232,7 @@ class NetModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.parameters() if p.requires_grad]
         if not trainable:
-            raise ValueError(
+            raise UsageError(
                 "nothing to train: every parameter is frozen. Add a LoRAInjectionCallback "
                 "(trainer.callbacks) or unfreeze part of the net."
             )

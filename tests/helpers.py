@@ -54,3 +54,15 @@ class RecordAdapters(pl.Callback):
         state = {k: v.cpu().clone() for k, v in lora_state_dict(pl_module.net).items()}
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         torch.save(state, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+class SlowSteps(pl.Callback):
+    """Sleeps after every training step, so a test can kill a run midway (no effect on numerics)."""
+
+    def __init__(self, seconds: float = 0.2) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)

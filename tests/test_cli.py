@@ -318,6 +318,19 @@ def test_bad_lora_settings_are_usage_errors(workdir, fake_mnist, capsys, init_ar
     assert message in err and "Traceback" not in err
 
 
+def test_a_run_with_nothing_to_train_is_a_usage_error(workdir, fake_mnist, capsys, monkeypatch):
+    """A net whose every weight is frozen and no adapter injected: the optimizer would get nothing."""
+    from lightning_lora.module import NetModule
+
+    original = NetModule.configure_optimizers
+    monkeypatch.setattr(NetModule, "configure_optimizers", lambda self: original(self.requires_grad_(False)))
+    args = ["fit", *config_args(["pretrain.yaml"]), "--data.data_dir", str(fake_mnist), "--trainer.fast_dev_run", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "nothing to train: every parameter is frozen. Add a LoRAInjectionCallback" in capsys.readouterr().err
+
+
 def test_a_non_finite_loss_is_a_runtime_error(workdir, fake_mnist, capsys):
     args = ["fit", *config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
     args += ["--model.optimizer.init_args.lr", "1e30", "--trainer.max_steps", "30"]

@@ -121,3 +121,54 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tmp_path, fake_mni
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.load(last, weights_only=True)["global_step"] == step + 3
+
+
+def resumable_overlay(folder: Path) -> str:
+    import yaml
+
+    callbacks = [
+        {"class_path": "lightning_lora.callbacks.LoRAInjectionCallback",
+         "init_args": {"rank": 1, "alpha": 1, "adapter_dir": "adapter", "compare_disabled": False}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": "ck", "filename": "{step}", "every_n_train_steps": 3, "save_top_k": -1}},
+        {"class_path": "helpers.SlowSteps", "init_args": {"seconds": 0.15}},
+    ]  # fmt: skip
+    path = folder / "resumable.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks, "deterministic": True}}))
+    return str(path)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_adapter_bit_for_bit(tmp_path, fake_mnist):
+    from safetensors.torch import load_file
+
+    cli = str(Path(sys.executable).parent / "lightning-lora")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    runs = {}
+    for name in ("straight", "killed"):
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.manual_seed(0)
+        write_base_checkpoint(folder / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
+        args = [cli, "fit", "-c", CONFIG, "-c", resumable_overlay(folder), "--data.data_dir", str(fake_mnist),
+                "--trainer.max_steps", "24", "--trainer.val_check_interval", "1.0", *QUIET]  # fmt: skip
+        runs[name] = (folder, args)
+    folder, args = runs["straight"]
+    subprocess.run(args, cwd=folder, env=env, check=True, capture_output=True, timeout=300)
+
+    folder, args = runs["killed"]
+    process = subprocess.Popen(args, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (folder / "ck" / "step=12.ckpt").exists():
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no handler, no cleanup
+    process.wait(timeout=30)
+    assert not (folder / "adapter").exists(), "the run must have been killed before it finished"
+    resume_from = folder / "ck" / "step=9.ckpt"  # complete for sure: step=12 was being written or done
+    subprocess.run([*args, "--ckpt_path", str(resume_from)], cwd=folder, env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+
+    straight = load_file(runs["straight"][0] / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(folder / "adapter" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys() and len(straight) == 6
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
