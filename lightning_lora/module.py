@@ -249,7 +249,7 @@ class NetModule(pl.LightningModule):
         current = get_lora_config(self.net)
         if saved is None:
             if current is not None:
-                raise ValueError(
+                raise UsageError(
                     "this checkpoint holds no LoRA adapters, but the model has them: it looks like a "
                     "pretraining checkpoint passed as --ckpt_path to a LoRA run. ckpt_path resumes an "
                     "interrupted run of the same kind; to start fine-tuning from pretrained weights, pass "
@@ -258,7 +258,7 @@ class NetModule(pl.LightningModule):
             return
         config = LoRAConfig.from_dict(saved)
         if current is not None and current != config:
-            raise ValueError(
+            raise UsageError(
                 f"the checkpoint was trained with {config}, but the model now holds {current}; "
                 "resume with the same LoRAInjectionCallback settings"
             )

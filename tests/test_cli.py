@@ -339,3 +339,14 @@ def test_a_non_finite_loss_is_a_runtime_error(workdir, fake_mnist, capsys):
         main(args)
     assert exit_info.value.code == 1
     assert "the training loss became" in capsys.readouterr().err
+
+
+def test_a_pretraining_checkpoint_as_ckpt_path_is_a_usage_error(workdir, fake_mnist, capsys):
+    data = ["--data.data_dir", str(fake_mnist), "--trainer.enable_progress_bar", "false"]
+    main(
+        ["fit", *config_args(["pretrain.yaml"]), *data, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1"]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config_args(["finetune_lora.yaml"]), *data, "--ckpt_path", "runs/pretrain/checkpoints/last.ckpt"])
+    assert exit_info.value.code == 2
+    assert "pass them as --model.base_checkpoint instead" in capsys.readouterr().err
