@@ -135,9 +135,18 @@ class LoRAInjectionCallback(pl.Callback):
     def _update_base(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if not self.compare_disabled:
             return
-        metrics = self.base_metrics[stage].to(pl_module.device)
         with torch.no_grad(), disable_lora(self.target(pl_module)), trainer.precision_plugin.forward_context():
-            metrics.update(*pl_module.model_step(batch))
+            self.base_metrics[stage].update(*pl_module.model_step(batch))
+
+    def _place_metrics(self, stage: str, pl_module: pl.LightningModule) -> None:
+        if self.compare_disabled:
+            self.base_metrics[stage].to(pl_module.device)  # once per epoch, not per batch
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._place_metrics("val", pl_module)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._place_metrics("test", pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._update_base("val", trainer, pl_module, batch)

@@ -35,9 +35,9 @@ from lightning_lora.errors import NonFiniteLossError, UsageError, root_cause
 from lightning_lora.files import atomic_file
 from lightning_lora.inject import (
     count_parameters,
-    find_targets,
     get_lora_config,
     inject_lora,
+    lora_layers,
     merge_and_unload,
     save_adapter,
 )
@@ -140,21 +140,19 @@ def inspect_command(argv: Sequence[str]) -> int:
     if lora is None:
         raise ValueError(f"the config lists no {CALLBACK_NAME} under trainer.callbacks: nothing would be injected")
     net = build_net(net_config)
-    targets = find_targets(net, lora)
-    extra = 1 if lora.use_dora else 0
+    inject_lora(net, lora)
     rows = [
         (
             name,
-            f"{m.out_features} x {m.in_features}",
-            lora.rank * (m.in_features + m.out_features) + extra * m.out_features,
+            f"{layer.out_features} x {layer.in_features}",
+            sum(p.numel() for n, p in layer.named_parameters() if n.startswith("lora_")),
         )
-        for name, m in targets.items()
+        for name, layer in lora_layers(net)
     ]
     width = max(len(r[0]) for r in rows + [("module", "", 0)])
     print(f"{'module':<{width}}  {'weight (out x in)':>18}  {'adds':>10}")
     for name, shape, added in rows:
         print(f"{name:<{width}}  {shape:>18}  {added:>10,}")
-    inject_lora(net, lora)
     print(f"{lora}\n{count_parameters(net)}")
     return 0
 

@@ -199,29 +199,28 @@ class MNISTDataModule(pl.LightningDataModule):
         if stage in ("test", "predict") and self.test_set is None:
             self.test_set = TensorBatchDataset(*self._load_split(train=False))
 
-    def _loader(self, dataset: TensorBatchDataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: TensorBatchDataset | None, sampler: Sampler[int] | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("MNISTDataModule.setup() has not built this split yet")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=keep_batch)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by (seed, epoch); after a mid-epoch resume it continues where the run stopped."""
         if self.train_set is None:
-            raise RuntimeError("MNISTDataModule.setup() has not built this split yet")
+            return self._loader(None)
         batches_per_epoch = math.ceil(len(self.train_set) / self.batch_size)
         trainer = getattr(self, "trainer", None)  # set by Lightning; absent when used standalone
         done = trainer.global_step % batches_per_epoch if trainer is not None else 0
-        sampler = EpochShuffle(len(self.train_set), self.seed, skip=done * self.batch_size)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=keep_batch)
+        return self._loader(self.train_set, EpochShuffle(len(self.train_set), self.seed, skip=done * self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set)
 
 
 class LinearShiftDataModule(pl.LightningDataModule):

@@ -252,14 +252,7 @@ class LoRALinear(nn.Module):
             return F.linear(x, self._base_weight(), self.bias)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // self.in_features
-        # Measured (benchmarks/layer.py): the custom path pays off at low rank or with many rows;
-        # at rank 64 and batch 64 autograd's own ops are a little faster.
-        if (
-            not self.use_dora
-            and (self.rank <= 8 or rows >= 256)
-            and _fast_path(x, self.weight, self.lora_A, self.lora_B)
-        ):
+        if not self.use_dora and _custom_path(x, self.rank, self.weight, self.lora_A, self.lora_B):
             flat = x.reshape(-1, self.in_features)  # a 2-D base output can be accumulated into in place
             out = F.linear(flat, self.weight, self.bias)
             out = _AddLowRankUpdate.apply(out, self.lora_dropout(flat), self.lora_A, self.lora_B, self.scale)
@@ -349,14 +342,21 @@ class _AddLowRankUpdate(torch.autograd.Function):
         return (grad, *_low_rank_grads(ctx, grad), None)
 
 
-def _fast_path(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """The custom Functions run in full precision only; autocast gets plain, castable ops."""
-    return not torch.is_autocast_enabled(x.device.type) and all(t.dtype == x.dtype for t in tensors)
+def _custom_path(x: torch.Tensor, rank: int, *tensors: torch.Tensor) -> bool:
+    """Whether the custom Functions should run, rather than plain ``F.linear`` ops.
+
+    Only in full precision (autocast gets plain, castable ops), and only where they measured
+    faster (benchmarks/layer.py): at low rank, or with many rows. At rank 64 and batch 64
+    autograd's own ops are a little faster.
+    """
+    if torch.is_autocast_enabled(x.device.type) or any(t.dtype != x.dtype for t in tensors):
+        return False
+    return rank <= 8 or x.numel() // x.shape[-1] >= 256
 
 
 def low_rank_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * B (A x)`` over the last dimension of ``x``, never forming ``B A``."""
-    if not _fast_path(x, lora_A, lora_B):
+    if not _custom_path(x, lora_A.shape[0], lora_A, lora_B):
         return F.linear(F.linear(x, lora_A) * scale, lora_B)  # scaling the (..., rank) tensor is cheapest
     flat = x.reshape(-1, x.shape[-1])
     return _LowRankUpdate.apply(flat, lora_A, lora_B, scale).view(*x.shape[:-1], lora_B.shape[0])
