@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -18,8 +18,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The optional test libraries (peft, transformers) are installed above, so their tests must run.
 test: lint
-	$(BIN)/pytest
+	LIGHTNING_LORA_REQUIRE_EXTRAS=1 $(BIN)/pytest
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -1,7 +1,8 @@
-"""One training step (forward, backward, Adam) of a single adapted linear layer.
+"""One training step (forward, backward, Adam) of a single adapted linear or convolutional layer.
 
-    python benchmarks/layer.py               # all shapes, ranks 4 and 64
+    python benchmarks/layer.py               # linear shapes (ranks 4 and 64), then the conv case
     python benchmarks/layer.py --quick       # fewer rounds
+    python benchmarks/layer.py --only conv   # just the ResNet-like Conv2d case
 
 Compares LoRALinear with full fine-tuning of the plain layer, the frozen layer alone (the
 floor: forward only, or forward and backward to the input when the input needs a gradient),
@@ -109,13 +110,65 @@ def candidates(in_f: int, out_f: int, batch: int, rank: int, input_grad: bool) -
     return found
 
 
+CONV_CASE = (64, 64, 3, 64, 32)  # in, out channels, kernel, batch, image side: a ResNet basic block's conv
+
+
+def conv_candidates(rank: int) -> dict:
+    """The conv case: full fine-tuning, the frozen conv alone, our LoRA conv and PEFT's."""
+    in_c, out_c, kernel, batch, side = CONV_CASE
+    torch.manual_seed(0)
+    x = torch.randn(batch, in_c, side, side)
+    grad = torch.randn(batch, out_c, side, side)
+
+    def conv() -> nn.Conv2d:
+        return nn.Conv2d(in_c, out_c, kernel, padding=kernel // 2)
+
+    lora = nn.Sequential(conv().requires_grad_(False))
+    inject_lora(lora, LoRAConfig(rank=rank, alpha=2 * rank, target_modules=["0"]))
+    found = {
+        "full fine-tuning": step_fn(conv(), x, grad),
+        "frozen floor": step_fn(conv().requires_grad_(False), x, grad, train=False),
+        "LoRA": step_fn(lora, x, grad),
+    }
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        return found
+    peft_model = inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"]), nn.Sequential(conv())
+    )
+    found["PEFT"] = step_fn(peft_model, x, grad)
+    return found
+
+
+def run_conv(rounds: int) -> None:
+    in_c, out_c, kernel, batch, side = CONV_CASE
+    times = interleaved(conv_candidates(rank=4), rounds=rounds)
+    full = times["full fine-tuning"]
+    names = ["frozen floor", "LoRA", "PEFT"]
+    row = [f"Conv2d {in_c}->{out_c} {kernel}x{kernel}, batch {batch}, {side}x{side}", 4, f"{1e3 * full:.1f}"]
+    row += [f"{times[n] / full:.3f}" if n in times else "-" for n in names]
+    row += [f"{times['LoRA'] / times['PEFT']:.3f}" if "PEFT" in times else "-"]
+    print()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; step time / full fine-tuning's")
+    print(table(["layer", "rank", "full (ms)", *names, "LoRA / PEFT"], [row]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
+    parser.add_argument("--only", choices=["linear", "conv"], help="run one of the two parts")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     rounds = 5 if opts.quick else 15
+    if opts.only != "conv":
+        run_linear(rounds)
+    if opts.only != "linear":
+        run_conv(rounds)
+
+
+def run_linear(rounds: int) -> None:
     header = ["in, out, batch", "rank", "input grad", "full (ms)"]
     names = ["frozen floor", "LoRALinear", "PEFT", "parametrize", "merged-weight"]
     rows = []

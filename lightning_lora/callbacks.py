@@ -19,9 +19,10 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_lora.adapter_files import save_adapter
+from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import UsageError
-from lightning_lora.inject import count_parameters, disable_lora, inject_lora, merge_lora, save_adapter
-from lightning_lora.lora import ALL_LINEAR, LoRAConfig
+from lightning_lora.inject import count_parameters, disable_lora, inject_lora, merge_lora
 
 
 class LoRAInjectionCallback(pl.Callback):
@@ -52,6 +53,8 @@ class LoRAInjectionCallback(pl.Callback):
         init: Literal["kaiming", "gaussian"] = "kaiming",
         bias: Literal["none", "all", "lora_only"] = "none",
         modules_to_save: list[str] | None = None,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
         adapter_dir: str | None = None,
         merge_on_fit_end: bool = False,
         compare_disabled: bool = True,
@@ -68,6 +71,8 @@ class LoRAInjectionCallback(pl.Callback):
             init=init,
             bias=bias,
             modules_to_save=modules_to_save or [],
+            rank_pattern=rank_pattern or {},
+            alpha_pattern=alpha_pattern or {},
         )
         self.adapter_dir = adapter_dir
         self.merge_on_fit_end = merge_on_fit_end

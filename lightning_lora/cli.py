@@ -31,6 +31,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_lora.adapter_files import save_adapter
+from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import NonFiniteLossError, UsageError, root_cause
 from lightning_lora.files import atomic_file
 from lightning_lora.inject import (
@@ -39,9 +41,7 @@ from lightning_lora.inject import (
     inject_lora,
     lora_layers,
     merge_and_unload,
-    save_adapter,
 )
-from lightning_lora.lora import LoRAConfig
 from lightning_lora.module import NetModule, build_net, load_trained, read_checkpoint_state
 
 CALLBACK_NAME = "LoRAInjectionCallback"
@@ -144,13 +144,13 @@ def inspect_command(argv: Sequence[str]) -> int:
     rows = [
         (
             name,
-            f"{layer.out_features} x {layer.in_features}",
-            sum(p.numel() for n, p in layer.named_parameters() if n.startswith("lora_")),
+            " x ".join(str(d) for d in layer.base_weight().shape),
+            sum(p.numel() for n, p in layer.named_parameters(recurse=False) if n.startswith("lora_")),
         )
         for name, layer in lora_layers(net)
     ]
     width = max(len(r[0]) for r in rows + [("module", "", 0)])
-    print(f"{'module':<{width}}  {'weight (out x in)':>18}  {'adds':>10}")
+    print(f"{'module':<{width}}  {'weight shape':>18}  {'adds':>10}")
     for name, shape, added in rows:
         print(f"{name:<{width}}  {shape:>18}  {added:>10,}")
     print(f"{lora}\n{count_parameters(net)}")

@@ -1,25 +1,43 @@
-"""Safe file I/O: atomic writes and validated reads that never unpickle.
+"""Safe file I/O: writers that never lose or half-write anything, readers that never unpickle.
 
-Every file lightning_lora writes goes to a temporary name beside its destination and is
-renamed into place, so an interrupted write leaves the previous output intact and no
-half-written file under the final name.
+Writers:
+- write under a temporary name beside the destination (``.<name>.<pid>.<random>.tmp``) and
+  rename into place, so an interrupted write leaves the previous output intact;
+- replace a folder by swapping it with the new one in a single rename (``RENAME_EXCHANGE``),
+  so the output path never disappears, not even for a moment (where the filesystem cannot swap,
+  files are replaced one by one inside the existing folder);
+- refuse to replace anything that is not their own kind of output, and say what is in the way;
+- sweep the temporary files an interrupted run (a dead process) left beside the destination;
+- turn a full disk into an error that names the file.
+
+Readers check sizes and structure before trusting anything.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+
+MAX_JSON_BYTES = 1 << 20
+"""Adapter and run configs are a few KB; anything past 1 MB is refused unread."""
+
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+"""What an adapter folder may hold (PEFT adds a README.md) and so what its writer may replace."""
+
+
+class OutputInTheWay(FileExistsError):
+    """The destination holds something the writer did not make; nothing was touched."""
 
 
 def _umask() -> int:
@@ -33,7 +51,7 @@ def _give_default_permissions(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some filesystems cannot open directories; the rename is still atomic
@@ -46,92 +64,254 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temp_prefix(name: str) -> str:
+    return f".{name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temporaries(parent: Path, name: str) -> list[Path]:
+    """Remove ``.<name>.<pid>.*`` entries beside ``name`` left by processes that no longer run."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.glob(f".{name}.*"):
+        parts = entry.name[len(name) + 2 :].split(".", 1)
+        if len(parts) == 2 and parts[0].isdigit() and entry.suffix in (".tmp", ".old"):
+            if not _pid_alive(int(parts[0])):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``path`` in one rename."""
+def disk_errors(path: Path) -> Iterator[None]:
+    """Name the file when the disk (or quota) is full, instead of a bare ``[Errno 28]``."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err.errno, f"no space left on the device while writing {path}; free some space") from err
+        raise
+    except RuntimeError as err:  # torch and safetensors report a failed write as a RuntimeError
+        if "No space left" in str(err) or "error code: 28" in str(err):
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}; free some space") from err
+        raise
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` in one rename.
+
+    Args:
+        path: The destination file.
+        replaceable: Called with an existing ``path``; it is replaced only if this returns True
+            (default: any existing file may be replaced).
+
+    Raises:
+        OutputInTheWay: ``path`` exists and may not be replaced (nothing is written).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise OutputInTheWay(f"{path} is a folder; pass a file name")
+    if path.exists() and replaceable is not None and not replaceable(path):
+        raise OutputInTheWay(f"{path} exists and was not written by this command; choose another name or move it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale_temporaries(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        with disk_errors(path):
+            yield tmp_path
+            _fsync(tmp_path)
         _give_default_permissions(tmp_path)
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-@contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder to fill; on success it replaces the folder ``path``.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 
-    An existing ``path`` is moved aside first and removed only after the new folder is in
-    place, so at every moment either the old or the new folder is complete.
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic rename (Linux ``renameat2``); False where that is unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def check_folder_kind(path: Path, allowed: Iterable[str], what: str) -> None:
+    """Refuse an existing ``path`` that holds anything but ``allowed`` entries (naming them)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputInTheWay(f"{path} exists and is not a folder; choose another output path for the {what}")
+    allowed = set(allowed)
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in allowed and not p.name.startswith("."))
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise OutputInTheWay(
+            f"{path} is not a {what} folder: it holds {shown}. Nothing was written or removed; "
+            f"choose a new or empty folder for the {what}"
+        )
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, allowed: Iterable[str], what: str) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it takes the place of the folder ``path``.
+
+    An existing ``path`` must hold only ``allowed`` entries (its own kind of output) and is
+    swapped with the new folder in one rename, then removed; where the filesystem cannot swap,
+    the new files replace the old ones one by one inside the existing folder. Either way
+    ``path`` exists at every moment and each file in it is complete.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder; choose another output path")
+    allowed = set(allowed)
+    check_folder_kind(path, allowed, what)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = None
+    sweep_stale_temporaries(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        for child in (tmp, *tmp.iterdir()):
-            if child.is_file():
-                with open(child, "rb+") as f:
-                    os.fsync(f.fileno())
-            _give_default_permissions(child)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with disk_errors(path):
+            yield tmp
+            for child in (tmp, *tmp.iterdir()):
+                if child.is_file():
+                    _fsync(child)
+                _give_default_permissions(child)
+        if not path.exists():
+            os.rename(tmp, path)
+        elif _exchange(tmp, path):
+            pass  # tmp now holds the old folder and is removed below
+        else:
+            new = {child.name for child in tmp.iterdir()}
+            for child in tmp.iterdir():
+                os.replace(child, path / child.name)
+            for stale in path.iterdir():
+                if stale.name in allowed and stale.name not in new and stale.is_file():
+                    stale.unlink()
+        _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON (caller provides atomicity where needed)."""
+    """Write ``data`` as indented, key-sorted JSON (caller provides atomicity where needed)."""
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+def read_json(path: str | os.PathLike, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
     """Read a JSON object, turning every way it can be broken into one clear ``ValueError``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{what} {path} is {size:,} bytes, far more than such a file holds; refusing to read it")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{what} {path} is not valid JSON ({err}); re-create it") from err
+    except RecursionError as err:
+        raise ValueError(f"{what} {path} is nested too deeply to be a real {what}; re-create it") from err
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} must hold a JSON object, found {type(data).__name__}")
     return data
 
 
-def read_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file on CPU. A truncated file or a pickle is refused, never executed."""
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file on CPU: its tensors and its metadata. Never unpickles anything."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         raise ValueError(
             f"{what} {path} is not a valid safetensors file ({err}); it may be truncated, "
-            "corrupted or a pickle. lightning-lora reads adapters only as safetensors: re-export it."
+            "corrupted or a pickle. lightning-lora reads tensors only as safetensors: re-export it."
         ) from err
+    return tensors, metadata
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
-    """Write contiguous CPU copies (safetensors refuses views and shared storage)."""
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, path)
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on its contents.
+
+    The header is JSON with sorted keys and the tensors follow in key order. (The safetensors
+    library builds its header from a hash map, so the same tensors can come out in different
+    bytes; that would make "the same merge writes the same file" false.)
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"cannot store tensor {name!r} of dtype {tensor.dtype} in safetensors")
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for blob in blobs:
+            f.write(blob)
+
+
+def write_adapter_folder(
+    path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Path:
+    """Write (or replace) an adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+    with atomic_directory(path, ADAPTER_FILES, "adapter") as tmp:
+        write_safetensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt", **metadata})
+        write_json(tmp / "adapter_config.json", config)
+    return Path(path)
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

@@ -1,148 +1,58 @@
-"""Model surgery: choose targets, inject adapters, freeze, merge, disable, count.
+"""Model surgery: inject adapters, freeze, merge, disable, and read the adapter back out.
 
 Everything here works on any ``nn.Module`` and never imports Lightning, so it serves a
-notebook, a plain training loop or the Lightning callback alike.
+notebook, a plain training loop or the Lightning callback alike. Models wrapped by
+``torch.compile``, DDP or Fabric are unwrapped first, so keys are always the plain model's.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from lightning_lora._version import __version__
-from lightning_lora.files import (
-    atomic_directory,
-    read_json,
-    read_safetensors,
-    tensor_sha256,
-    write_json,
-    write_safetensors,
-)
-from lightning_lora.lora import ALL_LINEAR, LoRAConfig, LoRALinear, ModuleToSave
+from lightning_lora.config import LoRAConfig
+from lightning_lora.layers import LoRALayer, ModuleToSave, keep_base_bias, kept_biases, lora_class_for
+from lightning_lora.layers.base import BASE_PREFIX
+from lightning_lora.targets import log_skipped, plan_targets
 
 _CONFIG_ATTR = "lora_config"
 
-# Parents that read a child Linear's weight directly instead of calling it (MultiheadAttention's
-# out_proj goes through F.multi_head_attention_forward; the Transformer layers have a fused
-# inference fast path). An adapter there would be silently ignored, so it is refused.
-_FUNCTIONAL_PARENTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside ``torch.compile``, DDP/DataParallel, Fabric and Lightning wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_forward_module", None), nn.Module):  # Fabric, Lightning's DDP wrapper
+            original = getattr(model, "_original_module", None)
+            model = original if isinstance(original, nn.Module) else model._forward_module
+        else:
+            return model
 
 
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
-
-
-def matches(name: str, pattern: str) -> bool:
-    """Whether a module's qualified ``name`` matches a target ``pattern``.
-
-    A pattern matches the full name exactly, as a dot-suffix (``"fc1"`` matches
-    ``"net.fc1"``), or as a glob on either (``"layers.*"`` matches ``"net.layers.0"``).
-    """
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    return _is_glob(pattern) and (fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern))
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
-
-
-def _modules_matching(model: nn.Module, patterns: list[str], field: str) -> dict[str, nn.Module]:
-    """Modules matched by any pattern; each pattern must match at least one module."""
-    found: dict[str, nn.Module] = {}
-    for pattern in patterns:
-        hits = {n: m for n, m in model.named_modules() if n and matches(n, pattern)}
-        if not hits:
-            raise ValueError(
-                f"LoRAConfig.{field} pattern {pattern!r} matches no module. "
-                f"Linear layers in this model: {_linear_names(model) or 'none'}"
-            )
-        found.update(hits)
-    return found
-
-
-def _parents(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        f"{name}.{child}" if name else child: module
-        for name, module in model.named_modules()
-        for child, _ in module.named_children()
-    }
-
-
-def find_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers ``config`` adapts, by qualified name, without changing anything.
-
-    Raises:
-        ValueError: a pattern matches nothing (the message lists the linear layers), a pattern
-            names a module that is not an ``nn.Linear``, or a target's parent reads its weight
-            without calling it (``nn.MultiheadAttention.out_proj``).
-    """
-    to_save = _modules_matching(model, config.modules_to_save, "modules_to_save")
-    saved_or_inside = lambda n: any(n == s or n.startswith(s + ".") for s in to_save)  # noqa: E731
-    if config.target_modules == ALL_LINEAR:
-        candidates = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n}
-    else:
-        candidates = _modules_matching(model, config.target_modules, "target_modules")
-    excluded = _modules_matching(model, config.exclude_modules, "exclude_modules")
-    parents = _parents(model)
-    targets: dict[str, nn.Linear] = {}
-    for name, module in candidates.items():
-        if name in excluded or saved_or_inside(name):
-            continue
-        if not isinstance(module, nn.Linear):
-            if _swept_by_glob(name, module, config):
-                continue
-            raise ValueError(
-                f"LoRA target '{name}' is a {type(module).__name__}, not an nn.Linear; "
-                f"LoRA here adapts nn.Linear layers only. Linear layers: {_linear_names(model)}"
-            )
-        if isinstance(parents.get(name), _FUNCTIONAL_PARENTS):
-            if config.target_modules == ALL_LINEAR:
-                continue  # "all-linear" means every Linear that can be adapted
-            raise ValueError(
-                f"LoRA target '{name}' belongs to a {type(parents[name]).__name__}, which uses "
-                "its weight directly instead of calling it, so an adapter there would be "
-                "silently ignored. Add it to exclude_modules or target other layers."
-            )
-        targets[name] = module
-    if not targets:
-        raise ValueError(
-            f"LoRAConfig selects no nn.Linear to adapt (targets {config.target_modules!r}, "
-            f"excluded {config.exclude_modules!r}). Linear layers: {_linear_names(model)}"
-        )
-    return targets
-
-
-def _swept_by_glob(name: str, module: nn.Module, config: LoRAConfig) -> bool:
-    """A glob sweeps over containers and parameter-free modules (ReLU, Dropout) harmlessly."""
-    by_name = [p for p in config.target_modules if not _is_glob(p) and matches(name, p)]
-    has_own_params = any(True for _ in module.parameters(recurse=False))
-    return not by_name and (not has_own_params or any(True for _ in module.children()))
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """Every adapted layer, by qualified name."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """Every adapted layer, by qualified name (an attention's ``out_proj`` is one of its own)."""
+    for name, module in unwrap_model(model).named_modules():
+        if isinstance(module, LoRALayer):
             yield name, module
 
 
-def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModuleToSave]]:
-    for name, module in model.named_modules():
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModuleToSave]]:
+    """Every module trained fully beside the adapters, by qualified name."""
+    for name, module in unwrap_model(model).named_modules():
         if isinstance(module, ModuleToSave):
             yield name, module
 
 
 def get_lora_config(model: nn.Module) -> LoRAConfig | None:
     """The config the model's adapters were made with, or ``None`` for a plain model."""
-    return getattr(model, _CONFIG_ATTR, None)
+    return getattr(unwrap_model(model), _CONFIG_ATTR, None)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -150,94 +60,157 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module and n]
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Freeze ``model`` and wrap its target layers with adapters, in place.
 
     Idempotent: a model already adapted with an equal config is returned unchanged, which is
-    what lets a Lightning callback inject in ``setup()`` for every stage.
+    what lets a Lightning callback inject in ``setup()`` for every stage. On any error the model
+    is left as it was.
 
     Returns:
         The same ``model``, adapted.
 
     Raises:
-        ValueError: bad targets (see :func:`find_targets`), or the model already holds
+        ValueError: bad targets (see :func:`~lightning_lora.targets.plan_targets`), a layer that
+            cannot take this config (DoRA on an embedding, say), or the model already holds
             adapters made with a different config.
     """
+    outer, model = model, unwrap_model(model)
     existing = get_lora_config(model)
     if existing is not None:
         if existing == config:
-            return model
+            return outer
         raise ValueError(
             f"model already holds adapters made with {existing}; refusing to inject {config}. "
             "Use merge_and_unload(model) or start from the plain base model."
         )
     if any(True for _ in lora_layers(model)):
         raise ValueError("model already holds LoRA layers that inject_lora did not make")
-    if isinstance(model, nn.Linear):
-        raise ValueError("inject_lora needs a container module; wrap the nn.Linear, e.g. nn.Sequential(layer)")
-    targets = find_targets(model, config)
-    to_save = _modules_matching(model, config.modules_to_save, "modules_to_save")
+    if lora_class_for(model) is not None:
+        kind = type(model).__name__
+        raise ValueError(f"inject_lora needs a container module, got a bare {kind}; wrap it, e.g. nn.Sequential(layer)")
+    plan = plan_targets(model, config)
+    layers = {name: lora_class_for(module)(module, config.for_layer(name)) for name, module in plan.targets.items()}
     model.requires_grad_(False)
-    for name, linear in targets.items():
-        layer = LoRALinear(
-            linear,
-            rank=config.rank,
-            alpha=config.alpha,
-            dropout=config.dropout,
-            use_dora=config.use_dora,
-            use_rslora=config.use_rslora,
-            init=config.init,
-        )
-        layer.train(linear.training)
-        _set_submodule(model, name, layer)
-        if config.bias == "lora_only" and layer.bias is not None:
-            layer.bias.requires_grad_(True)
+    for name, layer in layers.items():
+        layer.train(plan.targets[name].training)
+        for alias in plan.names[name]:
+            _set_submodule(model, alias, layer)
+    for module in plan.to_save.values():
+        saved = ModuleToSave(module)
+        for alias in _names_of(model, module):
+            _set_submodule(model, alias, saved)
+    if config.bias != "none":
+        for _, layer in lora_layers(model):
+            for bias in layer.bias_names():
+                keep_base_bias(layer, bias)
     if config.bias == "all":
-        for name, param in model.named_parameters():
-            if name.rpartition(".")[2] == "bias":
-                param.requires_grad_(True)
-    for name in sorted(to_save, key=len):
-        if not any(name.startswith(outer + ".") for outer in to_save if outer != name):
-            _set_submodule(model, name, ModuleToSave(to_save[name]))
+        for module in _modules_outside_adapters(model):
+            for name, param in list(module.named_parameters(recurse=False)):
+                if "bias" in name and param is not None:
+                    keep_base_bias(module, name)
+    _guard_transformer_fast_paths(model)
     setattr(model, _CONFIG_ATTR, config)
-    return model
+    log_skipped(plan)
+    return outer
+
+
+def _modules_outside_adapters(model: nn.Module) -> list[nn.Module]:
+    """Modules that are neither LoRA layers nor inside one or inside a ModuleToSave."""
+    inside: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (LoRALayer, ModuleToSave)):
+            inside.update(id(m) for m in module.modules())
+    return [m for m in model.modules() if id(m) not in inside]
+
+
+def _fast_path_off(parent: nn.Module, args) -> None:
+    active = any(m.enabled and not m.merged for m in parent.modules() if isinstance(m, LoRALayer))
+    if active:
+        parent._lora_fast_path_was = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+
+def _fast_path_restore(parent: nn.Module, args, output) -> None:
+    was = parent.__dict__.pop("_lora_fast_path_was", None)
+    if was is not None:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+def _guard_transformer_fast_paths(model: nn.Module) -> None:
+    """Keep ``nn.TransformerEncoderLayer``'s inference fast path off while its adapters are live.
+
+    That path reads ``self_attn``, ``linear1`` and ``linear2`` weights directly and would skip an
+    unmerged adapter silently. A merged adapter lives in the weights, so the fast path stays on.
+    """
+    for parent in model.modules():
+        is_encoder_layer = isinstance(parent, nn.TransformerEncoderLayer)
+        if is_encoder_layer and "_lora_fast_path_hooks" not in parent.__dict__:
+            if any(isinstance(m, LoRALayer) for m in parent.modules()):
+                parent.__dict__["_lora_fast_path_hooks"] = (
+                    parent.register_forward_pre_hook(_fast_path_off),
+                    parent.register_forward_hook(_fast_path_restore),
+                )
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (fp32 arithmetic). Idempotent."""
+    """Fold every adapter into its layer's weight (fp32 arithmetic, never into a tied tensor). Idempotent."""
     for _, layer in lora_layers(model):
         layer.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Restore every merged layer's base weight exactly. Idempotent."""
+    """Put every merged layer's base weight back exactly. Idempotent."""
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model
 
 
-def _plain_linear(layer: LoRALinear) -> nn.Linear:
-    """An ``nn.Linear`` sharing ``layer``'s current weight and bias Parameters."""
-    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    plain.weight, plain.bias = layer.weight, layer.bias
-    plain.train(layer.training)
-    return plain
+def _unload(model: nn.Module, merge: bool) -> None:
+    """Replace every LoRA layer by its original module (merged or not) and drop the LoRA state."""
+    for _, layer in list(lora_layers(model)):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        plain = layer.to_base()
+        for alias in _names_of(model, layer):
+            _set_submodule(model, alias, plain)
+    for _, saved in list(saved_modules(model)):
+        replacement = saved.trained_module if merge else saved.original_module
+        for alias in _names_of(model, saved):
+            _set_submodule(model, alias, replacement)
+    for module, param, _ in kept_biases(model):
+        if not merge:
+            with torch.no_grad():
+                getattr(module, param).copy_(getattr(module, BASE_PREFIX + param))
+        delattr(module, BASE_PREFIX + param)
+    for module in model.modules():
+        for handle in module.__dict__.pop("_lora_fast_path_hooks", ()):
+            handle.remove()
+    if hasattr(model, _CONFIG_ATTR):
+        delattr(model, _CONFIG_ATTR)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge, then replace every adapted layer by a plain ``nn.Linear`` holding the merged weight.
+    """Merge, then put the original layers back holding the merged weights.
 
-    The result contains no lightning_lora types, so it runs (and pickles) without this
-    package; a module in ``modules_to_save`` is replaced by its trained copy.
+    The result contains no lightning_lora types, so it runs (and pickles) without this package;
+    a module in ``modules_to_save`` is replaced by its trained copy, and trained biases stay.
+    A weight tied to another module is never changed: the merged layer gets its own copy.
     """
-    for name, layer in list(lora_layers(model)):
-        layer.merge()
-        _set_submodule(model, name, _plain_linear(layer))
-    for name, saved in list(_saved_modules(model)):
-        _set_submodule(model, name, saved.trained_module)
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
+    _unload(unwrap_model(model), merge=True)
+    return model
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`inject_lora` entirely: the base model again, adapters and trained biases dropped."""
+    _unload(unwrap_model(model), merge=False)
     return model
 
 
@@ -245,42 +218,48 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: inside, outputs equal the un-adapted model's bit for bit.
 
-    Works on merged layers too (they keep the pre-merge weight aside). The previous state is
-    restored on exit, also when the block raises.
+    Works on merged layers too (they keep the base weight aside), restores trained biases' base
+    values for the duration, and puts everything back on exit, also when the block raises.
     """
-    switches = [m for _, m in lora_layers(model)] + [m for _, m in _saved_modules(model)]
+    plain = unwrap_model(model)
+    switches = [m for _, m in lora_layers(plain)] + [m for _, m in saved_modules(plain)]
     before = [m.enabled for m in switches]
+    outside = {id(m) for m in _modules_outside_adapters(plain)}
+    swapped = [(module, param) for module, param, _ in kept_biases(plain) if id(module) in outside]
+    trained = [getattr(module, param).detach().clone() for module, param in swapped]
     try:
         for module in switches:
             module.enabled = False
+        with torch.no_grad():
+            for module, param in swapped:
+                getattr(module, param).copy_(getattr(module, BASE_PREFIX + param))
         yield model
     finally:
         for module, was_enabled in zip(switches, before, strict=True):
             module.enabled = was_enabled
+        with torch.no_grad():
+            for (module, param), values in zip(swapped, trained, strict=True):
+                getattr(module, param).copy_(values)
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The live tensors that make up the adapter, by state-dict key (not copies).
 
-    These are the ``lora_*`` tensors of every adapted layer, the biases the config trains, and
+    These are the factors (and DoRA magnitudes) of every adapted layer, every trained bias, and
     the full state of every ``modules_to_save`` copy. Selection is structural, never by
     substring, so a base module that happens to be called ``lora_head`` is not swept in.
     """
-    config = get_lora_config(model)
-    if config is None:
+    model = unwrap_model(model)
+    if get_lora_config(model) is None:
         raise ValueError("model holds no adapters; call inject_lora(model, config) first")
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
-        for key in ("lora_A", "lora_B", "lora_magnitude"):
-            if hasattr(layer, key):
-                tensors[f"{name}.{key}"] = getattr(layer, key)
-        if config.bias == "lora_only" and layer.bias is not None:
-            tensors[f"{name}.bias"] = layer.bias
-    if config.bias == "all":
-        for name, param in model.named_parameters():
-            if name.rpartition(".")[2] == "bias" and ".original_module." not in f".{name}":
-                tensors[name] = param
-    for name, saved in _saved_modules(model):
+        for attr in layer.adapter_names:
+            if hasattr(layer, attr):
+                tensors[f"{name}.{attr}"] = getattr(layer, attr)
+    for module, param, qualified in kept_biases(model):
+        tensors[qualified] = getattr(module, param)
+    for name, saved in saved_modules(model):
         for key, tensor in saved.trained_module.state_dict(keep_vars=True).items():
             tensors[f"{name}.trained_module.{key}"] = tensor
     return tensors
@@ -289,6 +268,29 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors, detached: all that must be saved to rebuild it on the same base."""
     return {k: v.detach() for k, v in adapter_tensors(model).items()}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state as it was before injection, by the plain model's keys.
+
+    Merged weights, trained biases and ``modules_to_save`` copies are all seen through: this is
+    what a fingerprint of the base is taken of, and what "the base is unchanged" means.
+    """
+    model = unwrap_model(model)
+    state = dict(model.state_dict())  # merged layers already report their base weights
+    if get_lora_config(model) is None:
+        return state
+    for key in adapter_tensors(model):
+        state.pop(key, None)
+    for module, param, qualified in kept_biases(model):
+        state[qualified] = getattr(module, BASE_PREFIX + param).detach()
+    for name, _ in saved_modules(model):
+        prefix = f"{name}.original_module."
+        for key in [k for k in state if k.startswith(f"{name}.")]:
+            value = state.pop(key)
+            if key.startswith(prefix):
+                state[f"{name}.{key[len(prefix) :]}"] = value
+    return state
 
 
 @dataclass(frozen=True)
@@ -308,177 +310,8 @@ class ParameterCount:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Count trainable and total parameters, printed like PEFT's ``print_trainable_parameters``."""
-    params = list(model.parameters())  # deduplicated by nn.Module
+    params = list(unwrap_model(model).parameters())  # deduplicated by nn.Module
     return ParameterCount(
         trainable=sum(p.numel() for p in params if p.requires_grad),
         total=sum(p.numel() for p in params),
     )
-
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_FORMAT = "lightning-lora-adapter"
-ADAPTER_FORMAT_VERSION = 1
-
-
-def _fingerprint(weights: dict[str, torch.Tensor], saved: dict[str, nn.Module]) -> dict:
-    return {
-        "layers": {n: {"shape": list(w.shape), "sha256": tensor_sha256(w)} for n, w in sorted(weights.items())},
-        "modules_to_save": {
-            n: {k: tensor_sha256(v) for k, v in sorted(m.state_dict().items())} for n, m in sorted(saved.items())
-        },
-    }
-
-
-def base_fingerprint(model: nn.Module, config: LoRAConfig | None = None) -> dict:
-    """Shapes and hashes of the base weights an adapter touches.
-
-    Works on an adapted model (hashing the pre-merge weights and the original copies of
-    ``modules_to_save``) or, given ``config``, on the plain base the adapter is meant for.
-    """
-    if get_lora_config(model) is not None:
-        weights = {n: layer._base_weight() for n, layer in lora_layers(model)}
-        saved = {n: m.original_module for n, m in _saved_modules(model)}
-        return _fingerprint(weights, saved)
-    if config is None:
-        raise ValueError("base_fingerprint of a plain model needs the LoRAConfig that selects its targets")
-    weights = {n: linear.weight for n, linear in find_targets(model, config).items()}
-    return _fingerprint(weights, _modules_matching(model, config.modules_to_save, "modules_to_save"))
-
-
-def _fingerprint_mismatch(expected: dict, actual: dict) -> list[str]:
-    problems = []
-    for section in ("layers", "modules_to_save"):
-        want, have = expected.get(section, {}), actual.get(section, {})
-        for name in sorted(set(want) | set(have)):
-            if name not in have:
-                problems.append(f"'{name}' is adapted by the file but not by this model")
-            elif name not in want:
-                problems.append(f"'{name}' is not in the file's fingerprint")
-            elif want[name] != have[name]:
-                w_shape, h_shape = want[name].get("shape"), have[name].get("shape")
-                detail = f"shape {w_shape} vs {h_shape}" if w_shape != h_shape else "different weights"
-                problems.append(f"'{name}': {detail}")
-    return problems
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the adapter as a folder: ``adapter_config.json`` + ``adapter_model.safetensors``.
-
-    The JSON holds the :class:`LoRAConfig`, the package version and a fingerprint of the base
-    weights, so :func:`load_adapter` can refuse a base the adapter was not made for. The
-    folder is written under a temporary name and renamed into place.
-
-    Returns:
-        The folder written.
-    """
-    config = get_lora_config(model)
-    if config is None:
-        raise ValueError("model holds no adapters to save; call inject_lora(model, config) first")
-    meta = {
-        "format": ADAPTER_FORMAT,
-        "format_version": ADAPTER_FORMAT_VERSION,
-        "lightning_lora_version": __version__,
-        "lora_config": config.to_dict(),
-        "base_fingerprint": base_fingerprint(model),
-    }
-    with atomic_directory(path) as tmp:
-        write_safetensors(tmp / ADAPTER_WEIGHTS_NAME, lora_state_dict(model))
-        write_json(tmp / ADAPTER_CONFIG_NAME, meta)
-    return Path(path)
-
-
-def read_adapter_config(path: str | os.PathLike) -> tuple[LoRAConfig, dict]:
-    """Read and validate an adapter folder's JSON: the config and the whole metadata."""
-    folder = Path(path)
-    if not folder.is_dir():
-        what = "is a file" if folder.exists() else "does not exist"
-        raise FileNotFoundError(
-            f"adapter folder {folder} {what}; expected a folder holding "
-            f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} (written by save_adapter)"
-        )
-    missing = [n for n in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"adapter folder {folder} lacks {', '.join(missing)}; re-export the adapter")
-    meta = read_json(folder / ADAPTER_CONFIG_NAME, "adapter config")
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{folder / ADAPTER_CONFIG_NAME} is not a lightning-lora adapter config")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > ADAPTER_FORMAT_VERSION:
-        raise ValueError(
-            f"adapter {folder} has format version {version!r}, newer than this lightning-lora "
-            f"{__version__} reads (up to {ADAPTER_FORMAT_VERSION}); upgrade lightning-lora"
-        )
-    if not isinstance(meta.get("lora_config"), dict):
-        raise ValueError(f"{folder / ADAPTER_CONFIG_NAME} has no 'lora_config' object; re-export the adapter")
-    return LoRAConfig.from_dict(meta["lora_config"]), meta
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:
-    """Inject the adapter saved at ``path`` into ``model`` and load its tensors.
-
-    ``model`` must be the plain base (or already hold adapters with the same config). On any
-    error the model is left as it was. Nothing is ever unpickled.
-
-    Args:
-        model: The base model.
-        path: A folder written by :func:`save_adapter`.
-        check_base: Refuse a base whose weights differ from the fingerprint in the file.
-
-    Raises:
-        FileNotFoundError: the folder or one of its files is missing.
-        ValueError: a broken or foreign file, a newer format, another base, or mismatched
-            tensors; the message says which.
-    """
-    config, meta = read_adapter_config(path)
-    tensors = read_safetensors(Path(path) / ADAPTER_WEIGHTS_NAME, "adapter weights")
-    existing = get_lora_config(model)
-    if existing is not None and existing != config:
-        raise ValueError(f"model already holds adapters made with {existing}; the file has {config}")
-    if check_base:
-        problems = _fingerprint_mismatch(meta.get("base_fingerprint", {}), base_fingerprint(model, config))
-        if problems:
-            raise ValueError(
-                f"adapter {path} was made for another base model: "
-                + "; ".join(problems[:10])
-                + ". Load the base it was trained on, or pass check_base=False to load it anyway."
-            )
-    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
-    injected_here = existing is None
-    if injected_here:
-        inject_lora(model, config)
-    try:
-        _copy_into(adapter_tensors(model), tensors, path)
-    except Exception:
-        if injected_here:
-            _remove_lora(model, grad_flags)
-        raise
-    return model
-
-
-def _copy_into(live: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], path) -> None:
-    missing, unexpected = sorted(set(live) - set(loaded)), sorted(set(loaded) - set(live))
-    if missing or unexpected:
-        raise ValueError(f"adapter {path} does not fit this model: missing {missing}, unexpected {unexpected}")
-    bad = [
-        f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in live.items()
-        if v.shape != loaded[k].shape
-    ]
-    if bad:
-        raise ValueError(f"adapter {path} has tensors of the wrong shape: {bad}")
-    with torch.no_grad():
-        for key, tensor in live.items():
-            tensor.copy_(loaded[key])
-
-
-def _remove_lora(model: nn.Module, grad_flags: dict[int, bool]) -> None:
-    """Undo :func:`inject_lora` without merging (used to roll back a failed load)."""
-    for name, layer in list(lora_layers(model)):
-        layer.unmerge()
-        _set_submodule(model, name, _plain_linear(layer))
-    for name, saved in list(_saved_modules(model)):
-        _set_submodule(model, name, saved.original_module)
-    delattr(model, _CONFIG_ATTR)
-    for param in model.parameters():
-        param.requires_grad_(grad_flags.get(id(param), param.requires_grad))

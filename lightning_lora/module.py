@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import NonFiniteLossError, UsageError
 from lightning_lora.inject import get_lora_config, inject_lora
-from lightning_lora.lora import LoRAConfig
 from lightning_lora.metrics import DigitMetrics, RegressionMetrics
 
 LORA_CONFIG_KEY = "lora_config"

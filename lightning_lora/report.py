@@ -16,16 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lora.adapter_files import ADAPTER_WEIGHTS_NAME, save_adapter
 from lightning_lora.data import LinearShiftDataModule, MNISTDataModule
 from lightning_lora.files import atomic_file
 from lightning_lora.inject import (
-    ADAPTER_WEIGHTS_NAME,
     count_parameters,
     disable_lora,
     get_lora_config,
     lora_layers,
     merge_and_unload,
-    save_adapter,
 )
 from lightning_lora.module import MODULE_CLASS_KEY, LitClassifier, LitRegressor, load_trained, read_checkpoint_state
 

@@ -66,3 +66,96 @@ class SlowSteps(pl.Callback):
         import time
 
         time.sleep(self.seconds)
+
+
+class Conv1DLike(nn.Module):
+    """transformers' ``Conv1D`` (GPT-2), written out so the core tests need no transformers."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class Single(nn.Module):
+    """One layer in a container (LoRA targets are named inside a model); attention is self-attention."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attention = isinstance(layer, nn.MultiheadAttention)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attention:
+            return self.layer(x, x, x)[0]
+        return self.layer(x)
+
+
+LAYER_ZOO = {
+    "linear": (lambda: nn.Linear(12, 7), lambda: torch.randn(9, 12)),
+    "linear_3d_no_bias": (lambda: nn.Linear(12, 7, bias=False), lambda: torch.randn(2, 4, 12)),
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1), lambda: torch.randn(2, 4, 10)),
+    "conv2d_strided": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), lambda: torch.randn(2, 4, 9, 9)),
+    "conv2d_grouped": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), lambda: torch.randn(2, 4, 7, 7)),
+    "conv2d_depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), lambda: torch.randn(2, 4, 7, 7)),
+    "conv2d_dilated_reflect": (
+        lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2, padding_mode="reflect"),
+        lambda: torch.randn(2, 4, 8, 8),
+    ),
+    "conv2d_same_circular": (
+        lambda: nn.Conv2d(4, 6, 4, padding="same", padding_mode="circular", bias=False),
+        lambda: torch.randn(2, 4, 8, 8),
+    ),
+    "conv3d": (lambda: nn.Conv3d(2, 4, 3, padding=1), lambda: torch.randn(2, 2, 5, 5, 5)),
+    "embedding": (lambda: nn.Embedding(30, 6, padding_idx=0), lambda: torch.randint(0, 30, (3, 5))),
+    "conv1d_transformers": (lambda: Conv1DLike(7, 12), lambda: torch.randn(2, 4, 12)),
+    "attention_batch_first": (
+        lambda: nn.MultiheadAttention(8, 2, batch_first=True),
+        lambda: torch.randn(2, 5, 8),
+    ),
+    "attention_sequence_first": (
+        lambda: nn.MultiheadAttention(8, 2, bias=False, add_bias_kv=False),
+        lambda: torch.randn(5, 2, 8),
+    ),
+}
+"""Every layer type LoRA adapts, with an input: (factory of a fresh layer, factory of an input)."""
+
+DORA_KINDS = [k for k in LAYER_ZOO if not k.startswith(("embedding", "attention"))]
+
+
+def zoo_model(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A frozen-base reference of one zoo layer in a container, and an input for it."""
+    torch.manual_seed(seed)
+    make_layer, make_input = LAYER_ZOO[kind]
+    return Single(make_layer()).requires_grad_(False), make_input()
+
+
+def train_steps(model: nn.Module, x: torch.Tensor, steps: int = 3, lr: float = 0.05) -> None:
+    """Move the adapter away from its start, as training would (SGD on the outputs' mean square)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+
+
+def require(module: str):
+    """Import an optional test dependency (``peft``, ``transformers``, ``torchvision``).
+
+    ``make test`` installs them (the ``test`` extra) and sets ``LIGHTNING_LORA_REQUIRE_EXTRAS=1``,
+    so there a missing one fails the run; elsewhere its tests are skipped with the reason.
+    """
+    import importlib
+    import os
+
+    import pytest
+
+    if os.environ.get("LIGHTNING_LORA_REQUIRE_EXTRAS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"needs {module} (pip install -e '.[test]')")

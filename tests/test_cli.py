@@ -302,11 +302,11 @@ def test_bad_input_fails_with_one_clear_message(workdir, fake_mnist, capsys, ext
     [
         ({"rank": 0}, "LoRAConfig.rank must be an integer >= 1, got 0"),
         ({"alpha": -1}, "LoRAConfig.alpha must be a finite number > 0, got -1"),
-        ({"dropout": 1.5}, "LoRAConfig.dropout must be in [0, 1), got 1.5"),
+        ({"dropout": 1.5}, "LoRAConfig.dropout must be a number in [0, 1), got 1.5"),
         ({"init": "xavier"}, "Expected a typing.Literal['kaiming', 'gaussian']. Got value: xavier"),
         ({"bias": "some"}, "Got value: some"),
-        ({"target_modules": ["fc9"]}, "pattern 'fc9' matches no module. Linear layers in this model: ['linear1'"),
-        ({"target_modules": ["relu"]}, "LoRA target 'relu' is a ReLU, not an nn.Linear"),
+        ({"target_modules": ["fc9"]}, "pattern 'fc9' matches no module. Adaptable layers in this model: ['linear1'"),
+        ({"target_modules": ["relu"]}, "LoRA target 'relu' is a ReLU, which LoRA cannot adapt"),
     ],
 )
 def test_bad_lora_settings_are_usage_errors(workdir, fake_mnist, capsys, init_args, message):

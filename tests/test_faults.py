@@ -82,7 +82,7 @@ def test_an_interrupted_export_or_merge_leaves_the_previous_output_intact(traine
         Path(path).write_bytes(b"partial")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("lightning_lora.inject.write_safetensors", half_written)
+    monkeypatch.setattr("lightning_lora.files.write_safetensors", half_written)
     monkeypatch.setattr(torch.export, "save", half_written)
     for verb, out in (("export", adapter), ("merge", merged)):
         with pytest.raises(SystemExit) as exit_info:

@@ -35,16 +35,19 @@ def test_atomic_file_interrupted_keeps_previous_output(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
+KIND = {"a.txt", "b.txt"}
+
+
 def test_atomic_directory_interrupted_keeps_previous_folder(tmp_path):
     target = tmp_path / "adapter"
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, KIND, "test") as tmp:
         (tmp / "a.txt").write_text("v1")
-    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_directory(target, KIND, "test") as tmp:
         (tmp / "a.txt").write_text("v2-partial")
         raise RuntimeError("crash")
     assert (target / "a.txt").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, KIND, "test") as tmp:
         (tmp / "b.txt").write_text("v3")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
@@ -52,7 +55,7 @@ def test_atomic_directory_interrupted_keeps_previous_folder(tmp_path):
 
 def test_atomic_directory_refuses_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(FileExistsError, match="is not a folder"), atomic_directory(tmp_path / "f"):
+    with pytest.raises(FileExistsError, match="is not a folder"), atomic_directory(tmp_path / "f", KIND, "test"):
         pass
 
 
@@ -66,8 +69,9 @@ def test_read_json_errors(tmp_path):
 
 def test_safetensors_round_trip_of_views(tmp_path):
     base = torch.arange(12.0).view(3, 4)
-    write_safetensors(tmp_path / "t.safetensors", {"t": base.T, "u": base[0]})
-    loaded = read_safetensors(tmp_path / "t.safetensors", "tensors")
+    write_safetensors(tmp_path / "t.safetensors", {"t": base.T, "u": base[0]}, {"k": "v"})
+    loaded, metadata = read_safetensors(tmp_path / "t.safetensors", "tensors")
+    assert metadata == {"k": "v"}
     assert torch.equal(loaded["t"], base.T) and torch.equal(loaded["u"], base[0])
 
 

@@ -39,7 +39,7 @@ def perturb(model: nn.Module) -> None:
     with torch.no_grad():
         layer = model[0]
         layer.lora_B.normal_(std=0.5)
-        if layer.use_dora:
+        if layer.config.use_dora:
             layer.lora_magnitude.mul_(1.0 + 0.1 * torch.randn_like(layer.lora_magnitude))
 
 

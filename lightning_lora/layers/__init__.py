@@ -1,0 +1,43 @@
+"""The LoRA layer family: one shared base, one short class per layer type."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lightning_lora.layers.attention import LoRAMultiheadAttention
+from lightning_lora.layers.base import LoRALayer, keep_base_bias, kept_biases
+from lightning_lora.layers.conv import LoRAConv
+from lightning_lora.layers.embedding import LoRAEmbedding
+from lightning_lora.layers.linear import LoRAConv1D, LoRALinear
+from lightning_lora.layers.to_save import ModuleToSave
+
+LAYER_TYPES: tuple[type[LoRALayer], ...] = (
+    LoRALinear,
+    LoRAConv1D,
+    LoRAConv,
+    LoRAEmbedding,
+    LoRAMultiheadAttention,
+)
+"""Every layer type LoRA can adapt, in the order they are tried."""
+
+
+def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
+    """The LoRA class that adapts ``module``, or ``None`` if its type cannot be adapted."""
+    if isinstance(module, (LoRALayer, ModuleToSave)):
+        return None
+    return next((cls for cls in LAYER_TYPES if cls.adapts(module)), None)
+
+
+__all__ = [
+    "LAYER_TYPES",
+    "LoRAConv",
+    "LoRAConv1D",
+    "LoRAEmbedding",
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAMultiheadAttention",
+    "ModuleToSave",
+    "keep_base_bias",
+    "kept_biases",
+    "lora_class_for",
+]

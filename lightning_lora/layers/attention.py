@@ -1,0 +1,81 @@
+"""LoRA for ``nn.MultiheadAttention``: its packed in-projection and its ``out_proj``.
+
+``nn.MultiheadAttention`` never calls ``out_proj`` and keeps the query/key/value projection as a
+bare ``in_proj_weight``: both are read directly by ``F.multi_head_attention_forward``. So this
+layer adapts both itself. Each forward runs the original module through
+``torch.func.functional_call`` with the weights it should see right now (base, merged, or
+``W + scale * B A``, differentiable), which keeps every detail of the original forward (fast
+path, masks, ``batch_first``) and adds each update exactly once. (PEFT merges and unmerges around
+every forward, and adds the ``out_proj`` update twice when merged.)
+
+The in-projection's factors are ``A`` (r, embed_dim), ``B`` (3 * embed_dim, r); ``out_proj`` is a
+:class:`~lightning_lora.layers.linear.LoRALinear` with the same settings. PEFT's files hold the
+latter under ``<name>.base_layer.out_proj``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lightning_lora.config import LoRAConfig
+from lightning_lora.layers.base import LoRALayer
+from lightning_lora.layers.linear import LoRALinear
+
+
+class LoRAMultiheadAttention(LoRALayer):
+    """``nn.MultiheadAttention`` with query, key and value of the same size (as PEFT requires)."""
+
+    linear_like = True
+    supports_dora = False
+    weight_name = "in_proj_weight"
+    copied_attributes = (
+        "embed_dim",
+        "kdim",
+        "vdim",
+        "_qkv_same_embed_dim",
+        "num_heads",
+        "dropout",
+        "batch_first",
+        "head_dim",
+        "add_zero_attn",
+    )
+
+    @classmethod
+    def adapts(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.MultiheadAttention)
+
+    def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig, train_bias: bool = False) -> None:
+        if not base._qkv_same_embed_dim:
+            raise ValueError(
+                "LoRA adapts nn.MultiheadAttention only when query, key and value have the same size "
+                f"(kdim={base.kdim}, vdim={base.vdim}, embed_dim={base.embed_dim}); exclude this module"
+            )
+        super().__init__(base, config, train_bias)
+        self.out_proj = LoRALinear(base.out_proj, config, train_bias)
+
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, self.embed_dim), (3 * self.embed_dim, rank)
+
+    def lora_weight(self) -> torch.Tensor:
+        return self.lora_B.float() @ self.lora_A.float()
+
+    def output_shape(self) -> tuple[int, ...]:
+        return (3 * self.embed_dim,)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = {name: self.effective_bias(name) for name in self.bias_names()}
+        tensors[self.weight_name] = self.effective_weight()
+        tensors["out_proj.weight"] = self.out_proj.effective_weight()
+        if self.out_proj.bias is not None:
+            tensors["out_proj.bias"] = self.out_proj.effective_bias()
+        self.base_layer.training = self.training  # the original is not registered, so eval() does not reach it
+        return functional_call(self.base_layer, tensors, args, kwargs)
+
+    def to_base(self) -> nn.Module:
+        base = super().to_base()
+        base.out_proj = self.out_proj.to_base()
+        return base

@@ -1,0 +1,62 @@
+"""LoRA for ``nn.Embedding``, with PEFT's factors: ``A`` (r, num_embeddings), ``B`` (dim, r)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lora.layers.base import LoRALayer
+
+
+class LoRAEmbedding(LoRALayer):
+    """``nn.Embedding``. ``A`` starts at zero and ``B`` random (the reverse of a Linear), as in PEFT.
+
+    The low-rank branch looks rows up in ``A^T`` with the base's ``padding_idx`` (so the padding
+    row's update gets no gradient) but without ``max_norm``, which would renormalise the adapter
+    in place.
+    """
+
+    supports_dora = False
+    adapter_names = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+    copied_attributes = (
+        "num_embeddings",
+        "embedding_dim",
+        "padding_idx",
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "sparse",
+    )
+
+    @classmethod
+    def adapts(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, self.num_embeddings), (self.embedding_dim, rank)
+
+    def init_factors(self) -> None:
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.embedding(
+            x, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(x, self.lora_A.t(), self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        return (rows @ self.lora_B.t()) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_forward(x, self.base_weight(), None)
+        out = self.base_forward(x, self.weight, None)
+        return out if self.merged else out + self.update(x).to(out.dtype)
+
+    def lora_weight(self) -> torch.Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()).t()
+
+    def output_shape(self) -> tuple[int, ...]:
+        return (self.embedding_dim,)

@@ -1,0 +1,115 @@
+"""LoRA for ``nn.Linear`` and for transformers-style ``Conv1D`` (a linear layer stored transposed)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lora.layers.base import LoRALayer
+from lightning_lora.layers.fast_path import add_low_rank_update, low_rank_update
+
+
+class LoRALinear(LoRALayer):
+    """``nn.Linear`` (and subclasses such as attention's ``out_proj``): ``A`` (r, in), ``B`` (out, r)."""
+
+    linear_like = True
+    copied_attributes = ("in_features", "out_features")
+
+    @classmethod
+    def adapts(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, self.in_features), (self.out_features, rank)
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        return low_rank_update(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scale)
+
+    def lora_weight(self) -> torch.Tensor:
+        return self.lora_B.float() @ self.lora_A.float()
+
+    def output_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and not self.merged and not self.config.use_dora:
+            # The base output of a 2-D view is a fresh tensor the update can be accumulated into.
+            flat = x.reshape(-1, self.in_features)
+            out = add_low_rank_update(
+                F.linear(flat, self.weight, self.bias), self.lora_dropout(flat), self.lora_A, self.lora_B, self.scale
+            )
+            return out.view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
+def is_conv1d_like(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's ``c_attn``, ``c_fc``), recognised by its structure.
+
+    Integer ``nf``/``nx``, a weight stored (in, out) = (nx, nf) and a bias of nf: a linear layer
+    computing ``x @ weight + bias``. Checked again against the module's own output at injection.
+    """
+    nf, nx = getattr(module, "nf", None), getattr(module, "nx", None)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (
+        not isinstance(module, nn.Linear)
+        and isinstance(nf, int)
+        and isinstance(nx, int)
+        and isinstance(weight, nn.Parameter)
+        and tuple(weight.shape) == (nx, nf)
+        and isinstance(bias, nn.Parameter)
+        and tuple(bias.shape) == (nf,)
+        and not any(True for _ in module.children())
+    )
+
+
+class LoRAConv1D(LoRALinear):
+    """transformers' ``Conv1D``: the same factors as a Linear, the weight transposed (PEFT's ``fan_in_fan_out``)."""
+
+    copied_attributes = ("nf", "nx")
+    output_dim_in_weight: ClassVar[int] = 1
+
+    @classmethod
+    def adapts(cls, module: nn.Module) -> bool:
+        return is_conv1d_like(module)
+
+    def __init__(self, base: nn.Module, *args, **kwargs) -> None:
+        super().__init__(base, *args, **kwargs)
+        self._check_matches_base(base)
+
+    @property
+    def in_features(self) -> int:
+        return self.nx
+
+    @property
+    def out_features(self) -> int:
+        return self.nf
+
+    def _check_matches_base(self, base: nn.Module) -> None:
+        """Refuse a look-alike whose forward is not ``x @ weight + bias``."""
+        if self.weight.device.type == "meta":
+            return
+        probe = torch.linspace(-1, 1, 2 * self.nx, device=self.weight.device, dtype=self.weight.dtype)
+        probe = probe.reshape(2, self.nx)
+        with torch.no_grad():
+            if not torch.equal(base(probe), self.base_forward(probe, self.weight, self.bias)):
+                raise ValueError(
+                    f"{type(base).__name__} looks like transformers' Conv1D (nf, nx, weight (nx, nf)) but does "
+                    "not compute x @ weight + bias; exclude it from the LoRA targets"
+                )
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat = x.view(-1, x.size(-1))
+        out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight  # transformers' own op
+        return out.view(x.size()[:-1] + (self.nf,))
+
+    def lora_weight(self) -> torch.Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return LoRALayer.forward(self, x)

@@ -1,0 +1,269 @@
+"""Adapter folders: PEFT's layout, fingerprints, and every way a folder can be wrong."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from helpers import Conv1DLike
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_lora import (
+    LoRAConfig,
+    LoRALayer,
+    ModuleToSave,
+    get_lora_config,
+    inject_lora,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
+from lightning_lora.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, METADATA_KEY
+from lightning_lora.files import read_safetensors
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.proj = Conv1DLike(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(torch.relu(self.encoder(x))))
+
+
+def net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net().requires_grad_(False)
+
+
+X = torch.randn(10, 6)
+
+
+def train(model: nn.Module, steps: int = 5) -> None:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(32, 6)).pow(2).mean().backward()
+        opt.step()
+
+
+CONFIG = LoRAConfig(
+    rank=2, alpha=4, use_dora=True, modules_to_save=["head"], bias="lora_only", rank_pattern={"proj": 3}
+)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    model = inject_lora(net(), CONFIG)
+    train(model)
+    save_adapter(model, tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def rewrite_config(path, **changes) -> None:
+    config = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    (path / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+
+
+class TestRoundTrip:
+    def test_round_trip_is_bit_identical(self, trained):
+        model, path = trained
+        assert sorted(p.name for p in path.iterdir()) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
+        fresh = load_adapter(net(), path)
+        assert torch.equal(fresh(X), model(X))
+        assert lora_state_dict(fresh).keys() == lora_state_dict(model).keys()
+        assert all(torch.equal(lora_state_dict(fresh)[k], v) for k, v in lora_state_dict(model).items())
+        assert {n for n, p in fresh.named_parameters() if p.requires_grad} == set(lora_state_dict(model))
+
+    def test_the_folder_is_peft_format_with_our_fingerprint_in_the_metadata(self, trained):
+        _, path = trained
+        config = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4
+        assert config["target_modules"] == ["encoder.0", "encoder.2", "proj"]
+        assert config["fan_in_fan_out"] is True and config["rank_pattern"] == {"proj": 3}
+        tensors, metadata = read_safetensors(path / ADAPTER_WEIGHTS_NAME, "weights")
+        assert "base_model.model.encoder.0.lora_A.weight" in tensors
+        assert "base_model.model.encoder.0.lora_magnitude_vector" in tensors
+        assert "base_model.model.encoder.0.base_layer.bias" in tensors  # lora_only bias, as PEFT names it
+        assert "base_model.model.head.weight" in tensors  # modules_to_save, as PEFT names it
+        fingerprint = json.loads(metadata[METADATA_KEY])["base_fingerprint"]
+        assert set(fingerprint) == {
+            "encoder.0.weight",
+            "encoder.0.bias",
+            "encoder.2.weight",
+            "encoder.2.bias",
+            "proj.weight",
+            "proj.bias",
+            "head.weight",
+            "head.bias",
+        }
+
+    def test_saving_a_merged_model_writes_the_same_folder(self, trained, tmp_path):
+        model, path = trained
+        merge_lora(model)
+        save_adapter(model, tmp_path / "merged")
+        for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+            assert (tmp_path / "merged" / name).read_bytes() == (path / name).read_bytes()
+
+    def test_loading_into_a_merged_model_replaces_its_update(self, trained, tmp_path):
+        model, path = trained
+        other = inject_lora(net(), CONFIG)
+        train(other, steps=2)
+        merge_lora(other)
+        load_adapter(other, path)
+        assert all(layer.merged for _, layer in other.named_modules() if isinstance(layer, LoRALayer))
+        torch.testing.assert_close(other(X), model(X), atol=1e-5, rtol=1e-5)
+
+    def test_keys_never_carry_wrapper_prefixes(self, trained, tmp_path):
+        model, path = trained
+        save_adapter(torch.compile(model), tmp_path / "compiled")
+        for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+            assert (tmp_path / "compiled" / name).read_bytes() == (path / name).read_bytes()
+        fresh = load_adapter(torch.compile(net()), path)
+        torch.testing.assert_close(fresh(X), model(X), atol=1e-6, rtol=1e-6)
+
+
+class TestRefusals:
+    def test_another_base_unless_told(self, trained):
+        _, path = trained
+        other = net(seed=1)
+        with pytest.raises(
+            ValueError, match=r"made for another base model: 'encoder.0.bias' differs.*check_base=False"
+        ):
+            load_adapter(other, path)
+        assert get_lora_config(other) is None
+        load_adapter(other, path, check_base=False)
+        assert get_lora_config(other) is not None
+
+    def test_another_shape(self, trained):
+        _, path = trained
+        wide = net()
+        wide.encoder[0], wide.encoder[2] = nn.Linear(6, 9), nn.Linear(9, 8)
+        with pytest.raises(ValueError, match=r"'encoder.0.bias' differs \(shape \[8\] vs \[9\]\)"):
+            load_adapter(wide, path)
+
+    def test_missing_folder_and_missing_file(self, trained, tmp_path):
+        _, path = trained
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_adapter(net(), tmp_path / "nowhere")
+        (path / ADAPTER_WEIGHTS_NAME).unlink()
+        with pytest.raises(FileNotFoundError, match=f"lacks {ADAPTER_WEIGHTS_NAME}"):
+            load_adapter(net(), path)
+
+    @pytest.mark.parametrize("field", ["lora_alpha", "r", "target_modules", "use_dora", "rank_pattern"])
+    def test_every_field_the_adapter_needs_is_required(self, trained, field):
+        _, path = trained
+        rewrite_config(path, **{field: None})
+        with pytest.raises(ValueError, match=rf"lacks \['{field}'\], which the adapter needs"):
+            load_adapter(net(), path)
+
+    @pytest.mark.parametrize(
+        ("changes", "message"),
+        [
+            ({"peft_type": "IA3"}, "describes a 'IA3' adapter"),
+            (
+                {"layers_to_transform": [0]},
+                r"PEFT features lightning-lora does not implement: \['layers_to_transform'\]",
+            ),
+            ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+            ({"r": 0}, "LoRAConfig.rank must be an integer >= 1, got 0"),
+            ({"lora_alpha": "big"}, "LoRAConfig.alpha must be a finite number > 0"),
+            ({"r": 4}, "does not fit|unusable tensors"),
+        ],
+    )
+    def test_broken_or_foreign_configs(self, trained, changes, message):
+        _, path = trained
+        rewrite_config(path, **changes)
+        model = net()
+        with pytest.raises(ValueError, match=message):
+            load_adapter(model, path)
+        assert get_lora_config(model) is None and not any(
+            isinstance(m, (LoRALayer, ModuleToSave)) for m in model.modules()
+        )
+
+    def test_not_json_nested_too_deep_and_too_big(self, trained):
+        _, path = trained
+        config = path / ADAPTER_CONFIG_NAME
+        config.write_text("{not json")
+        with pytest.raises(ValueError, match="is not valid JSON"):
+            load_adapter(net(), path)
+        config.write_text("[" * 100_000 + "]" * 100_000)
+        with pytest.raises(ValueError, match="nested too deeply"):
+            load_adapter(net(), path)
+        config.write_text(" " * (2 << 20))
+        with pytest.raises(ValueError, match="far more than such a file holds"):
+            load_adapter(net(), path)
+
+    def test_a_huge_rank_is_refused_before_allocating(self, trained, monkeypatch):
+        _, path = trained
+        rewrite_config(path, r=10**9)
+        monkeypatch.setattr(LoRALayer, "__init__", lambda *a, **k: pytest.fail("allocated"))
+        with pytest.raises(ValueError, match="would allocate about .* more than the whole model"):
+            load_adapter(net(), path)
+
+    @pytest.mark.parametrize("bad", ["nan", "inf", "int"])
+    def test_non_finite_or_non_float_tensors(self, trained, bad):
+        _, path = trained
+        tensors, metadata = read_safetensors(path / ADAPTER_WEIGHTS_NAME, "w")
+        key = "base_model.model.encoder.0.lora_B.weight"
+        if bad == "int":
+            tensors[key] = tensors[key].to(torch.int32)
+        else:
+            tensors[key] = tensors[key].fill_(float(bad))
+        save_file(tensors, path / ADAPTER_WEIGHTS_NAME, metadata)
+        model = net()
+        with pytest.raises(ValueError, match="NaN or infinite|not a float"):
+            load_adapter(model, path)
+        assert get_lora_config(model) is None
+        assert all(not p.requires_grad for p in model.parameters())
+
+    def test_truncated_and_pickled_weights_are_refused_and_never_executed(self, trained, tmp_path):
+        _, path = trained
+        weights = path / ADAPTER_WEIGHTS_NAME
+        weights.write_bytes(weights.read_bytes()[:200])
+        with pytest.raises(ValueError, match="not a valid safetensors file.*truncated"):
+            load_adapter(net(), path)
+        marker = tmp_path / "executed"
+
+        class Exploit:
+            def __reduce__(self):
+                return (marker.write_text, ("pwned",))
+
+        weights.write_bytes(pickle.dumps({"encoder.0.lora_A": Exploit()}))
+        with pytest.raises(ValueError, match="not a valid safetensors file"):
+            load_adapter(net(), path)
+        assert not marker.exists()
+
+    def test_a_newer_format_and_a_folder_without_fingerprint(self, trained, caplog):
+        _, path = trained
+        tensors, metadata = read_safetensors(path / ADAPTER_WEIGHTS_NAME, "w")
+        newer = json.loads(metadata[METADATA_KEY])
+        newer["format_version"] = 99
+        save_file(tensors, path / ADAPTER_WEIGHTS_NAME, {**metadata, METADATA_KEY: json.dumps(newer)})
+        with pytest.raises(ValueError, match="format version 99, newer than.*upgrade lightning-lora"):
+            load_adapter(net(), path)
+        save_file(tensors, path / ADAPTER_WEIGHTS_NAME, {"format": "pt"})
+        with caplog.at_level("WARNING", logger="lightning_lora"):
+            load_adapter(net(seed=3), path)  # PEFT's folders carry no fingerprint: loaded, with a notice
+        assert "has no base fingerprint" in caplog.text
+
+    def test_saving_refuses_plain_models_and_non_finite_adapters(self, trained, tmp_path):
+        model, _ = trained
+        with pytest.raises(ValueError, match="holds no adapters to save"):
+            save_adapter(net(), tmp_path / "x")
+        with torch.no_grad():
+            model.encoder[0].lora_B.fill_(float("nan"))
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            save_adapter(model, tmp_path / "nan")
+        assert not (tmp_path / "nan").exists()
