@@ -107,7 +107,7 @@ class Throughput(pl.Callback):
 def trainer_run(data_dir: str, batch: int, steps: int, warmup: int, lora: bool) -> float:
     meter = Throughput(warmup)
     export = os.path.join(tempfile.mkdtemp(), "adapter")
-    lora_callback = LoRAInjectionCallback(rank=RANK, alpha=ALPHA, compare_disabled=False, adapter_dir=export)
+    lora_callback = LoRAInjectionCallback(rank=RANK, alpha=ALPHA, adapter_dir=export)
     callbacks = [meter] + ([lora_callback] if lora else [])
     trainer = pl.Trainer(
         max_steps=warmup + steps,

@@ -1,44 +1,49 @@
-"""LoRAInjectionCallback: *when* adapters enter a Lightning run, and what is logged and exported.
+"""LoRAInjectionCallback: *when* adapters enter a Lightning run, on any LightningModule.
 
-Injection happens in ``setup()``, for every stage: that hook runs before checkpoint restore,
-before DDP wraps the model and before ``configure_optimizers``. Injected any later (say in
-``on_fit_start``), the optimizer would hold the frozen weights, DDP would never sync the
-adapters, and nothing would train, without any error. This is also why it is a plain
-``Callback`` and not ``BaseFinetuning``, whose ``filter_on_optimizer`` compares parameters by
-value and so silently drops a second zero-initialised ``lora_B``.
+Adapters must exist before checkpoint restore, before the strategy wraps the model (DDP syncs
+only what exists then) and before ``configure_optimizers``; injected later (``on_fit_start``) the
+optimizer would hold the frozen weights and nothing would train, without any error. So the
+callback injects in ``setup()``, for every stage, or, for a module that builds its network in
+``configure_model()`` (Lightning's pattern for large models), right after that hook. It is a plain
+``Callback``, not ``BaseFinetuning``, whose ``filter_on_optimizer`` compares parameters by value
+and so silently drops a second zero-initialised ``lora_B``.
+
+The adapter-on/adapter-off comparison lives in the module (``NetModule``), which owns the
+metrics; this callback knows nothing of the module beyond where its network is.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lightning_lora.adapter_files import save_adapter
+from lightning_lora.checkpointing import LoRACheckpointMixin, resolve_module_path
 from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import UsageError
-from lightning_lora.inject import count_parameters, disable_lora, inject_lora, merge_lora
+from lightning_lora.inject import count_parameters, get_lora_config, inject_lora, merge_lora
 
 
 class LoRAInjectionCallback(pl.Callback):
-    """Freeze the base, inject adapters, check the optimizer, log, compare, export.
+    """Freeze the base, inject adapters, check the optimizer, log counts, export the adapter.
 
     Args:
         rank, alpha, dropout, target_modules, exclude_modules, use_dora, use_rslora, init, bias,
-            modules_to_save: The :class:`~lightning_lora.LoRAConfig` fields (validated here, so
-            a bad value fails before any data is read).
-        adapter_dir: Where :meth:`on_fit_end` saves the adapter folder. Default: ``adapter/``
-            in the run's log folder.
+            modules_to_save, rank_pattern, alpha_pattern: The :class:`~lightning_lora.LoRAConfig`
+            fields (validated here, so a bad value fails before any data is read).
+        module_path: Dotted attribute path of the network to adapt (``"net"``,
+            ``"model.backbone"``). Default: ``pl_module.net`` when it exists, else the module.
+        adapter_dir: Where :meth:`on_fit_end` saves the adapter folder (PEFT's format). Default:
+            ``adapter/`` in the run's log folder.
         merge_on_fit_end: Merge the adapters into the weights after fitting, so later
             ``validate``/``test``/``predict`` calls on the same model run at base-model speed.
-        compare_disabled: Also evaluate every validation and test batch with the adapter
-            disabled (the base model) and log those numbers with a ``_base`` suffix
-            (``test/acc_base``, ``test/wrong_digit_9_base``): adapter on versus off, in one run.
     """
 
     def __init__(
@@ -55,9 +60,9 @@ class LoRAInjectionCallback(pl.Callback):
         modules_to_save: list[str] | None = None,
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
+        module_path: str | None = None,
         adapter_dir: str | None = None,
         merge_on_fit_end: bool = False,
-        compare_disabled: bool = True,
     ) -> None:
         super().__init__()
         self.config = LoRAConfig(
@@ -74,41 +79,54 @@ class LoRAInjectionCallback(pl.Callback):
             rank_pattern=rank_pattern or {},
             alpha_pattern=alpha_pattern or {},
         )
+        self.module_path = module_path
         self.adapter_dir = adapter_dir
         self.merge_on_fit_end = merge_on_fit_end
-        self.compare_disabled = compare_disabled
-        self.base_metrics: dict[str, nn.Module] = {}
 
-    @staticmethod
-    def target(pl_module: pl.LightningModule) -> nn.Module:
-        """The module adapters go into: ``pl_module.net`` when there is one."""
-        return getattr(pl_module, "net", pl_module)
+    def target(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The network the adapters go into (it must be built by now)."""
+        path, module = resolve_module_path(pl_module, self.module_path)
+        if module is None:
+            raise UsageError(
+                f"'{path}' of {type(pl_module).__name__} is still None when adapters must be injected; build the "
+                "network in __init__ or configure_model()"
+            )
+        return module
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _inject(self, pl_module: pl.LightningModule) -> None:
         try:
             inject_lora(self.target(pl_module), self.config)  # idempotent: setup runs for every stage
-        except ValueError as err:  # targets that match nothing, or a non-Linear: the config is wrong
+        except ValueError as err:  # targets that match nothing, a layer that cannot be adapted: the config is wrong
             raise UsageError(str(err)) from err
-        if self.compare_disabled and not self.base_metrics:
-            if not (hasattr(pl_module, "model_step") and hasattr(pl_module, "new_eval_metrics")):
-                raise TypeError(
-                    "compare_disabled needs a module with model_step(batch) and new_eval_metrics(), such as "
-                    f"LitClassifier; {type(pl_module).__name__} lacks them. Set compare_disabled=False."
-                )
-            self.base_metrics = {"val": pl_module.new_eval_metrics(), "test": pl_module.new_eval_metrics()}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if is_overridden("configure_model", pl_module):
+            _inject_after_configure_model(pl_module, self._inject)
+        else:
+            self._inject(pl_module)
+        if stage == "fit" and not isinstance(pl_module, LoRACheckpointMixin):
+            rank_zero_info(
+                f"LoRA: checkpoints of {type(pl_module).__name__} hold the whole model; inherit "
+                "lightning_lora.LoRACheckpointMixin (class MyModule(LoRACheckpointMixin, LightningModule)) "
+                "to write adapter-only checkpoints."
+            )
+
+    def _check_injected(self, pl_module: pl.LightningModule) -> None:
+        if get_lora_config(self.target(pl_module)) is None:
+            raise RuntimeError(
+                "LoRAInjectionCallback: the adapters were not injected before the run started (configure_model "
+                "did not run through the callback's wrapper; a Lightning change?). Please report this."
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        trainable = {id(p): name for name, p in pl_module.named_parameters() if p.requires_grad}
-        held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        if set(trainable) != held:
-            missing = sorted(trainable[i] for i in set(trainable) - held)
-            raise RuntimeError(
-                f"the optimizer does not hold exactly the trainable parameters: {len(held - set(trainable))} "
-                f"frozen or foreign tensors in it, trainable ones missing: {missing[:8]}. The optimizer was "
-                "built before the adapters existed, e.g. by LightningCLI's top-level 'optimizer:' key. Set "
-                "the optimizer as model.optimizer and build it in configure_optimizers from "
-                "requires_grad parameters."
-            )
+        self._check_injected(pl_module)
+        _check_optimizer(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_injected(pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_injected(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         count = count_parameters(pl_module)
@@ -137,52 +155,69 @@ class LoRAInjectionCallback(pl.Callback):
             return Path(self.adapter_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
 
-    def _update_base(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        if not self.compare_disabled:
-            return
-        with torch.no_grad(), disable_lora(self.target(pl_module)), trainer.precision_plugin.forward_context():
-            self.base_metrics[stage].update(*pl_module.model_step(batch))
-
-    def _place_metrics(self, stage: str, pl_module: pl.LightningModule) -> None:
-        if self.compare_disabled:
-            self.base_metrics[stage].to(pl_module.device)  # once per epoch, not per batch
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._place_metrics("val", pl_module)
-
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._place_metrics("test", pl_module)
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update_base("val", trainer, pl_module, batch)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update_base("test", trainer, pl_module, batch)
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.compare_disabled:
-            self.base_metrics["val"].log(pl_module, "val", suffix="_base")
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.compare_disabled:
-            self.base_metrics["test"].log(pl_module, "test", suffix="_base")
-
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _close_spawned_gloo_group(trainer)
+        _close_spawned_gloo_group()
 
     def state_dict(self) -> dict[str, Any]:
         return {"lora_config": self.config.to_dict()}
 
 
-def _close_spawned_gloo_group(trainer: pl.Trainer) -> None:
+def _inject_after_configure_model(pl_module: pl.LightningModule, inject) -> None:
+    """Run ``inject`` right after the module's ``configure_model()``, in every stage.
+
+    Lightning has no callback hook between ``configure_model`` and the strategy's setup (which
+    wraps the model and calls ``configure_optimizers``), so the module's own hook is wrapped on
+    the instance; Lightning calls it through the instance. If that ever changes, the callback's
+    start-of-run check reports that the adapters are missing.
+    """
+    if getattr(pl_module, "_lora_configure_model_wrapped", False):
+        return
+    original = pl_module.configure_model
+
+    def configure_model_then_inject() -> None:
+        original()
+        inject(pl_module)
+
+    pl_module.configure_model = configure_model_then_inject
+    pl_module._lora_configure_model_wrapped = True
+
+
+def _check_optimizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """The optimizer must hold exactly the trainable parameters; say which way it is wrong, and the fix."""
+    names = {id(p): n for n, p in pl_module.named_parameters()}
+    trainable = {id(p) for p in pl_module.parameters() if p.requires_grad}
+    held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    frozen_held = sorted(names.get(i, "<not a parameter of the module>") for i in held - trainable)
+    missing = sorted(names[i] for i in trainable - held)
+    problems = []
+    if frozen_held:
+        problems.append(
+            f"it holds {len(frozen_held)} frozen parameter(s) ({', '.join(frozen_held[:4])}), so it was built from "
+            "all parameters (self.parameters()); build it from the trainable ones only: "
+            "torch.optim.AdamW(p for p in self.parameters() if p.requires_grad)"
+        )
+    if missing:
+        problems.append(
+            f"it lacks {len(missing)} trainable parameter(s) ({', '.join(missing[:4])}), so it was built before "
+            "the adapters existed (in __init__, or by LightningCLI's top-level 'optimizer:' key); build it in "
+            "configure_optimizers (for LitClassifier: model.optimizer in the config)"
+        )
+    if problems:
+        raise UsageError("the optimizer does not hold exactly the trainable parameters: " + "; and ".join(problems))
+
+
+def _close_spawned_gloo_group() -> None:
     """Destroy a ``ddp_spawn`` worker's gloo process group before the worker exits.
 
     Lightning destroys only NCCL groups at exit; a gloo group left to the interpreter's shutdown
-    sometimes aborts the worker ("terminate called without an active exception"). Spawned
-    workers exit right after this hook, so nothing needs the group afterwards; ``ddp`` (one
-    long-lived process per rank) keeps its group for later ``fit``/``test`` calls.
+    sometimes aborts a spawned worker ("terminate called without an active exception"). A
+    spawned worker (it has a multiprocessing parent) exits right after this hook; ``ddp``'s
+    processes (started as scripts) keep their group for later ``fit``/``test`` calls.
     """
-    spawned = getattr(trainer.strategy, "_start_method", "popen") != "popen"
+    spawned = multiprocessing.parent_process() is not None
     if spawned and dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
         dist.barrier()
         dist.destroy_process_group()
+
+
+__all__ = ["LoRAInjectionCallback"]

@@ -11,6 +11,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; raised before the optimizer could apply it."""
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """Weights about to be written hold NaN or infinity; nothing was written."""
+
+
 def _raised_here(error: BaseException) -> bool:
     """Whether the exception was raised from lightning_lora's own code."""
     tb = error.__traceback__

@@ -1,10 +1,11 @@
 """LightningModules around a plain net: LitClassifier (MNIST digits) and LitRegressor.
 
-They know nothing of *when* adapters are injected (that is the callback's job) but they make
-every checkpoint self-describing: the LoRA config travels in the checkpoint, and
-:meth:`NetModule.on_load_checkpoint` re-injects before the weights load, so
-``LitClassifier.load_from_checkpoint(path)`` restores a fine-tuned model strictly, with no
-callback.
+They know nothing of *when* adapters are injected (that is the callback's job). They write
+adapter-only checkpoints (:class:`~lightning_lora.LoRACheckpointMixin`): the base comes from
+``base_checkpoint`` again on load, so ``LitClassifier.load_from_checkpoint(path)`` restores a
+fine-tuned model strictly, with no callback. And they evaluate every validation and test batch
+with the adapter on and off (``compare_base``), logging the base's numbers with a ``_base``
+suffix: what the adapter changed, in one run.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from lightning_lora.config import LoRAConfig
+from lightning_lora.checkpointing import CHECKPOINT_KEY, LEGACY_CONFIG_KEY, LoRACheckpointMixin
 from lightning_lora.errors import NonFiniteLossError, UsageError
-from lightning_lora.inject import get_lora_config, inject_lora
+from lightning_lora.inject import disable_lora, get_lora_config
 from lightning_lora.metrics import DigitMetrics, RegressionMetrics
-
-LORA_CONFIG_KEY = "lora_config"
 
 MODULE_CLASS_KEY = "lightning_lora_module"
 
@@ -89,7 +88,7 @@ def load_base_checkpoint(net: nn.Module, path: str | Path) -> None:
     """Load pretrained weights into a plain ``net`` from a Lightning checkpoint, strictly."""
     checkpoint = read_checkpoint_state(path, "base_checkpoint")
     state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    if checkpoint.get(LORA_CONFIG_KEY) is not None:
+    if checkpoint.get(CHECKPOINT_KEY) is not None or checkpoint.get(LEGACY_CONFIG_KEY) is not None:
         raise ValueError(
             f"base_checkpoint {path} holds a LoRA fine-tuned model; a base checkpoint must be a plain "
             "(pretraining) checkpoint. To continue a LoRA run, pass it as --ckpt_path instead."
@@ -107,12 +106,12 @@ def load_base_checkpoint(net: nn.Module, path: str | Path) -> None:
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class NetModule(pl.LightningModule):
+class NetModule(LoRACheckpointMixin, pl.LightningModule):
     """What every module here shares: the net, its optimizer, base weights and checkpoints.
 
     Subclasses define :meth:`model_step` (loss, predictions, targets for one batch) and
-    :meth:`new_eval_metrics`; validation and test then run the same way for all of them, and
-    the callback can evaluate the same batches with the adapter disabled.
+    :meth:`new_eval_metrics`; validation and test then run the same way for all of them, with
+    the adapter on and, when ``compare_base``, off.
 
     Args:
         net: The network (a plain ``nn.Module``). From YAML: ``class_path`` + ``init_args``.
@@ -120,10 +119,18 @@ class NetModule(pl.LightningModule):
             injected the adapters, so it never holds frozen weights.
         base_checkpoint: A pretraining checkpoint whose weights are loaded (strictly) before
             any callback runs. This starts a fine-tune; ``--ckpt_path`` means resume only.
+            Adapter-only checkpoints take their base from here again when loaded.
+        compare_base: When the net holds adapters, also evaluate every validation and test
+            batch with the adapter disabled (the base model) and log those numbers with a
+            ``_base`` suffix (``test/acc_base``, ``test/wrong_digit_9_base``).
     """
 
     def __init__(
-        self, net: nn.Module, optimizer: OptimizerCallable = torch.optim.Adam, base_checkpoint: str | None = None
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        base_checkpoint: str | None = None,
+        compare_base: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(net, dict):
@@ -134,12 +141,17 @@ class NetModule(pl.LightningModule):
         spec = net_spec(net)
         if spec is not None:
             self.hparams["net"] = spec
+        if base_checkpoint is not None:  # recorded absolute, so a checkpoint loads from any working folder
+            self.hparams["base_checkpoint"] = str(Path(base_checkpoint).resolve())
         self.net = net
         self.optimizer = optimizer
         if base_checkpoint is not None:
             load_base_checkpoint(net, base_checkpoint)
+        self.compare_base = compare_base
         self.val_metrics = self.new_eval_metrics()
         self.test_metrics = self.new_eval_metrics()
+        self.val_base_metrics = self.new_eval_metrics()
+        self.test_base_metrics = self.new_eval_metrics()
         self._train_sums: torch.Tensor | None = None
         self._train_names: list[str] = []
 
@@ -153,10 +165,16 @@ class NetModule(pl.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any):  # type: ignore[override]
-        """Restore a trained model; the base checkpoint is not re-read (its weights are in the file)."""
+        """Restore a trained model; a fine-tune takes its base from ``base_checkpoint`` (override it here)."""
         read_checkpoint_state(checkpoint_path)
-        kwargs.setdefault("base_checkpoint", None)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def base_hint(self) -> str:
+        recorded = self.hparams.get("base_checkpoint")
+        return (
+            "Pass the pretraining checkpoint the fine-tune started from as --model.base_checkpoint "
+            f"(or base_checkpoint=... to load_from_checkpoint); this module was built from {recorded!r}."
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -214,20 +232,33 @@ class NetModule(pl.LightningModule):
         means = self._train_sums[:-1] / self._train_sums[-1].clamp_min(1)
         self.log_dict({f"train/{n}_epoch": m for n, m in zip(self._train_names, means, strict=True)}, sync_dist=True)
 
+    def _comparing(self) -> bool:
+        return self.compare_base and get_lora_config(self.net) is not None
+
+    def _evaluate(self, batch: Batch, metrics: nn.Module, base_metrics: nn.Module) -> None:
+        metrics.update(*self.model_step(batch))
+        if self._comparing():
+            with disable_lora(self.net):
+                base_metrics.update(*self.model_step(batch))
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.val_metrics.update(*self.model_step(batch))
+        self._evaluate(batch, self.val_metrics, self.val_base_metrics)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self.test_metrics.update(*self.model_step(batch))
+        self._evaluate(batch, self.test_metrics, self.test_base_metrics)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self.model_step(batch)[1]
 
     def on_validation_epoch_end(self) -> None:
         self.val_metrics.log(self, "val")
+        if self._comparing():
+            self.val_base_metrics.log(self, "val", suffix="_base")
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics.log(self, "test")
+        if self._comparing():
+            self.test_base_metrics.log(self, "test", suffix="_base")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -239,37 +270,15 @@ class NetModule(pl.LightningModule):
         return self.optimizer(trainable)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        config = get_lora_config(self.net)
-        checkpoint[LORA_CONFIG_KEY] = None if config is None else config.to_dict()
+        super().on_save_checkpoint(checkpoint)
         checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Re-create the adapters a checkpoint was trained with, before its weights load."""
-        saved = checkpoint.get(LORA_CONFIG_KEY)
-        current = get_lora_config(self.net)
-        if saved is None:
-            if current is not None:
-                raise UsageError(
-                    "this checkpoint holds no LoRA adapters, but the model has them: it looks like a "
-                    "pretraining checkpoint passed as --ckpt_path to a LoRA run. ckpt_path resumes an "
-                    "interrupted run of the same kind; to start fine-tuning from pretrained weights, pass "
-                    "them as --model.base_checkpoint instead."
-                )
-            return
-        config = LoRAConfig.from_dict(saved)
-        if current is not None and current != config:
-            raise UsageError(
-                f"the checkpoint was trained with {config}, but the model now holds {current}; "
-                "resume with the same LoRAInjectionCallback settings"
-            )
-        inject_lora(self.net, config)
 
 
 class LitClassifier(NetModule):
     """Classifies digits with ``net``; logs micro accuracy, per-digit numbers, confusion matrices.
 
     Args:
-        net, optimizer, base_checkpoint: See :class:`NetModule`.
+        net, optimizer, base_checkpoint, compare_base: See :class:`NetModule`.
         num_classes: Size of the output layer (10 for MNIST, also for digit subsets, so the
             head keeps the pretrained base's shape).
     """
@@ -279,10 +288,11 @@ class LitClassifier(NetModule):
         net: nn.Module,
         optimizer: OptimizerCallable = torch.optim.Adam,
         base_checkpoint: str | None = None,
+        compare_base: bool = True,
         num_classes: int = 10,
     ) -> None:
         self.num_classes = num_classes
-        super().__init__(net, optimizer, base_checkpoint)
+        super().__init__(net, optimizer, base_checkpoint, compare_base)
 
     def new_eval_metrics(self) -> DigitMetrics:
         return DigitMetrics(self.num_classes)

@@ -10,8 +10,9 @@ import torch
 from helpers import RecordAdapters, write_base_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_lora import LoRALinear, disable_lora, get_lora_config, load_adapter, lora_state_dict
+from lightning_lora import LoRALayer, disable_lora, get_lora_config, load_adapter, lora_state_dict
 from lightning_lora.callbacks import LoRAInjectionCallback
+from lightning_lora.errors import UsageError
 from lightning_lora.data import MNISTDataModule
 from lightning_lora.models import MLP
 from lightning_lora.module import LitClassifier
@@ -67,13 +68,29 @@ def test_optimizer_holds_exactly_the_adapters_and_base_is_untouched(tmp_path, fa
     assert all(torch.count_nonzero(p) > 0 for n, p in adapters.items() if n.endswith("lora_B"))
 
 
-def test_an_optimizer_built_over_all_parameters_fails_loudly(tmp_path, fake_mnist, base_ckpt):
-    class EagerOptimizer(LitClassifier):
+def test_an_optimizer_over_all_parameters_is_refused_naming_the_cause(tmp_path, fake_mnist, base_ckpt):
+    class AllParameters(LitClassifier):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    model = EagerOptimizer(MLP(hidden_sizes=HIDDEN), base_checkpoint=base_ckpt)
-    with pytest.raises(RuntimeError, match="does not hold exactly the trainable parameters: 4 frozen"):
+    model = AllParameters(MLP(hidden_sizes=HIDDEN), base_checkpoint=base_ckpt)
+    message = r"holds 4 frozen parameter\(s\) .*built from all parameters \(self.parameters\(\)\).*requires_grad"
+    with pytest.raises(UsageError, match=message):
+        make_trainer(tmp_path, [lora()]).fit(model, data(fake_mnist))
+
+
+def test_an_optimizer_built_before_injection_is_refused_naming_the_cause(tmp_path, fake_mnist, base_ckpt):
+    class EarlyOptimizer(LitClassifier):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.early = torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+        def configure_optimizers(self):
+            return self.early
+
+    model = EarlyOptimizer(MLP(hidden_sizes=HIDDEN), base_checkpoint=base_ckpt)
+    message = r"lacks 4 trainable parameter\(s\) .*built before the adapters existed"
+    with pytest.raises(UsageError, match=message):
         make_trainer(tmp_path, [lora()]).fit(model, data(fake_mnist))
 
 
@@ -86,7 +103,7 @@ def test_resume_with_ckpt_path_restores_strictly_and_continues(tmp_path, fake_mn
     trainer.fit(resumed, data(fake_mnist), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 6 and resumed.strict_loading
     assert not torch.equal(resumed.net.layers[0].lora_B, first.net.layers[0].lora_B)
-    with pytest.raises(ValueError, match="resume with the same LoRAInjectionCallback settings"):
+    with pytest.raises(ValueError, match="resume with the same LoRA settings"):
         make_trainer(tmp_path, [LoRAInjectionCallback(rank=3)], max_steps=6).fit(
             make_model(base_ckpt), data(fake_mnist), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
         )
@@ -135,7 +152,7 @@ def test_merge_on_fit_end(tmp_path, fake_mnist, base_ckpt):
     model = make_model(base_ckpt)
     trainer = make_trainer(tmp_path, [lora(merge_on_fit_end=True)])
     trainer.fit(model, data(fake_mnist))
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    layers = [m for m in model.modules() if isinstance(m, LoRALayer)]
     assert layers and all(m.merged for m in layers)
     merged_acc = trainer.test(model, data(fake_mnist), verbose=False)[0]["test/acc"]
     for layer in layers:
@@ -143,7 +160,7 @@ def test_merge_on_fit_end(tmp_path, fake_mnist, base_ckpt):
     assert trainer.test(model, data(fake_mnist), verbose=False)[0]["test/acc"] == merged_acc
 
 
-def test_compare_disabled_logs_the_base_models_numbers(tmp_path, fake_mnist, base_ckpt):
+def test_the_module_logs_the_base_models_numbers_beside_the_adapters(tmp_path, fake_mnist, base_ckpt):
     model = make_model(base_ckpt, lr=0.05)
     trainer = make_trainer(tmp_path, [lora()], max_steps=10)
     trainer.fit(model, data(fake_mnist, train_digits=[3]))

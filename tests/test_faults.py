@@ -128,7 +128,7 @@ def resumable_overlay(folder: Path) -> str:
 
     callbacks = [
         {"class_path": "lightning_lora.callbacks.LoRAInjectionCallback",
-         "init_args": {"rank": 1, "alpha": 1, "adapter_dir": "adapter", "compare_disabled": False}},
+         "init_args": {"rank": 1, "alpha": 1, "adapter_dir": "adapter"}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": "ck", "filename": "{step}", "every_n_train_steps": 3, "save_top_k": -1}},
         {"class_path": "helpers.SlowSteps", "init_args": {"seconds": 0.15}},

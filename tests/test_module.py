@@ -95,18 +95,27 @@ def test_hparams_describe_the_net_without_pickling_it():
     assert isinstance(rebuilt.net, MLP)
 
 
-def test_lora_config_travels_in_the_checkpoint_dict():
-    model = LitClassifier(MLP(hidden_sizes=[8]))
+def test_checkpoints_hold_the_adapter_and_rebuild_on_the_modules_own_base():
+    def module() -> LitClassifier:
+        torch.manual_seed(0)  # the module's own __init__ provides the same base every time
+        return LitClassifier(MLP(hidden_sizes=[8]))
+
+    model = module()
     config = LoRAConfig(rank=3, use_dora=True)
     inject_lora(model.net, config)
+    with torch.no_grad():
+        model.net.layers[0].lora_B.normal_()
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
-    fresh = LitClassifier(MLP(hidden_sizes=[8]))
+    assert set(checkpoint["state_dict"]) == {
+        f"net.layers.{i}.lora_{x}" for i in (0, 2) for x in ("A", "B", "magnitude")
+    }
+    fresh = module()
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"], strict=True)
     x = torch.randn(4, 784)
     assert torch.equal(fresh(x), model(x))
-    other = LitClassifier(MLP(hidden_sizes=[8]))
+    other = module()
     inject_lora(other.net, LoRAConfig(rank=2))
-    with pytest.raises(ValueError, match="resume with the same LoRAInjectionCallback settings"):
+    with pytest.raises(ValueError, match="resume with the same LoRA settings"):
         other.on_load_checkpoint(checkpoint)
