@@ -41,7 +41,7 @@ def resolve_module_path(root: nn.Module, path: str | None) -> tuple[str, nn.Modu
         UsageError: a path segment does not exist, or names something that is not a module.
     """
     if path is None:
-        return ("net", getattr(root, "net")) if hasattr(root, "net") else ("", root)
+        return ("net", root.net) if hasattr(root, "net") else ("", root)
     module: Any = root
     parts = path.split(".") if path else []
     for i, part in enumerate(parts):

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lora import LoRALayer, disable_lora, get_lora_config, load_adapter, lora_state_dict
 from lightning_lora.callbacks import LoRAInjectionCallback
-from lightning_lora.errors import UsageError
 from lightning_lora.data import MNISTDataModule
+from lightning_lora.errors import UsageError
 from lightning_lora.models import MLP
 from lightning_lora.module import LitClassifier
 
