@@ -219,7 +219,11 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
             )
 
     def _logs_this_step(self) -> bool:
-        """Whether the loggers will write this step (Lightning's log_every_n_steps rule)."""
+        """Whether the loggers write this step: Lightning's ``log_every_n_steps`` rule, plus the first step.
+
+        Lightning has no public way to ask; its rule (``_LoggerConnector.should_update_logs``) is
+        mirrored here, in one place, and ``tests/test_module.py`` compares the two on a real run.
+        """
         trainer = self.trainer
         return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.global_step == 0
 

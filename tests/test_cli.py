@@ -351,3 +351,34 @@ def test_a_pretraining_checkpoint_as_ckpt_path_is_a_usage_error(workdir, fake_mn
         main(["fit", *config_args(["finetune_lora.yaml"]), *data, "--ckpt_path", "runs/pretrain/checkpoints/last.ckpt"])
     assert exit_info.value.code == 2
     assert "pass them as --model.base_checkpoint instead" in capsys.readouterr().err
+
+
+def test_the_command_line_base_checkpoint_wins_and_a_stored_class_never_switches_the_model(workdir, fake_mnist, capsys):
+    common = [*config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
+    common += ["--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"]
+    main(["fit", *common, "--trainer.max_steps", "2"])
+    ckpt = workdir / "runs/finetune_lora/checkpoints/last.ckpt"
+    moved = workdir / "elsewhere" / "pretrain.ckpt"
+    moved.parent.mkdir()
+    (workdir / "runs/pretrain/checkpoints/last.ckpt").rename(moved)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = "lightning_lora.module.LitRegressor"
+    torch.save(checkpoint, ckpt)
+    with pytest.raises(SystemExit) as exit_info:  # the config still names the old place: a clear error
+        main(["test", *common, "--ckpt_path", str(ckpt)])
+    assert exit_info.value.code == 2 and "base_checkpoint runs/pretrain/checkpoints/last.ckpt does not exist" in (
+        capsys.readouterr().err
+    )
+    main(["test", *common, "--ckpt_path", str(ckpt), "--model.base_checkpoint", str(moved)])
+    assert "test/acc" in capsys.readouterr().out  # ran as a LitClassifier (a LitRegressor logs no test/acc)
+
+
+def test_lightningcli_still_calls_the_ckpt_path_hook_we_override(workdir, fake_mnist, monkeypatch):
+    """cli.LoRACLI._parse_ckpt_path replaces a private LightningCLI method: fail loudly if it is no longer called."""
+    from lightning_lora.cli import LoRACLI
+
+    calls = []
+    monkeypatch.setattr(LoRACLI, "_parse_ckpt_path", lambda self: calls.append(self.config.subcommand))
+    common = [*config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
+    main(["fit", *common, "--trainer.fast_dev_run", "1"])
+    assert calls == ["fit"]

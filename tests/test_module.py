@@ -119,3 +119,33 @@ def test_checkpoints_hold_the_adapter_and_rebuild_on_the_modules_own_base():
     inject_lora(other.net, LoRAConfig(rank=2))
     with pytest.raises(ValueError, match="resume with the same LoRA settings"):
         other.on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_the_logging_rule_mirrors_lightnings(tmp_path, fake_mnist, accumulate):
+    """NetModule._logs_this_step copies Lightning's private should_update_logs rule: fail if they part."""
+    import lightning.pytorch as pl
+
+    from lightning_lora.data import MNISTDataModule
+
+    pairs = []
+
+    class Recording(LitClassifier):
+        def training_step(self, batch, batch_idx):
+            pairs.append(
+                (self.trainer.global_step, self._logs_this_step(), self.trainer._logger_connector.should_update_logs)
+            )
+            return super().training_step(batch, batch_idx)
+
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=9,
+        log_every_n_steps=4,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(Recording(MLP(hidden_sizes=[8])), MNISTDataModule(data_dir=str(fake_mnist), batch_size=8))
+    assert pairs and all(ours == theirs for step, ours, theirs in pairs if step > 0)

@@ -1,0 +1,245 @@
+"""The callback and the checkpoint mixin on LightningModules written as a user would, not NetModule."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_lora import LoRACheckpointMixin, LoRALayer, get_lora_config, load_adapter, lora_state_dict, save_adapter
+from lightning_lora.callbacks import LoRAInjectionCallback
+from lightning_lora.data import MNISTDataModule
+from lightning_lora.errors import UsageError
+
+
+def make_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+class UserModule(LoRACheckpointMixin, pl.LightningModule):
+    """Knows nothing of lightning_lora but the mixin; the base comes from ``base_seed``."""
+
+    def __init__(self, base_seed: int = 0, lr: float = 0.05, in_configure_model: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = None if in_configure_model else make_net(base_seed)
+        self.optimizer_saw: list[str] = []
+
+    def configure_model(self) -> None:
+        if self.net is None:  # Lightning calls this hook for every stage: build once
+            self.net = make_net(self.hparams.base_seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        self.optimizer_saw = sorted(n for n, p in self.named_parameters() if p.requires_grad)
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+
+class WithoutMixin(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_net(0)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05)
+
+
+class Nested(UserModule):
+    """A network deeper inside the module: ``module_path="model.backbone"``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.backbone = self.net
+        self.net = None
+
+    def configure_model(self) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.backbone(x)
+
+
+def trainer(tmp_path, callbacks, max_steps: int = 6, **kwargs) -> pl.Trainer:
+    options = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def data(fake_mnist) -> MNISTDataModule:
+    return MNISTDataModule(data_dir=str(fake_mnist), batch_size=16)
+
+
+def lora(**kwargs) -> LoRAInjectionCallback:
+    return LoRAInjectionCallback(rank=2, alpha=4, **kwargs)
+
+
+def checkpoints(tmp_path, **kwargs) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=2, save_top_k=0, **kwargs)
+
+
+@pytest.mark.parametrize("in_configure_model", [False, True])
+def test_fit_validate_test_on_a_user_module(tmp_path, fake_mnist, in_configure_model):
+    model = UserModule(in_configure_model=in_configure_model)
+    run = trainer(tmp_path, [lora()])
+    run.fit(model, data(fake_mnist))
+    adapters = {f"net.{k}" for k in lora_state_dict(model.net)}
+    assert model.optimizer_saw == sorted(adapters)  # adapters existed before configure_optimizers
+    layers = [m for m in model.net.modules() if isinstance(m, LoRALayer)]
+    run.validate(model, data(fake_mnist), verbose=False)
+    run.test(model, data(fake_mnist), verbose=False)
+    assert [m for m in model.net.modules() if isinstance(m, LoRALayer)] == layers  # idempotent across stages
+
+
+def test_a_net_built_in_configure_model_is_adapted_after_that_hook(tmp_path, fake_mnist):
+    seen = {}
+
+    class Order(pl.Callback):
+        def setup(self, trainer, pl_module, stage):
+            seen["net at Callback.setup"] = pl_module.net
+
+        def on_fit_start(self, trainer, pl_module):
+            seen["adapted at fit start"] = get_lora_config(pl_module.net) is not None
+
+    model = UserModule(in_configure_model=True)
+    trainer(tmp_path, [Order(), lora()]).fit(model, data(fake_mnist))
+    assert seen == {"net at Callback.setup": None, "adapted at fit start": True}
+
+
+def test_adapter_only_checkpoints_resume_and_rebuild_on_the_modules_own_base(tmp_path, fake_mnist):
+    model = UserModule()
+    trainer(tmp_path, [lora(), checkpoints(tmp_path)]).fit(model, data(fake_mnist))
+    last = tmp_path / "ck" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert set(saved["state_dict"]) == {f"net.{k}" for k in lora_state_dict(model.net)}
+    assert saved["lightning_lora"]["module_path"] == "net"
+    full_model_bytes = 4 * sum(p.numel() for p in make_net(0).parameters())
+    assert last.stat().st_size < 0.2 * full_model_bytes
+
+    restored = UserModule.load_from_checkpoint(last)
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.equal(restored(x), model(x)) and restored.strict_loading
+
+    resumed = UserModule()
+    trainer(tmp_path / "more", [lora()], max_steps=8).fit(resumed, data(fake_mnist), ckpt_path=str(last))
+    assert resumed.trainer.global_step == 8
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, fake_mnist):
+    straight = UserModule()
+    trainer(tmp_path / "a", [lora()], max_steps=8).fit(straight, data(fake_mnist))
+
+    interrupted = UserModule()
+    trainer(tmp_path / "b", [lora(), checkpoints(tmp_path / "b")], max_steps=4).fit(interrupted, data(fake_mnist))
+    resumed = UserModule()
+    last = str(tmp_path / "b" / "ck" / "last.ckpt")
+    trainer(tmp_path / "c", [lora()], max_steps=8).fit(resumed, data(fake_mnist), ckpt_path=last)
+    for key, value in lora_state_dict(straight.net).items():
+        assert torch.equal(lora_state_dict(resumed.net)[key], value), key
+
+
+def test_a_different_base_is_refused_naming_the_first_differing_tensor(tmp_path, fake_mnist):
+    trainer(tmp_path, [lora(), checkpoints(tmp_path)]).fit(UserModule(), data(fake_mnist))
+    last = tmp_path / "ck" / "last.ckpt"
+    with pytest.raises(
+        UsageError, match=r"not the one the checkpoint's adapters were trained on: 'net.1.bias' differs"
+    ):
+        UserModule.load_from_checkpoint(last, base_seed=1)
+    with pytest.raises(UsageError, match="'net.1.bias' differs"):
+        trainer(tmp_path / "more", [lora()], max_steps=8).fit(UserModule(base_seed=1), data(fake_mnist), ckpt_path=last)
+
+
+def test_resuming_with_other_lora_settings_is_refused(tmp_path, fake_mnist):
+    trainer(tmp_path, [lora(), checkpoints(tmp_path)]).fit(UserModule(), data(fake_mnist))
+    with pytest.raises(UsageError, match="resume with the same LoRA settings"):
+        trainer(tmp_path / "more", [LoRAInjectionCallback(rank=3)], max_steps=8).fit(
+            UserModule(), data(fake_mnist), ckpt_path=str(tmp_path / "ck" / "last.ckpt")
+        )
+
+
+def test_without_the_mixin_checkpoints_stay_full_and_the_callback_says_how(tmp_path, fake_mnist, caplog):
+    model = WithoutMixin()
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, [lora(), checkpoints(tmp_path)], limit_val_batches=0).fit(model, data(fake_mnist))
+    assert "inherit lightning_lora.LoRACheckpointMixin" in caplog.text
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert "net.1.weight" in saved["state_dict"] and "lightning_lora" not in saved
+
+
+def test_module_path_reaches_a_nested_network_and_a_wrong_one_is_named(tmp_path, fake_mnist):
+    model = Nested()
+    trainer(tmp_path, [lora(module_path="model.backbone")]).fit(model, data(fake_mnist))
+    assert get_lora_config(model.model.backbone) is not None
+    with pytest.raises(UsageError, match=r"module_path 'model.head': model has no attribute 'head'.*\['backbone'\]"):
+        trainer(tmp_path, [lora(module_path="model.head")]).fit(Nested(), data(fake_mnist))
+
+
+def test_two_process_ddp_with_adapter_only_checkpoints(tmp_path, fake_mnist):
+    from helpers import RecordAdapters
+
+    record = RecordAdapters(str(tmp_path / "ranks"))
+    run = trainer(tmp_path, [lora(), record, checkpoints(tmp_path)], strategy="ddp_spawn", devices=2, max_steps=4)
+    run.fit(UserModule(), data(fake_mnist))
+    rank0 = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "ranks" / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == {f"net.{k}" for k in rank0}
+    restored = UserModule.load_from_checkpoint(tmp_path / "ck" / "last.ckpt")
+    assert all(torch.equal(lora_state_dict(restored.net)[k], v) for k, v in rank0.items())
+
+
+def test_the_fabric_recipe_in_the_readme(tmp_path):
+    from lightning.fabric import Fabric
+
+    from lightning_lora import LoRAConfig, inject_lora
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = inject_lora(make_net(0), LoRAConfig(rank=4, alpha=8))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = fabric.setup(model, optimizer)
+    for _ in range(3):
+        x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        fabric.backward(loss)
+        optimizer.step()
+    save_adapter(model, tmp_path / "adapter")  # the plain model's keys, whatever Fabric wraps it in
+    fresh = load_adapter(make_net(0), tmp_path / "adapter")
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(fresh(x), model(x))
