@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from lightning_lora.inject import (
     saved_modules,
     unwrap_model,
 )
-from lightning_lora.layers import LoRAConv1D, LoRALayer, kept_biases
+from lightning_lora.layers import LoRAConv, LoRAConv1D, LoRALayer, kept_biases
 from lightning_lora.targets import plan_targets
 
 log = logging.getLogger("lightning_lora")
@@ -46,20 +47,17 @@ METADATA_KEY = "lightning_lora"
 FORMAT_VERSION = 2
 PEFT_PREFIX = "base_model.model."
 
-REQUIRED_FIELDS = (
-    "peft_type",
-    "r",
-    "lora_alpha",
-    "lora_dropout",
-    "target_modules",
-    "bias",
-    "use_rslora",
-    "use_dora",
-    "modules_to_save",
-    "rank_pattern",
-    "alpha_pattern",
-)
-"""What an adapter folder must state: everything that changes the adapter's outputs."""
+REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save")
+"""What an adapter folder must state: every field PEFT has always written that shapes the adapter."""
+
+LATER_FIELDS = {
+    "use_rslora": False,
+    "use_dora": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "exclude_modules": None,
+}
+"""Fields PEFT added later (0.5-0.13): absent only from folders written before they existed, so absent means off."""
 
 UNSUPPORTED_FEATURES = (
     "layers_to_transform",
@@ -142,9 +140,11 @@ def peft_config(model: nn.Module) -> dict[str, Any]:
         "use_dora": config.use_dora,
         "modules_to_save": sorted(n for n, _ in saved_modules(model)) or None,
         "init_lora_weights": True if config.init == "kaiming" else "gaussian",
-        "rank_pattern": {re.escape(n): layer.rank for n, layer in layers if layer.rank != config.rank},
+        # Anchored: PEFT matches a pattern against the end of a module's name, so a bare "fc" would also
+        # claim "sub.fc"; "^fc" is that one layer only.
+        "rank_pattern": {f"^{re.escape(n)}": layer.rank for n, layer in layers if layer.rank != config.rank},
         "alpha_pattern": {
-            re.escape(n): layer.config.alpha for n, layer in layers if layer.config.alpha != config.alpha
+            f"^{re.escape(n)}": layer.config.alpha for n, layer in layers if layer.config.alpha != config.alpha
         },
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -155,10 +155,35 @@ def peft_config(model: nn.Module) -> dict[str, Any]:
 # -- fingerprints ----------------------------------------------------------------------------
 
 
+_HALF_TYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _entry(tensor: torch.Tensor) -> dict[str, Any]:
+    entry = {
+        "shape": list(tensor.shape),
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "sha256": tensor_sha256(tensor),
+    }
+    if tensor.dtype in (torch.float32, torch.float64):
+        # The same base deployed in half precision is still the same base: record its rounded hashes too.
+        entry.update({f"sha256_{name}": tensor_sha256(tensor.to(dtype)) for dtype, name in _HALF_TYPES.items()})
+    return entry
+
+
 def fingerprint(state: dict[str, torch.Tensor], keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """``{key: {"shape", "sha256"}}`` of a state dict's tensors (all, or the given keys)."""
+    """``{key: {"shape", "dtype", "sha256", ...}}`` of a state dict's tensors (all, or the given keys).
+
+    Full-precision tensors also record the hashes of their bfloat16 and float16 roundings, so a
+    base cast to half precision after training is recognised as the same base.
+    """
     chosen = sorted(state) if keys is None else sorted(keys)
-    return {k: {"shape": list(state[k].shape), "sha256": tensor_sha256(state[k])} for k in chosen}
+    return {k: _entry(state[k]) for k in chosen}
+
+
+def _same_tensor(expected: dict[str, Any], actual: dict[str, Any]) -> bool:
+    if actual.get("dtype") in _HALF_TYPES.values() and f"sha256_{actual['dtype']}" in expected:
+        return expected[f"sha256_{actual['dtype']}"] == actual["sha256"]
+    return expected.get("sha256") == actual.get("sha256")
 
 
 def first_difference(expected: dict[str, dict], actual: dict[str, dict]) -> str | None:
@@ -168,10 +193,13 @@ def first_difference(expected: dict[str, dict], actual: dict[str, dict]) -> str 
             return f"'{key}' is in the recorded base but not in this model"
         if key not in expected:
             return f"'{key}' is in this model but not in the recorded base"
-        if expected[key] != actual[key]:
-            shapes = expected[key].get("shape"), actual[key].get("shape")
-            detail = f"shape {shapes[0]} vs {shapes[1]}" if shapes[0] != shapes[1] else "different values"
-            return f"'{key}' differs ({detail})"
+        if not isinstance(expected[key], dict):
+            return f"'{key}' has a damaged fingerprint entry"
+        shapes = expected[key].get("shape"), actual[key].get("shape")
+        if shapes[0] != shapes[1]:
+            return f"'{key}' differs (shape {shapes[0]} vs {shapes[1]})"
+        if not _same_tensor(expected[key], actual[key]):
+            return f"'{key}' differs (different values)"
     return None
 
 
@@ -197,6 +225,22 @@ def touched_fingerprint(model: nn.Module, config: LoRAConfig | None = None) -> d
 # -- writing ---------------------------------------------------------------------------------
 
 
+def _warn_where_peft_differs(model: nn.Module) -> None:
+    """Say when PEFT cannot reproduce a layer from this folder (its LoRA conv ignores these settings)."""
+    odd = [
+        name
+        for name, layer in lora_layers(model)
+        if isinstance(layer, LoRAConv)
+        and (layer.groups > 1 or layer.padding_mode != "zeros" or any(d != 1 for d in layer.dilation))
+    ]
+    if odd:
+        log.warning(
+            "adapter layers %s use groups, dilation or a padding mode that PEFT's LoRA conv ignores: lightning-lora "
+            "loads this folder exactly; PEFT would refuse it or compute something else",
+            odd,
+        )
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the adapter as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -218,6 +262,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
     if bad:
         raise ValueError(f"refusing to save an adapter with NaN or infinite values in {bad[:5]}")
+    _warn_where_peft_differs(model)
     metadata = {
         "format_version": FORMAT_VERSION,
         "lightning_lora_version": __version__,
@@ -265,50 +310,76 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _resolve(names: list[str], rule, value) -> list[str]:
-    return [n for n in names if rule(n, value)]
+def _peft_names(names: list[str], patterns: Any, where: str, field: str) -> list[str] | None:
+    """What PEFT's ``target_modules``/``exclude_modules`` select: a regex (full match) or names (exact or suffix)."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        try:
+            return [n for n in names if re.fullmatch(patterns, n)]
+        except re.error as err:
+            raise ValueError(f"{where}: {field} {patterns!r} is not a valid regex ({err})") from err
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{where}: {field} must be a regex or a list of module names, got {patterns!r}")
+    return [n for n in names if any(n == p or n.endswith("." + p) for p in patterns)]
+
+
+def _peft_per_layer(patterns: Any, targets: list[str], default: Any, where: str, field: str) -> dict[str, Any]:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` (first regex matching the end of the name) for every target.
+
+    Every target gets its own exact entry, longest names first, so that in this package's
+    pattern syntax (exact or dot-suffix, first match wins) each layer finds its own value.
+    """
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{where}: {field} must be a mapping, got {patterns!r}")
+    resolved = {}
+    for name in sorted(targets, key=lambda n: (-len(n), n)):
+        try:
+            hit = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
+        except re.error as err:
+            raise ValueError(f"{where}: {field} holds an invalid regex ({err})") from err
+        resolved[name] = patterns[hit] if hit is not None else default
+    return resolved
 
 
 def config_from_peft(data: dict[str, Any], model: nn.Module, where: str = "adapter config") -> LoRAConfig:
-    """A :class:`LoRAConfig` selecting exactly the layers PEFT would, from PEFT's matching rules."""
-    names = [n for n, _ in unwrap_model(model).named_modules() if n]
-    targets = data["target_modules"]
-    if isinstance(targets, str) and targets != ALL_LINEAR:
-        targets = _resolve(names, lambda n, t: re.fullmatch(t, n) is not None, targets)
+    """A :class:`LoRAConfig` selecting exactly the layers PEFT would, by PEFT's matching rules."""
+    data = {**LATER_FIELDS, **data}
+    model = unwrap_model(model)
+    names = [n for n, _ in model.named_modules() if n]
+    targets: list[str] | str = data["target_modules"]
+    if targets != ALL_LINEAR:
+        targets = _peft_names(names, targets, where, "target_modules")
         if not targets:
-            raise ValueError(f"{where}: target_modules regex {data['target_modules']!r} matches no module")
+            raise ValueError(f"{where}: target_modules {data['target_modules']!r} matches no module of this model")
+    excluded = _peft_names(names, data["exclude_modules"], where, "exclude_modules") or []
     saved = data["modules_to_save"] or []
-    if not isinstance(saved, list):
-        raise ValueError(f"{where}: modules_to_save must be a list or null, got {saved!r}")
-    saved = sorted({n for n in names for key in saved if isinstance(key, str) and n.endswith(key)})
-
-    def per_layer(patterns: Any, field: str) -> dict[str, Any]:
-        if not isinstance(patterns, dict):
-            raise ValueError(f"{where}: {field} must be a mapping, got {patterns!r}")
-        resolved = {}
-        for name in names:
-            hit = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
-            if hit is not None:
-                resolved[name] = patterns[hit]
-        return resolved
-
+    if not isinstance(saved, list) or not all(isinstance(k, str) for k in saved):
+        raise ValueError(f"{where}: modules_to_save must be a list of names or null, got {saved!r}")
+    saved = sorted({n for n in names for key in saved if n.endswith(key)})  # PEFT's rule: a plain suffix
     try:
-        return LoRAConfig(
+        config = LoRAConfig(
             rank=data["r"],
             alpha=data["lora_alpha"],
             dropout=data["lora_dropout"],
             target_modules=targets,
+            exclude_modules=excluded,
             use_dora=data["use_dora"],
             use_rslora=data["use_rslora"],
             init="gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming",
             bias=data["bias"],
             modules_to_save=saved,
-            rank_pattern=per_layer(data["rank_pattern"], "rank_pattern"),
-            alpha_pattern=per_layer(data["alpha_pattern"], "alpha_pattern"),
         )
-    except (TypeError, re.error) as err:
-        raise ValueError(f"{where}: {err}") from err
-    except ValueError as err:
+        if get_lora_config(model) is not None:  # loading into existing adapters: same layers, checked later
+            adapted = [n for n, _ in _top_level_targets(model)]
+        else:
+            adapted = list(plan_targets(model, config).targets)
+        return replace(
+            config,
+            rank_pattern=_peft_per_layer(data["rank_pattern"], adapted, config.rank, where, "rank_pattern"),
+            alpha_pattern=_peft_per_layer(data["alpha_pattern"], adapted, config.alpha, where, "alpha_pattern"),
+        )
+    except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from err
 
 
@@ -364,8 +435,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     meta = _read_metadata(raw_meta, folder / ADAPTER_WEIGHTS_NAME)
     config = config_from_peft(data, model, str(folder / ADAPTER_CONFIG_NAME))
     existing = get_lora_config(model)
-    if existing is not None and not _same_layers(model, config):
-        raise ValueError(f"model already holds adapters made with {existing}; the folder {folder} has {config}")
+    if existing is not None and not _same_layers(model, config, tensors):
+        raise ValueError(
+            f"model already holds adapters other than the ones in {folder} (other layers, ranks, scales or "
+            "options); load into the plain base, or call remove_lora(model) first"
+        )
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model's weights are still on the meta device; load the base weights before the adapter")
     if existing is None:
         # A real adapter is far smaller than its model; 1M numbers (4 MB) of slack keeps tiny models loadable.
         size = _estimated_adapter_size(model, config)
@@ -397,13 +473,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     return outer
 
 
-def _same_layers(model: nn.Module, config: LoRAConfig) -> bool:
-    """Whether ``config`` describes the adapters the model already has: same options, ranks and scales.
-
-    That the same layers are adapted is checked with the tensors' names in :func:`_copy_into`.
-    """
+def _same_layers(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether a folder (``config``, ``tensors``) holds the adapters the model already has:
+    the same adapted layers (by tensor names), options, ranks and scales."""
+    if set(peft_keys(model).values()) != set(_peft_aliases(tensors, Path("."))):
+        return False
     existing = get_lora_config(model)
-    if any(getattr(existing, f) != getattr(config, f) for f in ("use_dora", "use_rslora", "bias")):
+    if any(getattr(existing, f) != getattr(config, f) for f in ("use_dora", "use_rslora", "bias", "dropout")):
         return False
     for name, layer in _top_level_targets(model):
         wanted = config.for_layer(name)
@@ -443,6 +519,9 @@ def _peft_aliases(loaded: dict[str, torch.Tensor], folder: Path) -> dict[str, to
     return tensors
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _copy_into(model: nn.Module, loaded: dict[str, torch.Tensor], folder: Path) -> None:
     """Copy file tensors into the live adapter, checking names, dtypes, values and shapes first."""
     loaded = _peft_aliases(loaded, folder)
@@ -457,12 +536,14 @@ def _copy_into(model: nn.Module, loaded: dict[str, torch.Tensor], folder: Path) 
     problems = []
     for file_key, key in expected.items():
         tensor, target = loaded[file_key], live[key]
-        if not tensor.is_floating_point():
-            problems.append(f"{file_key} has dtype {tensor.dtype}, not a float")
+        if target.is_floating_point() and tensor.dtype not in _FLOAT_DTYPES:
+            problems.append(f"{file_key} has dtype {tensor.dtype}, not a float type this package reads")
+        elif not target.is_floating_point() and tensor.dtype != target.dtype:
+            problems.append(f"{file_key} has dtype {tensor.dtype}; this model's tensor is {target.dtype}")
         elif tensor.shape != target.shape:
             problems.append(f"{file_key}: file {tuple(tensor.shape)} vs model {tuple(target.shape)}")
-        elif not torch.isfinite(tensor).all():
-            problems.append(f"{file_key} holds NaN or infinite values")
+        elif target.is_floating_point() and not torch.isfinite(tensor.to(target.dtype)).all():
+            problems.append(f"{file_key} holds NaN or infinite values (as {target.dtype})")
     if problems:
         raise ValueError(f"adapter {folder} has unusable tensors: " + "; ".join(problems[:10]))
     with torch.no_grad():

@@ -15,10 +15,12 @@ metrics; this callback knows nothing of the module beyond where its network is.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -82,6 +84,7 @@ class LoRAInjectionCallback(pl.Callback):
         self.module_path = module_path
         self.adapter_dir = adapter_dir
         self.merge_on_fit_end = merge_on_fit_end
+        self.batches_started = 0  # training batches of this run so far, resumed with the checkpoint
 
     def target(self, pl_module: pl.LightningModule) -> nn.Module:
         """The network the adapters go into (it must be built by now)."""
@@ -129,6 +132,7 @@ class LoRAInjectionCallback(pl.Callback):
         self._check_injected(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _refuse_inexact_resume(trainer)
         count = count_parameters(pl_module)
         rank_zero_info(f"LoRA {self.config}: {count}")
         for logger in trainer.loggers:
@@ -140,6 +144,16 @@ class LoRAInjectionCallback(pl.Callback):
                 },
                 step=trainer.global_step,
             )
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        """Seed torch's RNG from (run seed, batch number, rank): dropout masks no longer depend on history.
+
+        Whatever drew random numbers before (validation, the DataLoader's own seed draw, a resume),
+        batch ``k`` of a run sees the same masks, so a resumed run repeats an uninterrupted one.
+        """
+        run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(((run_seed * 1_000_003 + self.batches_started) * 8_191 + trainer.global_rank) % 2**63)
+        self.batches_started += 1
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.target(pl_module)
@@ -159,7 +173,28 @@ class LoRAInjectionCallback(pl.Callback):
         _close_spawned_gloo_group()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lora_config": self.config.to_dict()}
+        return {"lora_config": self.config.to_dict(), "batches_started": self.batches_started}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches_started = int(state_dict.get("batches_started", 0))
+
+
+def _refuse_inexact_resume(trainer: pl.Trainer) -> None:
+    """Refuse to resume mid-epoch when the training data cannot continue where it stopped.
+
+    Lightning then restarts the epoch's data from its first batch: the run would train on other
+    batches than an uninterrupted one, silently (Lightning only warns).
+    """
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    loader = trainer.train_dataloader
+    resumable = hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
+    if done > 0 and not resumable:
+        raise UsageError(
+            f"resuming {done} batches into an epoch, but the training DataLoader ({type(loader).__name__}) cannot "
+            "continue where the run stopped, so training would not repeat the interrupted run. Resume from a "
+            "checkpoint written at an epoch end, or give the DataLoader state_dict()/load_state_dict() (as "
+            "lightning_lora.data.ResumableDataLoader does)."
+        )
 
 
 def _inject_after_configure_model(pl_module: pl.LightningModule, inject) -> None:

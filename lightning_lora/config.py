@@ -136,10 +136,16 @@ class LoRAConfig:
         """The factor on ``B A``: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
-    def for_layer(self, name: str) -> LoRAConfig:
-        """This config with ``rank`` and ``alpha`` resolved for the layer called ``name``."""
-        rank = next((r for p, r in self.rank_pattern.items() if matches(name, p)), self.rank)
-        alpha = next((a for p, a in self.alpha_pattern.items() if matches(name, p)), self.alpha)
+    def for_layer(self, *names: str) -> LoRAConfig:
+        """This config with ``rank`` and ``alpha`` resolved for a layer registered under ``names``.
+
+        The first pattern (in the mapping's order) that matches any of the names wins.
+        """
+
+        def resolve(patterns: dict[str, Any], default: Any) -> Any:
+            return next((v for p, v in patterns.items() if any(matches(n, p) for n in names)), default)
+
+        rank, alpha = resolve(self.rank_pattern, self.rank), resolve(self.alpha_pattern, self.alpha)
         return replace(self, rank=rank, alpha=alpha, rank_pattern={}, alpha_pattern={})
 
     def to_dict(self) -> dict[str, Any]:

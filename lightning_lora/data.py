@@ -1,23 +1,31 @@
 """MNIST served from memory, whole, or restricted to some digits.
 
-torchvision reads the IDX files once; the images are normalised into one float tensor and
-served whole batches at a time through a dataset with ``__getitems__`` inside a real
-``DataLoader``. That keeps Lightning's ``DistributedSampler`` sharding under DDP, and it is
-about 40x faster than torchvision's per-sample PIL path, which is slower than the training
-step of the networks here.
+The IDX files are read once and checked (magic number, 28x28 images, sizes, image and label
+counts, labels 0-9: one error naming the file and what is wrong); the images are normalised
+into one float tensor and served whole batches at a time through a dataset with
+``__getitems__`` inside a real ``DataLoader``. That keeps Lightning's ``DistributedSampler``
+sharding under DDP, and it is about 40x faster than torchvision's per-sample PIL path, which is
+slower than the training step of the networks here.
+
+The training loader resumes mid-epoch exactly: its order depends only on (seed, epoch), and it
+tells Lightning how far into the epoch it is, so a resumed run continues with the next batch
+(:class:`ResumableDataLoader`).
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets import MNIST
+
+from lightning_lora.errors import DataError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 MNIST_FILES = (
@@ -50,12 +58,11 @@ class TensorBatchDataset(Dataset):
 class EpochShuffle(Sampler[int]):
     """A shuffle whose order depends only on (seed, epoch), so a resumed run sees the same batches.
 
-    Lightning calls :meth:`set_epoch` at the start of every epoch. ``skip`` drops the first
-    samples of the next pass only: the part of an epoch a checkpoint had already trained on.
+    Lightning calls :meth:`set_epoch` at the start of every epoch (also through its DDP wrapper).
     """
 
-    def __init__(self, size: int, seed: int, skip: int = 0) -> None:
-        self.size, self.seed, self.skip, self.epoch = size, seed, skip, 0
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,9 +72,7 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator)[self.skip :]
-        self.skip = 0
-        return iter(order.tolist())
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 def keep_batch(batch: Any) -> Any:
@@ -76,6 +81,104 @@ def keep_batch(batch: Any) -> Any:
     A module-level function, so ``ddp_spawn`` can pickle the DataLoader.
     """
     return batch
+
+
+_IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
+
+
+def read_idx(path: Path, kind: str) -> torch.Tensor:
+    """Read an uncompressed IDX file of MNIST ``"images"`` (N, 28, 28) or ``"labels"`` (N,), checked.
+
+    Raises:
+        DataError: the file is truncated, has trailing bytes, has the wrong magic number or
+            image size; the message names the file and what is wrong.
+    """
+    data = path.read_bytes()
+    want = _IDX_MAGIC[kind]
+    if len(data) < 8:
+        raise DataError(f"{path} is {len(data)} bytes, too short for an IDX header: truncated, or not an MNIST file")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != want:
+        raise DataError(
+            f"{path} starts with magic number 0x{magic:08x}, not 0x{want:08x} (IDX {kind}): it is not an MNIST "
+            f"{kind} file (a compressed .gz, or the images and labels swapped?)"
+        )
+    ndim = want & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path} is {len(data)} bytes, shorter than its own header: truncated")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    if kind == "images" and dims[1:] != (28, 28):
+        raise DataError(f"{path} holds {dims[1]}x{dims[2]} images; MNIST's are 28x28")
+    expected = math.prod(dims)
+    if len(data) - header != expected:
+        what = "truncated" if len(data) - header < expected else "followed by extra bytes"
+        raise DataError(
+            f"{path}: its header announces {' x '.join(map(str, dims))} = {expected:,} bytes of data, but it holds "
+            f"{len(data) - header:,}: the file is {what}; copy it again"
+        )
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).view(*dims)
+
+
+def read_mnist_split(raw: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 images (N, 28, 28) and int64 labels of one split, checked against each other."""
+    prefix = "train" if train else "t10k"
+    images_path, labels_path = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path} holds {len(images):,} images but {labels_path} holds {len(labels):,} labels; "
+            "the two files must come from the same split"
+        )
+    bad = (labels > 9).nonzero()
+    if len(bad):
+        first = int(bad[0])
+        raise DataError(
+            f"{labels_path} holds labels outside 0-9 ({sorted(set(labels[labels > 9].tolist()))[:5]}, first at "
+            f"index {first}); MNIST labels are digits"
+        )
+    return images, labels.long()
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can checkpoint mid-epoch, so a resumed run continues exactly.
+
+    Lightning saves ``state_dict()`` of a training loader that has one, and hands it back
+    through ``load_state_dict()`` on resume. The position is the number of batches this epoch's
+    pass has handed out: Lightning's fetcher reads no batch ahead from a loader whose length it
+    knows, so those are exactly the batches the run has trained on (the resume tests fail if
+    that ever changes). The position is counted after DDP's sharding (each rank skips its own
+    batches), and the skipped batches are only indexed, never trained on.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pass: dict[str, Any] = {"epoch": None, "handed_out": 0}
+        self._resume: dict[str, Any] | None = None
+
+    def _epoch(self) -> int | None:
+        return getattr(self.sampler, "epoch", None)  # EpochShuffle, or Lightning's DistributedSampler
+
+    def __iter__(self) -> Iterator[Any]:
+        resume, self._resume = self._resume, None
+        return self._counted(super().__iter__(), resume)
+
+    def _counted(self, iterator: Iterator[Any], resume: dict[str, Any] | None) -> Iterator[Any]:
+        # Runs at the first batch, not at iter(): Lightning sets the sampler's epoch in between.
+        epoch = self._epoch()
+        skip = int(resume.get("batches", 0)) if resume and resume.get("epoch") == epoch else 0
+        for _ in range(min(skip, len(self))):
+            next(iterator)
+        self._pass = {"epoch": epoch, "handed_out": skip}
+        for batch in iterator:
+            self._pass["handed_out"] += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._pass["epoch"], "batches": self._pass["handed_out"]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -168,6 +271,8 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def _try_download(self) -> str | None:
         """Download into ``data_dir``; on failure remove the folders this call created."""
+        from torchvision.datasets import MNIST  # torchvision only downloads; our reader checks the files
+
         created = [p for p in (Path(self.data_dir), self.raw_folder.parent, self.raw_folder) if not p.exists()]
         try:
             MNIST(self.data_dir, train=True, download=True)
@@ -180,8 +285,8 @@ class MNISTDataModule(pl.LightningDataModule):
     def _load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self._missing_files():
             self.prepare_data()  # raises the clear error (setup can run without prepare_data)
-        dataset = MNIST(self.data_dir, train=train, download=False)
-        return normalise(dataset.data), dataset.targets
+        images, labels = read_mnist_split(self.raw_folder, train)
+        return normalise(images), labels
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and self.train_set is None:
@@ -199,19 +304,17 @@ class MNISTDataModule(pl.LightningDataModule):
         if stage in ("test", "predict") and self.test_set is None:
             self.test_set = TensorBatchDataset(*self._load_split(train=False))
 
-    def _loader(self, dataset: TensorBatchDataset | None, sampler: Sampler[int] | None = None) -> DataLoader:
+    def _loader(self, dataset: TensorBatchDataset | None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("MNISTDataModule.setup() has not built this split yet")
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=keep_batch)
+        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=keep_batch)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by (seed, epoch); after a mid-epoch resume it continues where the run stopped."""
         if self.train_set is None:
             return self._loader(None)
-        batches_per_epoch = math.ceil(len(self.train_set) / self.batch_size)
-        trainer = getattr(self, "trainer", None)  # set by Lightning; absent when used standalone
-        done = trainer.global_step % batches_per_epoch if trainer is not None else 0
-        return self._loader(self.train_set, EpochShuffle(len(self.train_set), self.seed, skip=done * self.batch_size))
+        sampler = EpochShuffle(len(self.train_set), self.seed)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=keep_batch)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

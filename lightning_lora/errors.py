@@ -11,6 +11,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; raised before the optimizer could apply it."""
 
 
+class DataError(ValueError):
+    """A data file is missing, damaged or not what it claims to be; the message names the file."""
+
+
 class NonFiniteWeightsError(RuntimeError):
     """Weights about to be written hold NaN or infinity; nothing was written."""
 

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_lora.config import LoRAConfig
 from lightning_lora.layers import LoRALayer, ModuleToSave, keep_base_bias, kept_biases, lora_class_for
 from lightning_lora.layers.base import BASE_PREFIX
-from lightning_lora.targets import log_skipped, plan_targets
+from lightning_lora.targets import log, log_skipped, plan_targets
 
 _CONFIG_ATTR = "lora_config"
 
@@ -94,7 +94,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         kind = type(model).__name__
         raise ValueError(f"inject_lora needs a container module, got a bare {kind}; wrap it, e.g. nn.Sequential(layer)")
     plan = plan_targets(model, config)
-    layers = {name: lora_class_for(module)(module, config.for_layer(name)) for name, module in plan.targets.items()}
+    layers = {
+        name: lora_class_for(module)(module, config.for_layer(*plan.names[name]))
+        for name, module in plan.targets.items()
+    }
     model.requires_grad_(False)
     for name, layer in layers.items():
         layer.train(plan.targets[name].training)
@@ -116,7 +119,27 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     _guard_transformer_fast_paths(model)
     setattr(model, _CONFIG_ATTR, config)
     log_skipped(plan)
+    _warn_running_statistics(model)
     return outer
+
+
+def _warn_running_statistics(model: nn.Module) -> None:
+    """Normalisation layers that track running statistics change the frozen base in train mode."""
+    tracking = [
+        name
+        for name, module in model.named_modules()
+        if getattr(module, "track_running_stats", False)
+        and getattr(module, "running_mean", None) is not None
+        and not any(name.startswith(saved + ".") or name == saved for saved, _ in saved_modules(model))
+    ]
+    if tracking:
+        log.warning(
+            "LoRA: %d normalisation layer(s) (%s) update their running statistics in train mode, which changes the "
+            "frozen base (disable_lora would no longer give it back): keep them in eval mode while training, or "
+            "list them in modules_to_save",
+            len(tracking),
+            ", ".join(tracking[:4]) + (", ..." if len(tracking) > 4 else ""),
+        )
 
 
 def _modules_outside_adapters(model: nn.Module) -> list[nn.Module]:
@@ -128,33 +151,32 @@ def _modules_outside_adapters(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if id(m) not in inside]
 
 
-def _fast_path_off(parent: nn.Module, args) -> None:
-    active = any(m.enabled and not m.merged for m in parent.modules() if isinstance(m, LoRALayer))
-    if active:
-        parent._lora_fast_path_was = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-
-
-def _fast_path_restore(parent: nn.Module, args, output) -> None:
-    was = parent.__dict__.pop("_lora_fast_path_was", None)
-    if was is not None:
-        torch.backends.mha.set_fastpath_enabled(was)
+_FAST_PATH_FLAGS = {nn.TransformerEncoderLayer: "activation_relu_or_gelu", nn.TransformerEncoder: "use_nested_tensor"}
+_SAVED_FLAG = "_lora_fast_path_flag"
 
 
 def _guard_transformer_fast_paths(model: nn.Module) -> None:
-    """Keep ``nn.TransformerEncoderLayer``'s inference fast path off while its adapters are live.
+    """Keep ``nn.TransformerEncoderLayer``'s inference fast path away from adapted layers.
 
-    That path reads ``self_attn``, ``linear1`` and ``linear2`` weights directly and would skip an
-    unmerged adapter silently. A merged adapter lives in the weights, so the fast path stays on.
+    That path (and ``nn.TransformerEncoder``'s nested-tensor path built on it) reads
+    ``self_attn``, ``linear1`` and ``linear2`` weights directly and would skip an unmerged adapter
+    silently. They check plain flags nothing else reads (the layer's
+    ``activation_relu_or_gelu``, the encoder's ``use_nested_tensor``; the slow path calls
+    ``activation`` itself), so those are cleared while adapters are inside and restored when
+    they leave: per module, exception-safe, and it compiles whole.
     """
     for parent in model.modules():
-        is_encoder_layer = isinstance(parent, nn.TransformerEncoderLayer)
-        if is_encoder_layer and "_lora_fast_path_hooks" not in parent.__dict__:
-            if any(isinstance(m, LoRALayer) for m in parent.modules()):
-                parent.__dict__["_lora_fast_path_hooks"] = (
-                    parent.register_forward_pre_hook(_fast_path_off),
-                    parent.register_forward_hook(_fast_path_restore),
-                )
+        flag = next((f for t, f in _FAST_PATH_FLAGS.items() if isinstance(parent, t)), None)
+        if flag and _SAVED_FLAG not in parent.__dict__ and any(isinstance(m, LoRALayer) for m in parent.modules()):
+            parent.__dict__[_SAVED_FLAG] = getattr(parent, flag)
+            setattr(parent, flag, False)
+
+
+def _restore_transformer_fast_paths(model: nn.Module) -> None:
+    for parent in model.modules():
+        if _SAVED_FLAG in parent.__dict__:
+            flag = next(f for t, f in _FAST_PATH_FLAGS.items() if isinstance(parent, t))
+            setattr(parent, flag, parent.__dict__.pop(_SAVED_FLAG))
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -173,6 +195,11 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def _unload(model: nn.Module, merge: bool) -> None:
     """Replace every LoRA layer by its original module (merged or not) and drop the LoRA state."""
+    for module, param, _ in kept_biases(model):  # first: some live on the LoRA layers about to leave
+        if not merge:
+            with torch.no_grad():
+                getattr(module, param).copy_(getattr(module, BASE_PREFIX + param))
+        delattr(module, BASE_PREFIX + param)
     for _, layer in list(lora_layers(model)):
         if merge:
             layer.merge()
@@ -185,14 +212,7 @@ def _unload(model: nn.Module, merge: bool) -> None:
         replacement = saved.trained_module if merge else saved.original_module
         for alias in _names_of(model, saved):
             _set_submodule(model, alias, replacement)
-    for module, param, _ in kept_biases(model):
-        if not merge:
-            with torch.no_grad():
-                getattr(module, param).copy_(getattr(module, BASE_PREFIX + param))
-        delattr(module, BASE_PREFIX + param)
-    for module in model.modules():
-        for handle in module.__dict__.pop("_lora_fast_path_hooks", ()):
-            handle.remove()
+    _restore_transformer_fast_paths(model)
     if hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)
 

@@ -88,11 +88,22 @@ def _embedding_ties(model: nn.Module) -> dict[int, str]:
     return {id(m.weight): f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
 
 
-def _swept_by_glob(name: str, module: nn.Module, config: LoRAConfig) -> bool:
-    """A glob sweeps over containers and parameter-free modules (ReLU, Dropout) harmlessly."""
-    named_exactly = [p for p in config.target_modules if not _is_glob(p) and matches(name, p)]
-    has_own_params = any(True for _ in module.parameters(recurse=False))
-    return not named_exactly and (not has_own_params or any(True for _ in module.children()))
+def _swept_by_glob(name: str, config: LoRAConfig) -> bool:
+    """A glob sweeps over modules LoRA cannot adapt (containers, norms, activations) harmlessly;
+    only a module named without a glob must be adaptable."""
+    return not any(not _is_glob(p) and matches(name, p) for p in config.target_modules)
+
+
+def _check_patterns_match(plan: TargetPlan, config: LoRAConfig) -> None:
+    """Every rank/alpha pattern must match an adapted layer: a typo there would be silently ignored."""
+    names = [n for aliases in plan.names.values() for n in aliases]
+    for what in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(config, what):
+            if not any(matches(n, pattern) for n in names):
+                raise ValueError(
+                    f"LoRAConfig.{what} pattern {pattern!r} matches no adapted layer; "
+                    f"adapted layers: {sorted(plan.targets)}"
+                )
 
 
 def plan_targets(model: nn.Module, config: LoRAConfig) -> TargetPlan:
@@ -159,7 +170,7 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> TargetPlan:
                     )
             elif lora_class_for(module) is not None:
                 candidates[name] = module
-            elif not _swept_by_glob(name, module, config):
+            elif not _swept_by_glob(name, config):
                 raise ValueError(
                     f"LoRA target '{name}' is a {type(module).__name__}, which LoRA cannot adapt. "
                     f"Adaptable types: {ADAPTABLE}. Adaptable layers here: {_adaptable_names(model)}"
@@ -181,6 +192,7 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> TargetPlan:
             f"{config.exclude_modules!r}, trained fully {config.modules_to_save!r}). "
             f"Adaptable layers: {_adaptable_names(model) or 'none'}"
         )
+    _check_patterns_match(plan, config)
     return plan
 
 

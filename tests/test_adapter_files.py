@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
+import warnings
 
 import pytest
 import torch
-from helpers import Conv1DLike
+from helpers import Conv1DLike, require
 from safetensors.torch import save_file
 from torch import nn
 
@@ -91,7 +93,7 @@ class TestRoundTrip:
         config = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
         assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4
         assert config["target_modules"] == ["encoder.0", "encoder.2", "proj"]
-        assert config["fan_in_fan_out"] is True and config["rank_pattern"] == {"proj": 3}
+        assert config["fan_in_fan_out"] is True and config["rank_pattern"] == {"^proj": 3}
         tensors, metadata = read_safetensors(path / ADAPTER_WEIGHTS_NAME, "weights")
         assert "base_model.model.encoder.0.lora_A.weight" in tensors
         assert "base_model.model.encoder.0.lora_magnitude_vector" in tensors
@@ -161,12 +163,19 @@ class TestRefusals:
         with pytest.raises(FileNotFoundError, match=f"lacks {ADAPTER_WEIGHTS_NAME}"):
             load_adapter(net(), path)
 
-    @pytest.mark.parametrize("field", ["lora_alpha", "r", "target_modules", "use_dora", "rank_pattern"])
+    @pytest.mark.parametrize("field", ["lora_alpha", "r", "target_modules", "bias", "modules_to_save"])
     def test_every_field_the_adapter_needs_is_required(self, trained, field):
         _, path = trained
         rewrite_config(path, **{field: None})
         with pytest.raises(ValueError, match=rf"lacks \['{field}'\], which the adapter needs"):
             load_adapter(net(), path)
+
+    def test_fields_peft_added_later_may_be_absent_meaning_off(self, tmp_path):
+        model = inject_lora(net(), LoRAConfig(rank=2, alpha=4))
+        train(model)
+        save_adapter(model, tmp_path / "old")
+        rewrite_config(tmp_path / "old", use_dora=None, use_rslora=None, rank_pattern=None, alpha_pattern=None)
+        assert torch.equal(load_adapter(net(), tmp_path / "old")(X), model(X))
 
     @pytest.mark.parametrize(
         ("changes", "message"),
@@ -267,3 +276,100 @@ class TestRefusals:
         with pytest.raises(ValueError, match="NaN or infinite"):
             save_adapter(model, tmp_path / "nan")
         assert not (tmp_path / "nan").exists()
+
+
+class TestWhatAStrangerFound:
+    """Cases an outside tester broke once; each must stay fixed."""
+
+    def test_patterns_for_a_name_that_ends_another_stay_per_layer_both_ways(self, tmp_path):
+        peft = require("peft")
+
+        class Two(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc, self.sub = nn.Linear(4, 4), nn.Module()
+                self.sub.fc = nn.Linear(4, 4)
+
+            def forward(self, x):
+                return self.sub.fc(self.fc(x))
+
+        torch.manual_seed(0)
+        base, x = Two().requires_grad_(False), torch.randn(3, 4)
+        config = LoRAConfig(rank=4, alpha=4, alpha_pattern={"sub.fc": 2.0, "fc": 16.0}, rank_pattern={"sub.fc": 2})
+        model = inject_lora(copy.deepcopy(base), config)
+        assert (model.sub.fc.rank, model.sub.fc.scale, model.fc.scale) == (2, 1.0, 4.0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_()
+        save_adapter(model, tmp_path / "ours")
+        assert torch.equal(load_adapter(copy.deepcopy(base), tmp_path / "ours")(x), model(x))
+        with warnings.catch_warnings(action="ignore"):
+            theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+        torch.testing.assert_close(theirs(x), model(x))
+        with warnings.catch_warnings(action="ignore"):  # PEFT's own regex, anchored at the start
+            peft_model = peft.get_peft_model(
+                copy.deepcopy(base),
+                peft.LoraConfig(r=4, lora_alpha=4, target_modules=["fc"], alpha_pattern={"^fc": 32}),
+            )
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.data.normal_()
+            peft_model.save_pretrained(tmp_path / "theirs")
+        ours = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+        assert (ours.fc.scale, ours.sub.fc.scale) == (8.0, 1.0)
+        torch.testing.assert_close(ours(x), peft_model(x))
+
+    def test_peft_folders_with_exclusions_and_names_this_model_lacks(self, tmp_path):
+        peft = require("peft")
+        base = net()
+        with warnings.catch_warnings(action="ignore"):
+            peft_model = peft.get_peft_model(
+                copy.deepcopy(base),
+                peft.LoraConfig(r=2, target_modules=["0", "2", "q_proj"], exclude_modules=["encoder.2"]),
+            )
+            peft_model.save_pretrained(tmp_path / "theirs")
+        model = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+        assert isinstance(model.encoder[0], LoRALayer) and not isinstance(model.encoder[2], LoRALayer)
+
+    def test_integer_buffers_of_modules_to_save_round_trip(self, tmp_path):
+        class WithNorm(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(8, 8)
+                self.head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+            def forward(self, x):
+                return self.head(self.fc(x))
+
+        torch.manual_seed(0)
+        base, x = WithNorm().requires_grad_(False), torch.randn(6, 8)
+        model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, target_modules=["fc"], modules_to_save=["head"]))
+        model(x)  # train mode: the trained copy's running statistics move
+        save_adapter(model, tmp_path / "a")
+        fresh = load_adapter(copy.deepcopy(base), tmp_path / "a")
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
+        assert fresh.head.trained_module[0].num_batches_tracked == 1
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn])
+    def test_values_that_overflow_or_dtypes_this_package_cannot_read(self, trained, dtype):
+        _, path = trained
+        tensors, metadata = read_safetensors(path / ADAPTER_WEIGHTS_NAME, "w")
+        key = "base_model.model.encoder.0.lora_B.weight"
+        tensors[key] = torch.full_like(tensors[key], 1e300, dtype=torch.float64).to(dtype)
+        save_file(tensors, path / ADAPTER_WEIGHTS_NAME, metadata)
+        with pytest.raises(ValueError, match="NaN or infinite values \\(as torch.float32\\)|not a float type"):
+            load_adapter(net(), path)
+
+    def test_a_base_cast_to_half_precision_is_still_the_base(self, trained):
+        model, path = trained
+        half = load_adapter(net().to(torch.bfloat16), path)
+        assert get_lora_config(half) is not None
+        with pytest.raises(ValueError, match="made for another base model"):
+            load_adapter(net(seed=2).to(torch.bfloat16), path)
+
+    def test_loading_other_layers_into_existing_adapters_says_so(self, trained):
+        _, path = trained
+        other = inject_lora(net(), LoRAConfig(rank=2, alpha=4, target_modules=["encoder.0"]))
+        with pytest.raises(ValueError, match="already holds adapters other than the ones in"):
+            load_adapter(other, path)

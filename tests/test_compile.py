@@ -69,6 +69,15 @@ def test_linear_where_the_cpu_fast_path_would_run_steps_aside(rank, batch, monke
     assert (len(calls) > 0) == (rank <= 8 or batch >= 256)
 
 
+def test_a_transformer_encoder_layer_compiles_whole():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
+    model = inject_lora(nn.Sequential(layer).requires_grad_(False), LoRAConfig(rank=2))
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        assert_matches_eager(model, torch.randn(2, 5, 8))
+
+
 def test_inductor_end_to_end():
     torch.manual_seed(0)
     model = inject_lora(

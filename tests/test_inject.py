@@ -324,3 +324,43 @@ def test_the_core_imports_without_lightning():
     code = "import lightning_lora; print(lightning_lora.LoRAInjectionCallback.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "LoRAInjectionCallback"
+
+
+class TestWhatAStrangerFound:
+    """Cases an outside tester broke once; each must stay fixed."""
+
+    @pytest.mark.parametrize("bias", ["lora_only", "all"])
+    def test_remove_lora_restores_every_trained_bias(self, bias):
+        model = tiny()
+        base = frozen_copy(model)
+        inject_lora(model, LoRAConfig(rank=2, bias=bias))
+        train(model, X)
+        from lightning_lora import remove_lora
+
+        remove_lora(model)
+        assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
+        assert torch.equal(model(X), base(X))
+
+    def test_a_module_to_save_passes_attributes_through(self):
+        model = tiny()
+        inject_lora(model, LoRAConfig(rank=2, target_modules=["encoder.0"], modules_to_save=["norm", "head"]))
+        assert model.norm.eps == 1e-5 and model.head.out_features == 3
+        assert model.head.weight is model.head.trained_module.weight
+        with disable_lora(model):
+            assert model.head.weight is model.head.original_module.weight
+
+    def test_a_glob_over_blocks_sweeps_their_norms(self):
+        model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.BatchNorm1d(4)))
+        assert set(find_targets(model, LoRAConfig(target_modules=["0.*"]))) == {"0.0"}
+
+    def test_a_rank_pattern_that_matches_no_adapted_layer_is_an_error(self):
+        with pytest.raises(ValueError, match="rank_pattern pattern 'heda' matches no adapted layer"):
+            inject_lora(tiny(), LoRAConfig(rank_pattern={"heda": 4}))
+
+    def test_patterns_see_every_name_of_a_shared_module(self):
+        shared = nn.Linear(4, 4)
+        model = nn.Sequential()
+        model.add_module("fc", shared)
+        model.add_module("alias", shared)
+        inject_lora(model, LoRAConfig(rank=2, alpha=2, target_modules=["alias"], alpha_pattern={"alias": 16}))
+        assert model.fc.scale == 8.0

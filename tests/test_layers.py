@@ -179,9 +179,46 @@ class TestConv1D:
                 return super().forward(x) * 2
 
         model = Single(Imposter(5, 4))
-        with pytest.raises(ValueError, match="looks like transformers' Conv1D .* does not compute x @ weight"):
+        with pytest.raises(ValueError, match="Imposter changes what its base type computes"):
             inject_lora(model, LoRAConfig(target_modules=["layer"]))
         assert isinstance(model.layer, Imposter)
+
+
+class TestSubclassesWithTheirOwnForward:
+    def test_a_forward_that_computes_something_else_is_refused_not_replaced(self):
+        class Scaled(nn.Linear):
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        class Standardised(nn.Conv2d):  # as timm's StdConv2d: the weight is normalised in forward
+            def forward(self, x):
+                w = (self.weight - self.weight.mean()) / self.weight.std()
+                return self._conv_forward(x, w, self.bias)
+
+        for layer in (Scaled(4, 3), Standardised(2, 3, 3)):
+            model = Single(layer)
+            with pytest.raises(ValueError, match="changes what its base type computes.*Exclude it"):
+                inject_lora(model, LoRAConfig(target_modules=["layer"]))
+            assert model.layer is layer
+
+    def test_a_forward_that_computes_the_same_is_adapted(self):
+        class Logged(nn.Linear):
+            def forward(self, x):
+                return nn.functional.linear(x, self.weight, self.bias)
+
+        model = inject_lora(Single(Logged(4, 3)), LoRAConfig(target_modules=["layer"]))
+        assert isinstance(model.layer, LoRALinear)
+
+
+class TestEmbedding:
+    def test_max_norm_is_refused(self):
+        with pytest.raises(ValueError, match="max_norm=1.0 renormalises its rows"):
+            inject_lora(Single(nn.Embedding(10, 4, max_norm=1.0)), LoRAConfig(target_modules=["layer"]))
+
+    def test_a_sparse_embedding_trains_its_adapter(self):
+        model = inject_lora(Single(nn.Embedding(10, 4, sparse=True)), LoRAConfig(target_modules=["layer"]))
+        train_steps(model, torch.randint(0, 10, (3, 5)))
+        assert torch.count_nonzero(model.layer.lora_A) > 0
 
 
 class TestAttention:
@@ -217,23 +254,29 @@ class TestAttention:
         with pytest.raises(ValueError, match="target 'layer' instead"):
             inject_lora(base, LoRAConfig(target_modules=["layer.out_proj"]))
 
-    def test_transformer_encoder_layer_fast_path_never_skips_a_live_adapter(self):
+    def test_transformer_encoder_fast_paths_never_skip_a_live_adapter(self):
         torch.manual_seed(0)
-        encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
-        model = nn.Sequential(encoder).eval()
-        x = torch.randn(2, 5, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
+        model = nn.Sequential(nn.TransformerEncoder(layer, 2)).eval()  # nested tensors on by default
+        x, padding = torch.randn(3, 5, 8), torch.zeros(3, 5, dtype=torch.bool)
+        padding[0, 3:] = True
         inject_lora(model, LoRAConfig(rank=2))
         with torch.no_grad():
-            for _, layer in model.named_modules():
+            for layer in model.modules():
                 if isinstance(layer, LoRALayer):
                     layer.lora_B.normal_()
-            adapted_out = model(x)
+            adapted_out = model[0](x, src_key_padding_mask=padding)
             with disable_lora(model):
-                base_out = model(x)
-            assert not torch.allclose(adapted_out, base_out)
-            merge_lora(model)  # merged weights are real weights: the fast path may run again
-            torch.testing.assert_close(model(x), adapted_out, atol=1e-4, rtol=1e-4)
-        assert torch.backends.mha.get_fastpath_enabled()
+                base_out = model[0](x, src_key_padding_mask=padding)
+            real = ~padding[..., None].expand_as(adapted_out)
+            assert not torch.allclose(adapted_out[real], base_out[real])
+            merge_lora(model)
+            torch.testing.assert_close(
+                model[0](x, src_key_padding_mask=padding)[real], adapted_out[real], atol=1e-4, rtol=1e-4
+            )
+        assert torch.backends.mha.get_fastpath_enabled()  # nothing global was touched
+        plain = merge_and_unload(model)
+        assert all(m.activation_relu_or_gelu for m in plain.modules() if isinstance(m, nn.TransformerEncoderLayer))
 
 
 class TestLinear:
@@ -311,6 +354,22 @@ class TestLinear:
         expected = (plain.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)
         for got, want in zip(fast, expected, strict=True):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+    def test_double_backward_and_torch_func_through_the_fast_path(self, trained):
+        from torch.func import functional_call, grad, vmap
+
+        _, layer, _ = trained
+        x = torch.randn(40, 12, requires_grad=True)
+        (gradient,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+        gradient.pow(2).sum().backward()  # a gradient penalty differentiates the backward itself
+        assert layer.lora_A.grad is not None
+        params = {k: v.detach() for k, v in layer.named_parameters()}
+        per_sample = vmap(grad(lambda p, xi: functional_call(layer, p, (xi[None],)).sum()), in_dims=(None, 0))
+        assert per_sample(params, x.detach())["lora_A"].shape == (40, 3, 12)
+        double = LoRALinear(nn.Linear(5, 3).double(), LoRAConfig(rank=2)).double()
+        with torch.no_grad():
+            double.lora_B.normal_()
+        assert torch.autograd.gradgradcheck(double, (torch.randn(40, 5, dtype=torch.double, requires_grad=True),))
 
     def test_bf16_base_keeps_fp32_adapters_and_starts_at_the_base(self):
         base = nn.Linear(12, 7, dtype=torch.bfloat16).requires_grad_(False)

@@ -32,6 +32,7 @@ class LoRAMultiheadAttention(LoRALayer):
     linear_like = True
     supports_dora = False
     weight_name = "in_proj_weight"
+    plain_types = (nn.MultiheadAttention,)
     copied_attributes = (
         "embed_dim",
         "kdim",
@@ -48,17 +49,20 @@ class LoRAMultiheadAttention(LoRALayer):
     def adapts(cls, module: nn.Module) -> bool:
         return isinstance(module, nn.MultiheadAttention)
 
-    def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig, train_bias: bool = False) -> None:
+    def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig) -> None:
         if not base._qkv_same_embed_dim:
             raise ValueError(
                 "LoRA adapts nn.MultiheadAttention only when query, key and value have the same size "
                 f"(kdim={base.kdim}, vdim={base.vdim}, embed_dim={base.embed_dim}); exclude this module"
             )
-        super().__init__(base, config, train_bias)
-        self.out_proj = LoRALinear(base.out_proj, config, train_bias)
+        super().__init__(base, config)
+        self.out_proj = LoRALinear(base.out_proj, config)
 
     def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.embed_dim), (3 * self.embed_dim, rank)
+
+    def _check_base_forward(self, base: nn.Module) -> None:
+        """Nothing to check: every forward runs the original module's own ``forward``."""
 
     def lora_weight(self) -> torch.Tensor:
         return self.lora_B.float() @ self.lora_A.float()

@@ -64,7 +64,6 @@ class LoRALayer(nn.Module):
     Args:
         base: The layer to adapt. Its parameters are shared, not copied.
         config: This layer's settings (``rank``/``alpha`` already resolved for it).
-        train_bias: Train the layer's biases; their base values are kept aside.
     """
 
     linear_like: ClassVar[bool] = False
@@ -81,13 +80,15 @@ class LoRALayer(nn.Module):
     """The base parameter the update is added to."""
     copied_attributes: ClassVar[tuple[str, ...]] = ()
     """Plain attributes of the base layer that code around it may read."""
+    plain_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    """Types whose forward :meth:`base_forward` reproduces op for op; other forwards are probed."""
 
     @classmethod
     def adapts(cls, module: nn.Module) -> bool:
         """Whether this class adapts ``module``."""
         raise NotImplementedError
 
-    def __init__(self, base: nn.Module, config: LoRAConfig, train_bias: bool = False) -> None:
+    def __init__(self, base: nn.Module, config: LoRAConfig) -> None:
         super().__init__()
         if config.use_dora and not self.supports_dora:
             raise ValueError(
@@ -112,10 +113,8 @@ class LoRALayer(nn.Module):
             self.lora_magnitude = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
         self.enabled = True
         self.reset_lora_parameters()
-        if train_bias:
-            for name in self.bias_names():
-                keep_base_bias(self, name)
         self.register_state_dict_post_hook(_report_base_weight)
+        self._check_base_forward(base)
 
     # -- what a layer type defines ------------------------------------------------------------
 
@@ -142,7 +141,30 @@ class LoRALayer(nn.Module):
     output_dim_in_weight: ClassVar[int] = 0
     """Which dimension of the weight indexes outputs (1 for transformers' Conv1D)."""
 
+    def probe_input(self) -> torch.Tensor:
+        """A small input for :meth:`_check_base_forward`."""
+        raise NotImplementedError
+
     # -- shared machinery ---------------------------------------------------------------------
+
+    def _check_base_forward(self, base: nn.Module) -> None:
+        """Refuse a layer whose own ``forward`` computes something else than :meth:`base_forward`.
+
+        A subclass that standardises its weight, pads on the fly or scales its output would be
+        replaced by the plain operation silently; it is run once on a small input instead, and
+        adapted only if it computes exactly what the plain operation does.
+        """
+        if any(type(base).forward is t.forward for t in self.plain_types) or self.base_weight().is_meta:
+            return
+        probe = self.probe_input()
+        with torch.no_grad():
+            same = torch.equal(base(probe), self.base_forward(probe, self.base_weight(), getattr(self, "bias", None)))
+        if not same:
+            raise ValueError(
+                f"{type(base).__name__} changes what its base type computes (its own forward differs from the "
+                f"plain {self.plain_types[0].__name__ if self.plain_types else 'operation'}); LoRA would replace "
+                "that forward. Exclude it from the targets (or adapt the layers inside it)."
+            )
 
     @property
     def rank(self) -> int:

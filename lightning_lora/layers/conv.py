@@ -10,6 +10,8 @@ cannot merge a grouped convolution). With ``groups=1`` the factors have PEFT's s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,9 +36,18 @@ class LoRAConv(LoRALayer):
         "_reversed_padding_repeated_twice",
     )
 
+    plain_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
     @classmethod
     def adapts(cls, module: nn.Module) -> bool:
         return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+    def probe_input(self) -> torch.Tensor:
+        sides = [(k - 1) * d + 5 for k, d in zip(self.kernel_size, self.dilation, strict=True)]
+        weight = self.base_weight()
+        count = self.in_channels * math.prod(sides)
+        values = torch.linspace(-1, 1, count, device=weight.device, dtype=weight.dtype)
+        return values.reshape(1, self.in_channels, *sides)
 
     @property
     def spatial_dims(self) -> int:

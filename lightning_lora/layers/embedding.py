@@ -13,11 +13,12 @@ class LoRAEmbedding(LoRALayer):
     """``nn.Embedding``. ``A`` starts at zero and ``B`` random (the reverse of a Linear), as in PEFT.
 
     The low-rank branch looks rows up in ``A^T`` with the base's ``padding_idx`` (so the padding
-    row's update gets no gradient) but without ``max_norm``, which would renormalise the adapter
-    in place.
+    row's update gets no gradient), with dense gradients (``A`` is small). An embedding with
+    ``max_norm`` renormalises its weight on every lookup, which has no merged equivalent: refused.
     """
 
     supports_dora = False
+    plain_types = (nn.Embedding,)
     adapter_names = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
     copied_attributes = (
         "num_embeddings",
@@ -33,6 +34,17 @@ class LoRAEmbedding(LoRALayer):
     def adapts(cls, module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)
 
+    def __init__(self, base: nn.Embedding, *args, **kwargs) -> None:
+        if base.max_norm is not None:
+            raise ValueError(
+                f"an nn.Embedding with max_norm={base.max_norm} renormalises its rows on every lookup, so its "
+                "adapter could not be merged; exclude it from the targets"
+            )
+        super().__init__(base, *args, **kwargs)
+
+    def probe_input(self) -> torch.Tensor:
+        return torch.arange(min(self.num_embeddings, 16), device=self.base_weight().device)
+
     def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.num_embeddings), (self.embedding_dim, rank)
 
@@ -46,7 +58,7 @@ class LoRAEmbedding(LoRALayer):
         )
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(x, self.lora_A.t(), self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        rows = F.embedding(x, self.lora_A.t(), self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
         return (rows @ self.lora_B.t()) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,9 @@ cost (``benchmarks/layer.py``). The hand-written Functions here take the fast la
 
 They step aside (:func:`use_fast_path` is False) wherever they were never measured faster or
 cannot run: off the CPU, under ``torch.compile`` (a custom Function with ``mark_dirty`` breaks
-``fullgraph`` capture, and Inductor fuses the plain ops anyway), under autocast (autocast casts
-the plain ops), and where a dtype differs.
+``fullgraph`` capture, and Inductor fuses the plain ops anyway), under ``torch.func``
+transforms (``grad``, ``vmap``, ``jvp``), under autocast (autocast casts the plain ops), and
+where a dtype differs. Their backward is itself differentiable, so double backward works.
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ def use_fast_path(x: torch.Tensor, rank: int, *tensors: torch.Tensor) -> bool:
     Only on the CPU, in eager mode, in full precision, and where they measured faster: at low
     rank, or with many rows. At rank 64 and batch 64 autograd's own ops are a little faster.
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or _functorch_active():
         return False
     if torch.is_autocast_enabled(x.device.type) or any(t.dtype != x.dtype for t in tensors):
         return False
     return rank <= 8 or x.numel() // x.shape[-1] >= 256
+
+
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform is running (such Functions would need a vmap rule and a jvp)."""
+    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(probe()) if probe is not None else False
 
 
 def _low_rank_grads(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -59,7 +66,6 @@ class _LowRankUpdate(torch.autograd.Function):
         return hidden @ lora_B.t()  # (batch, out)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         return (*_low_rank_grads(ctx, grad), None)
 
@@ -80,7 +86,6 @@ class _AddLowRankUpdate(torch.autograd.Function):
         return out.addmm_(hidden, lora_B.t())
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         return (grad, *_low_rank_grads(ctx, grad), None)
 

@@ -17,10 +17,16 @@ class LoRALinear(LoRALayer):
 
     linear_like = True
     copied_attributes = ("in_features", "out_features")
+    plain_types = (nn.Linear,)
 
     @classmethod
     def adapts(cls, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
+
+    def probe_input(self) -> torch.Tensor:
+        weight = self.base_weight()
+        values = torch.linspace(-1, 1, 2 * self.in_features, device=weight.device, dtype=weight.dtype)
+        return values.reshape(2, self.in_features)
 
     def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.in_features), (self.out_features, rank)
@@ -69,18 +75,18 @@ def is_conv1d_like(module: nn.Module) -> bool:
 
 
 class LoRAConv1D(LoRALinear):
-    """transformers' ``Conv1D``: the same factors as a Linear, the weight transposed (PEFT's ``fan_in_fan_out``)."""
+    """transformers' ``Conv1D``: the same factors as a Linear, the weight transposed (PEFT's ``fan_in_fan_out``).
+
+    Recognised by structure, so its forward is always checked against ``x @ weight + bias`` once.
+    """
 
     copied_attributes = ("nf", "nx")
+    plain_types = ()
     output_dim_in_weight: ClassVar[int] = 1
 
     @classmethod
     def adapts(cls, module: nn.Module) -> bool:
         return is_conv1d_like(module)
-
-    def __init__(self, base: nn.Module, *args, **kwargs) -> None:
-        super().__init__(base, *args, **kwargs)
-        self._check_matches_base(base)
 
     @property
     def in_features(self) -> int:
@@ -89,19 +95,6 @@ class LoRAConv1D(LoRALinear):
     @property
     def out_features(self) -> int:
         return self.nf
-
-    def _check_matches_base(self, base: nn.Module) -> None:
-        """Refuse a look-alike whose forward is not ``x @ weight + bias``."""
-        if self.weight.device.type == "meta":
-            return
-        probe = torch.linspace(-1, 1, 2 * self.nx, device=self.weight.device, dtype=self.weight.dtype)
-        probe = probe.reshape(2, self.nx)
-        with torch.no_grad():
-            if not torch.equal(base(probe), self.base_forward(probe, self.weight, self.bias)):
-                raise ValueError(
-                    f"{type(base).__name__} looks like transformers' Conv1D (nf, nx, weight (nx, nf)) but does "
-                    "not compute x @ weight + bias; exclude it from the LoRA targets"
-                )
 
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         flat = x.view(-1, x.size(-1))

@@ -13,7 +13,8 @@ class ModuleToSave(nn.Module):
 
     Forward runs the copy while enabled and the original while disabled, so ``disable_lora``
     still gives the base model back bit for bit. The copy is an untied deep copy: training it
-    never changes a tensor the original shares with another module.
+    never changes a tensor the original shares with another module. Attributes (``weight``,
+    ``eps``, ``out_features``) are read from the module in use, so code around it keeps working.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -24,6 +25,18 @@ class ModuleToSave(nn.Module):
         self.trained_module.requires_grad_(True)
         self.enabled = True
 
+    def active(self) -> nn.Module:
+        """The module forward runs: the trained copy, or the original while disabled."""
+        modules = self.__dict__["_modules"]
+        return modules["trained_module"] if self.__dict__.get("enabled", True) else modules["original_module"]
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        active = self.trained_module if self.enabled else self.original_module
-        return active(*args, **kwargs)
+        return self.active()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "_modules" not in self.__dict__:
+                raise
+            return getattr(self.active(), name)
