@@ -15,40 +15,41 @@ pieces (``LitClassifier``, ``LoRAInjectionCallback``, ``LoRACheckpointMixin``,
 """
 
 from lightning_lora._version import __version__
-from lightning_lora.adapter_files import load_adapter, save_adapter
-from lightning_lora.config import LoRAConfig
-from lightning_lora.inject import (
-    ParameterCount,
-    base_state_dict,
-    count_parameters,
-    disable_lora,
-    get_lora_config,
-    inject_lora,
-    lora_layers,
-    lora_state_dict,
-    merge_and_unload,
-    merge_lora,
-    remove_lora,
-    unmerge_lora,
-    unwrap_model,
-)
-from lightning_lora.layers import (
-    LoRAConv,
-    LoRAConv1D,
-    LoRAEmbedding,
-    LoRALayer,
-    LoRALinear,
-    LoRAMultiheadAttention,
-    ModuleToSave,
-)
-from lightning_lora.models import MLP, RichBoyNet
-from lightning_lora.targets import find_targets, plan_targets
 
-# The Lightning pieces load on first use, so the core can be imported without Lightning's
-# import cost (or in an environment where only torch is wanted).
+# Every name loads on first use: `import lightning_lora` (and the command line's --help) costs
+# nothing, the core never pulls in Lightning, and the Lightning pieces load only when asked for.
 _LAZY = {
-    "LitClassifier": "lightning_lora.module",
+    "load_adapter": "lightning_lora.adapter_files",
+    "save_adapter": "lightning_lora.adapter_files",
+    "LoRAConfig": "lightning_lora.config",
+    "ParameterCount": "lightning_lora.inject",
+    "base_state_dict": "lightning_lora.inject",
+    "count_parameters": "lightning_lora.inject",
+    "disable_lora": "lightning_lora.inject",
+    "get_lora_config": "lightning_lora.inject",
+    "inject_lora": "lightning_lora.inject",
+    "lora_layers": "lightning_lora.inject",
+    "lora_state_dict": "lightning_lora.inject",
+    "merge_and_unload": "lightning_lora.inject",
+    "merge_lora": "lightning_lora.inject",
+    "remove_lora": "lightning_lora.inject",
+    "unmerge_lora": "lightning_lora.inject",
+    "unwrap_model": "lightning_lora.inject",
+    "LoRAConv": "lightning_lora.layers",
+    "LoRAConv1D": "lightning_lora.layers",
+    "LoRAEmbedding": "lightning_lora.layers",
+    "LoRALayer": "lightning_lora.layers",
+    "LoRALinear": "lightning_lora.layers",
+    "LoRAMultiheadAttention": "lightning_lora.layers",
+    "ModuleToSave": "lightning_lora.layers",
+    "load_merged": "lightning_lora.merged",
+    "MLP": "lightning_lora.models",
+    "RichBoyNet": "lightning_lora.models",
+    "find_targets": "lightning_lora.targets",
+    "plan_targets": "lightning_lora.targets",
+    "allow_classes": "lightning_lora.trust",
     "LoRACheckpointMixin": "lightning_lora.checkpointing",
+    "LitClassifier": "lightning_lora.module",
     "LoRAInjectionCallback": "lightning_lora.callbacks",
     "MNISTDataModule": "lightning_lora.data",
 }
@@ -62,37 +63,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lightning_lora' has no attribute {name!r}")
 
 
-__all__ = [
-    "MLP",
-    "LitClassifier",
-    "LoRACheckpointMixin",
-    "LoRAConfig",
-    "LoRAConv",
-    "LoRAConv1D",
-    "LoRAEmbedding",
-    "LoRAInjectionCallback",
-    "LoRALayer",
-    "LoRALinear",
-    "LoRAMultiheadAttention",
-    "MNISTDataModule",
-    "ModuleToSave",
-    "ParameterCount",
-    "RichBoyNet",
-    "__version__",
-    "base_state_dict",
-    "count_parameters",
-    "disable_lora",
-    "find_targets",
-    "get_lora_config",
-    "inject_lora",
-    "load_adapter",
-    "lora_layers",
-    "lora_state_dict",
-    "merge_and_unload",
-    "merge_lora",
-    "plan_targets",
-    "remove_lora",
-    "save_adapter",
-    "unmerge_lora",
-    "unwrap_model",
-]
+__all__ = ["__version__", *sorted(_LAZY)]

@@ -14,11 +14,13 @@ hands Lightning's strict ``load_state_dict`` the base tensors from the module it
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_lora import trust
 from lightning_lora.adapter_files import fingerprint, first_difference
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import NonFiniteWeightsError, UsageError
@@ -138,45 +140,75 @@ class LoRACheckpointMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        meta = checkpoint.get(CHECKPOINT_KEY)
-        if meta is None:
-            self._load_full_checkpoint(checkpoint)
-            return
-        meta = _checked_meta(meta)
-        path, target = resolve_module_path(self, meta["module_path"])
-        if target is None:
-            raise UsageError(f"the checkpoint's adapters live in '{path}', which this module has not built")
-        _inject(target, LoRAConfig.from_dict(meta["lora_config"]))
-        problem = first_difference(meta["base_fingerprint"], self._base_fingerprint())
-        if problem:
-            raise UsageError(
-                f"this base model is not the one the checkpoint's adapters were trained on: {problem}. "
-                + self.base_hint()
-            )
-        state = checkpoint["state_dict"]
-        frozen = set(_frozen_parameter_keys(self))
-        expected = {k for k in self.state_dict() if k not in frozen}
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"the checkpoint's saved tensors do not match this model's adapters: missing {missing[:8]}, "
-                f"unexpected {unexpected[:8]}. Resume with the same module and LoRA settings."
-            )
-        full = self.state_dict()
-        state.update({k: full[k] for k in frozen if k in full})
+        restore_adapters(self, checkpoint, self.base_hint())
 
-    def _load_full_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A full checkpoint: a pretraining one, or a LoRA one from the first release (config top-level)."""
-        legacy = checkpoint.get(LEGACY_CONFIG_KEY)
-        path, target = resolve_module_path(self, None)
-        if legacy is not None:
-            _inject(target, LoRAConfig.from_dict(legacy))
-        elif adapted_submodule(self) is not None:
-            raise UsageError(
-                "this checkpoint holds no LoRA adapters, but the model has them: it looks like a pretraining "
-                "checkpoint passed as --ckpt_path to a LoRA run. ckpt_path resumes an interrupted run of the same "
-                "kind; to start fine-tuning from pretrained weights, pass them as --model.base_checkpoint instead."
-            )
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args: Any, allow_classes: Iterable[str] = (), **kwargs: Any):
+        """Lightning's ``load_from_checkpoint``, after checking that no class path in the file is untrusted.
+
+        Args:
+            allow_classes: Your own classes the checkpoint may name (for example the net's), trusted.
+        """
+        from lightning_lora.checkpoint_files import read_checkpoint_state  # it builds on this module
+
+        trust.allow_classes(allow_classes)
+        trust.check_class_paths(read_checkpoint_state(checkpoint_path), f"checkpoint {checkpoint_path}")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+
+def restore_adapters(root: nn.Module, checkpoint: dict[str, Any], base_hint: str) -> None:
+    """Prepare ``root`` (and the checkpoint) so that a strict ``load_state_dict`` restores the run.
+
+    Adapter-only checkpoints: re-inject, check the base against the fingerprint, check the saved
+    keys are exactly the adapter's, and fill the checkpoint's state with the base tensors from
+    ``root`` itself. Full checkpoints: inject from a first-release config if there is one, and
+    refuse a pretraining checkpoint for a model that already holds adapters.
+    """
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if meta is None:
+        _restore_full(root, checkpoint)
+        return
+    meta = _checked_meta(meta)
+    path, target = resolve_module_path(root, meta["module_path"])
+    if target is None:
+        raise UsageError(f"the checkpoint's adapters live in '{path}', which this module has not built")
+    _inject(target, LoRAConfig.from_dict(meta["lora_config"]))
+    problem = first_difference(meta["base_fingerprint"], _fingerprint_of(root))
+    if problem:
+        raise UsageError(
+            f"this base model is not the one the checkpoint's adapters were trained on: {problem}. {base_hint}"
+        )
+    state = checkpoint["state_dict"]
+    frozen = set(_frozen_parameter_keys(root))
+    expected = {k for k in root.state_dict() if k not in frozen}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"the checkpoint's saved tensors do not match this model's adapters: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}. Resume with the same module and LoRA settings."
+        )
+    full = root.state_dict()
+    state.update({k: full[k] for k in frozen if k in full})
+
+
+def _restore_full(root: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """A full checkpoint: a pretraining one, or a LoRA one from the first release (config top-level)."""
+    legacy = checkpoint.get(LEGACY_CONFIG_KEY)
+    _, target = resolve_module_path(root, None)
+    if legacy is not None:
+        _inject(target, LoRAConfig.from_dict(legacy))
+    elif adapted_submodule(root) is not None:
+        raise UsageError(
+            "this checkpoint holds no LoRA adapters, but the model has them: it looks like a pretraining "
+            "checkpoint passed as --ckpt_path to a LoRA run. ckpt_path resumes an interrupted run of the same "
+            "kind; to start fine-tuning from pretrained weights, pass them as --model.base_checkpoint instead."
+        )
+
+
+def _fingerprint_of(root: nn.Module) -> dict[str, dict[str, Any]]:
+    if isinstance(root, LoRACheckpointMixin):
+        return root._base_fingerprint()
+    return fingerprint(base_tensors(root))
 
 
 def _inject(target: nn.Module, config: LoRAConfig) -> None:

@@ -37,22 +37,23 @@ MNIST_FILES = (
 
 
 class TensorBatchDataset(Dataset):
-    """Images and labels in memory; ``__getitems__`` gathers a whole batch with one index op."""
+    """Inputs and targets in memory (images and labels, or regression samples); ``__getitems__``
+    gathers a whole batch with one index op."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels = images, labels
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(inputs) != len(targets):
+            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        self.inputs, self.targets = inputs, targets
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
+        return self.inputs[index], self.targets[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, device=self.labels.device)
-        return self.images[index], self.labels[index]
+        index = torch.as_tensor(indices, device=self.targets.device)
+        return self.inputs[index], self.targets[index]
 
 
 class EpochShuffle(Sampler[int]):

@@ -102,11 +102,11 @@ def disk_errors(path: Path) -> Iterator[None]:
         yield
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(err.errno, f"no space left on the device while writing {path}; free some space") from err
+            raise OSError(f"no space left on the device while writing {path}; free some space") from err
         raise
     except RuntimeError as err:  # torch and safetensors report a failed write as a RuntimeError
         if "No space left" in str(err) or "error code: 28" in str(err):
-            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}; free some space") from err
+            raise OSError(f"no space left on the device while writing {path}; free some space") from err
         raise
 
 

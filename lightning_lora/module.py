@@ -10,8 +10,6 @@ suffix: what the adapter changed, in one run.
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,88 +18,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from lightning_lora.checkpointing import CHECKPOINT_KEY, LEGACY_CONFIG_KEY, LoRACheckpointMixin
+from lightning_lora.checkpoint_files import build_net, load_base_checkpoint, net_spec, read_checkpoint_state
+from lightning_lora.checkpointing import LoRACheckpointMixin
 from lightning_lora.errors import NonFiniteLossError, UsageError
 from lightning_lora.inject import disable_lora, get_lora_config
 from lightning_lora.metrics import DigitMetrics, RegressionMetrics
-
-MODULE_CLASS_KEY = "lightning_lora_module"
-
-
-def net_spec(net: nn.Module) -> dict[str, Any] | None:
-    """``{"class_path", "init_args"}`` for a net that records its ``init_args``, else ``None``."""
-    init_args = getattr(net, "init_args", None)
-    if not isinstance(init_args, dict):
-        return None
-    cls = type(net)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
-
-
-def build_net(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild a net from :func:`net_spec` output (only ``nn.Module`` classes are accepted)."""
-    class_path = spec.get("class_path")
-    if not isinstance(class_path, str) or "." not in class_path:
-        raise ValueError(f"net spec needs a dotted 'class_path', got {spec!r}")
-    module_name, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"net class_path {class_path!r} is not an nn.Module class")
-    return cls(**spec.get("init_args", {}))
-
-
-def read_checkpoint_state(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True``, with one clear error per failure."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist; check the path")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, a pickle with code, plain garbage: all refused
-        raise ValueError(
-            f"{what} {path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            "It may be truncated or not a Lightning .ckpt; only weights-only checkpoints are loaded."
-        ) from err
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{what} {path} has no 'state_dict'; pass a .ckpt file written by Lightning")
-    return checkpoint
-
-
-def _state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    own = model.state_dict()
-    problems = []
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs net {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if shapes:
-        problems.append("shape mismatches " + "; ".join(shapes))
-    return problems
-
-
-def load_base_checkpoint(net: nn.Module, path: str | Path) -> None:
-    """Load pretrained weights into a plain ``net`` from a Lightning checkpoint, strictly."""
-    checkpoint = read_checkpoint_state(path, "base_checkpoint")
-    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    if checkpoint.get(CHECKPOINT_KEY) is not None or checkpoint.get(LEGACY_CONFIG_KEY) is not None:
-        raise ValueError(
-            f"base_checkpoint {path} holds a LoRA fine-tuned model; a base checkpoint must be a plain "
-            "(pretraining) checkpoint. To continue a LoRA run, pass it as --ckpt_path instead."
-        )
-    problems = _state_dict_mismatch(net, state)
-    if problems:
-        raise ValueError(
-            f"base_checkpoint {path} does not fit the net {type(net).__name__}: "
-            + "; ".join(problems)
-            + ". Use the same net and sizes as the pretraining run."
-        )
-    net.load_state_dict(state, strict=True)
-
+from lightning_lora.trust import MODULE_CLASS_KEY
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -123,6 +45,9 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         compare_base: When the net holds adapters, also evaluate every validation and test
             batch with the adapter disabled (the base model) and log those numbers with a
             ``_base`` suffix (``test/acc_base``, ``test/wrong_digit_9_base``).
+        lr_on_resume: When resuming (``--ckpt_path``), replace the learning rate the checkpoint
+            restores with this one: after a NaN, resume from the last good checkpoint with a
+            lower rate.
     """
 
     def __init__(
@@ -131,6 +56,7 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         base_checkpoint: str | None = None,
         compare_base: bool = True,
+        lr_on_resume: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(net, dict):
@@ -141,13 +67,14 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         spec = net_spec(net)
         if spec is not None:
             self.hparams["net"] = spec
-        if base_checkpoint is not None:  # recorded absolute, so a checkpoint loads from any working folder
-            self.hparams["base_checkpoint"] = str(Path(base_checkpoint).resolve())
         self.net = net
         self.optimizer = optimizer
         if base_checkpoint is not None:
-            load_base_checkpoint(net, base_checkpoint)
+            # Recorded as the file it resolved to, absolute: a checkpoint loads from any working folder,
+            # and a later pretraining run never changes what this fine-tune's base is.
+            self.hparams["base_checkpoint"] = str(load_base_checkpoint(net, base_checkpoint).resolve())
         self.compare_base = compare_base
+        self.lr_on_resume = lr_on_resume
         self.val_metrics = self.new_eval_metrics()
         self.test_metrics = self.new_eval_metrics()
         self.val_base_metrics = self.new_eval_metrics()
@@ -213,9 +140,10 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
             raise NonFiniteLossError(
                 f"the training loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
                 f"batch {batch_idx}); training stopped before applying it. Likely causes: a learning rate too high "
-                "for this model (lower model.optimizer.init_args.lr), or an overflow in reduced precision (with "
-                "16-mixed try bf16-mixed or 32-true). Checkpoints written before this step are intact: fix the "
-                "setting and resume from the last one with --ckpt_path, or start again."
+                "for this model, or an overflow in reduced precision (with 16-mixed try bf16-mixed or 32-true). "
+                "Checkpoints written before this step are intact: resume from the last one with a lower rate, "
+                "--ckpt_path <the run> --model.lr_on_resume <lower lr> (a checkpoint restores its own rate "
+                "otherwise), or start again with a lower model.optimizer.init_args.lr."
             )
 
     def _logs_this_step(self) -> bool:
@@ -226,6 +154,14 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         """
         trainer = self.trainer
         return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.global_step == 0
+
+    def on_train_start(self) -> None:
+        if self.lr_on_resume is not None and self.trainer.ckpt_path is not None:
+            for optimizer in self.trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.lr_on_resume
+            for config in self.trainer.lr_scheduler_configs:
+                config.scheduler.base_lrs = [self.lr_on_resume] * len(config.scheduler.base_lrs)
 
     def on_train_epoch_start(self) -> None:
         self._train_sums = None
@@ -282,7 +218,7 @@ class LitClassifier(NetModule):
     """Classifies digits with ``net``; logs micro accuracy, per-digit numbers, confusion matrices.
 
     Args:
-        net, optimizer, base_checkpoint, compare_base: See :class:`NetModule`.
+        net, optimizer, base_checkpoint, compare_base, lr_on_resume: See :class:`NetModule`.
         num_classes: Size of the output layer (10 for MNIST, also for digit subsets, so the
             head keeps the pretrained base's shape).
     """
@@ -294,9 +230,10 @@ class LitClassifier(NetModule):
         base_checkpoint: str | None = None,
         compare_base: bool = True,
         num_classes: int = 10,
+        lr_on_resume: float | None = None,
     ) -> None:
         self.num_classes = num_classes
-        super().__init__(net, optimizer, base_checkpoint, compare_base)
+        super().__init__(net, optimizer, base_checkpoint, compare_base, lr_on_resume)
 
     def new_eval_metrics(self) -> DigitMetrics:
         return DigitMetrics(self.num_classes)
@@ -325,19 +262,3 @@ class LitRegressor(NetModule):
         x, y = batch
         preds = self(x)
         return F.mse_loss(preds.float(), y), preds, y
-
-
-def load_trained(path: str | Path) -> NetModule:
-    """Load a checkpoint written by any :class:`NetModule`, as the class that wrote it, in eval mode."""
-    checkpoint = read_checkpoint_state(path)
-    if "pytorch-lightning_version" not in checkpoint:
-        raise ValueError(
-            f"checkpoint {path} was not written by a Lightning run (it holds only weights); pass a .ckpt "
-            "from a lightning-lora fit (e.g. runs/<name>/checkpoints/last.ckpt)"
-        )
-    class_path = checkpoint.get(MODULE_CLASS_KEY) or f"{LitClassifier.__module__}.{LitClassifier.__qualname__}"
-    module_name, _, name = class_path.rpartition(".")
-    module_class = getattr(importlib.import_module(module_name), name, None) if module_name else None
-    if not (isinstance(module_class, type) and issubclass(module_class, NetModule)):
-        raise ValueError(f"checkpoint {path} names {class_path!r}, which is not a lightning_lora NetModule")
-    return module_class.load_from_checkpoint(path, map_location="cpu").eval()

@@ -1,9 +1,13 @@
-"""Shared fixtures: a fixed seed for every test, and the gpu marker's skip."""
+"""Shared fixtures: a fixed seed for every test, the gpu marker's skip, synthetic MNIST, a trained run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -26,3 +30,28 @@ def fake_mnist(tmp_path_factory: pytest.TempPathFactory):
     from helpers import write_fake_mnist
 
     return write_fake_mnist(tmp_path_factory.mktemp("fake_mnist"))
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, fake_mnist):
+    """A real, short LoRA fine-tune through the command line: (its working folder, its checkpoint).
+
+    The base is a pretraining-style checkpoint of a seeded RichBoyNet at runs/pretrain/checkpoints.
+    """
+    import sys
+
+    from helpers import write_base_checkpoint
+
+    from lightning_lora.cli import main
+    from lightning_lora.models import RichBoyNet
+
+    root = tmp_path_factory.mktemp("lora_run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr(sys, "argv", ["lightning-lora"])
+        torch.manual_seed(0)
+        write_base_checkpoint(root / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
+        main(["fit", "-c", str(CONFIGS / "finetune_lora.yaml"), "--data.data_dir", str(fake_mnist),
+              "--trainer.max_steps", "2", "--trainer.val_check_interval", "1.0",
+              "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    return root, root / "runs/finetune_lora/version_0/checkpoints/last.ckpt"

@@ -87,11 +87,29 @@ def test_inspect_lists_targets_shapes_and_counts(workdir, capsys):
     assert "trainable params: 6,794 || all params: 2,813,804" in out
 
 
-def test_inspect_of_a_config_without_the_callback(workdir, capsys):
+def test_inspect_takes_the_same_lora_overrides_as_fit(workdir, capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "inspect",
+                "-c",
+                str(CONFIGS / "finetune_lora.yaml"),
+                "--lora.rank",
+                "4",
+                "--lora.target_modules",
+                "[linear1]",
+            ]
+        )
+    out = capsys.readouterr().out
+    assert "linear1" in out and "linear2" not in out.split("LoRAConfig")[0] and "rank=4" in out
+    assert "linear2 (not targeted)" in out  # the info line: what the config leaves alone
+
+
+def test_inspect_of_a_config_without_lora(workdir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", "-c", str(CONFIGS / "pretrain.yaml")])
-    assert exit_info.value.code == 1
-    assert "lists no LoRAInjectionCallback" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "no 'lora:' section or LoRAInjectionCallback" in capsys.readouterr().err
 
 
 def test_verb_errors_exit_cleanly(workdir, capsys):
@@ -127,8 +145,8 @@ def trained_run(tmp_path_factory, fake_mnist):
                 "1",
             ]
         )
-        ckpt = root / "runs/finetune_lora/checkpoints/last.ckpt"
-        main(["test", *common, "--ckpt_path", str(ckpt)])
+        ckpt = root / "runs/finetune_lora/version_0/checkpoints/last.ckpt"
+        main(["test", *common, "--ckpt_path", "runs/finetune_lora"])  # a run folder: its latest version
     return root, ckpt
 
 
@@ -146,27 +164,35 @@ def test_export_reproduces_the_fine_tuned_predictions(trained_run, tmp_path, fak
     assert ckpt.stat().st_size < 0.02 * full_model_bytes  # adapter-only: under 2% of the full model
 
 
-def test_merge_writes_a_model_that_loads_without_lightning_lora(trained_run, tmp_path):
-    _, ckpt = trained_run
+def test_merge_writes_a_safe_file_with_its_input_contract(trained_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from lightning_lora import load_merged
+
+    root, ckpt = trained_run
     with pytest.raises(SystemExit) as exit_info:
-        main(["merge", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged.pt2")])
+        main(["merge", "--ckpt", str(ckpt), "--out", str(tmp_path / "merged.safetensors")])
     assert exit_info.value.code == 0
-    x = torch.randn(16, 1, 28, 28)
-    torch.save(x, tmp_path / "x.pt")
-    script = (
-        "import sys; sys.modules['lightning_lora'] = None\n"  # importing it would now fail
-        "import torch\n"
-        f"program = torch.export.load({str(tmp_path / 'merged.pt2')!r}).module()\n"
-        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
-        f"torch.save(program(x), {str(tmp_path / 'out.pt')!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
-    merged = torch.load(tmp_path / "out.pt")
+    pixels = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    normalised = ((pixels.float() / 255 - 0.1307) / 0.3081).unsqueeze(1)
     model = LitClassifier.load_from_checkpoint(ckpt).eval()
     with torch.no_grad():
-        expected = model(x)
-    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(merged.argmax(-1), expected.argmax(-1))
+        expected = model(normalised)
+    merged = load_merged(tmp_path / "merged.safetensors")
+    torch.testing.assert_close(merged(pixels), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(merged.predict(pixels.float() / 255), expected.argmax(-1))
+    assert torch.equal(merged.predict(pixels.unsqueeze(1)), expected.argmax(-1))
+    with pytest.raises(ValueError, match="look normalised already"):
+        merged(normalised)
+    with pytest.raises(ValueError, match=r"expected images shaped \(N, 28, 28\)"):
+        merged(torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
+    plain = RichBoyNet()  # without lightning_lora's loader: plain safetensors, the class you know
+    plain.load_state_dict(load_file(tmp_path / "merged.safetensors"))
+    torch.testing.assert_close(plain(normalised), expected, atol=1e-5, rtol=1e-5)
+    first = (tmp_path / "merged.safetensors").read_bytes()
+    with pytest.raises(SystemExit):
+        main(["merge", "--ckpt", str(root / "runs/finetune_lora"), "--out", str(tmp_path / "merged.safetensors")])
+    assert (tmp_path / "merged.safetensors").read_bytes() == first  # byte-reproducible
 
 
 def event_dir(root: Path, name: str) -> Path:
@@ -268,13 +294,12 @@ def test_rerun_into_the_same_log_folder_does_not_fail_on_the_saved_config(workdi
     assert "seed_everything: 7" in saved and "lightning_lora.models.RichBoyNet" in saved
 
 
-def lora_overlay(tmp_path: Path, **init_args) -> str:
-    """A config replacing the callback list with one LoRAInjectionCallback(**init_args)."""
+def lora_overlay(tmp_path: Path, **settings) -> str:
+    """A config overriding some LoRA settings."""
     import yaml
 
-    callback = {"class_path": "lightning_lora.callbacks.LoRAInjectionCallback", "init_args": init_args}
     path = tmp_path / "overlay.yaml"
-    path.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    path.write_text(yaml.safe_dump({"lora": settings}))
     return str(path)
 
 
@@ -304,8 +329,8 @@ def test_bad_input_fails_with_one_clear_message(workdir, fake_mnist, capsys, ext
         ({"rank": 0}, "LoRAConfig.rank must be an integer >= 1, got 0"),
         ({"alpha": -1}, "LoRAConfig.alpha must be a finite number > 0, got -1"),
         ({"dropout": 1.5}, "LoRAConfig.dropout must be a number in [0, 1), got 1.5"),
-        ({"init": "xavier"}, "Expected a typing.Literal['kaiming', 'gaussian']. Got value: xavier"),
-        ({"bias": "some"}, "Got value: some"),
+        ({"init": "xavier"}, "--lora.init: expected one of 'kaiming', 'gaussian', got 'xavier'"),
+        ({"bias": "some"}, "--lora.bias: expected one of 'none', 'all', 'lora_only', got 'some'"),
         ({"target_modules": ["fc9"]}, "pattern 'fc9' matches no module. Adaptable layers in this model: ['linear1'"),
         ({"target_modules": ["relu"]}, "LoRA target 'relu' is a ReLU, which LoRA cannot adapt"),
     ],
@@ -348,7 +373,7 @@ def test_a_pretraining_checkpoint_as_ckpt_path_is_a_usage_error(workdir, fake_mn
         ["fit", *config_args(["pretrain.yaml"]), *data, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1"]
     )
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *config_args(["finetune_lora.yaml"]), *data, "--ckpt_path", "runs/pretrain/checkpoints/last.ckpt"])
+        main(["fit", *config_args(["finetune_lora.yaml"]), *data, "--ckpt_path", "runs/pretrain/version_0"])
     assert exit_info.value.code == 2
     assert "pass them as --model.base_checkpoint instead" in capsys.readouterr().err
 
@@ -357,7 +382,7 @@ def test_the_command_line_base_checkpoint_wins_and_a_stored_class_never_switches
     common = [*config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
     common += ["--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"]
     main(["fit", *common, "--trainer.max_steps", "2"])
-    ckpt = workdir / "runs/finetune_lora/checkpoints/last.ckpt"
+    ckpt = workdir / "runs/finetune_lora/version_0/checkpoints/last.ckpt"
     moved = workdir / "elsewhere" / "pretrain.ckpt"
     moved.parent.mkdir()
     (workdir / "runs/pretrain/checkpoints/last.ckpt").rename(moved)
@@ -366,7 +391,7 @@ def test_the_command_line_base_checkpoint_wins_and_a_stored_class_never_switches
     torch.save(checkpoint, ckpt)
     with pytest.raises(SystemExit) as exit_info:  # the config still names the old place: a clear error
         main(["test", *common, "--ckpt_path", str(ckpt)])
-    assert exit_info.value.code == 2 and "base_checkpoint runs/pretrain/checkpoints/last.ckpt does not exist" in (
+    assert exit_info.value.code == 2 and "base_checkpoint runs/pretrain is a folder without checkpoints" in (
         capsys.readouterr().err
     )
     main(["test", *common, "--ckpt_path", str(ckpt), "--model.base_checkpoint", str(moved)])
@@ -375,7 +400,7 @@ def test_the_command_line_base_checkpoint_wins_and_a_stored_class_never_switches
 
 def test_lightningcli_still_calls_the_ckpt_path_hook_we_override(workdir, fake_mnist, monkeypatch):
     """cli.LoRACLI._parse_ckpt_path replaces a private LightningCLI method: fail loudly if it is no longer called."""
-    from lightning_lora.cli import LoRACLI
+    from lightning_lora.lightning_cli import LoRACLI
 
     calls = []
     monkeypatch.setattr(LoRACLI, "_parse_ckpt_path", lambda self: calls.append(self.config.subcommand))

@@ -27,25 +27,25 @@ def test_normalisation_matches_torchvision_exactly(fake_mnist):
     )
     for i in (0, 7, 99):
         image, label = reference[i]
-        assert torch.equal(dm.test_set.images[i], image) and dm.test_set.labels[i] == label
+        assert torch.equal(dm.test_set.inputs[i], image) and dm.test_set.targets[i] == label
 
 
 def test_full_split_sizes_and_seeded_disjoint_validation(fake_mnist):
     dm = fitted(fake_mnist, val_fraction=0.25)
     assert len(dm.train_set) == 300 and len(dm.val_set) == 100 and len(dm.test_set) == 100
     again = fitted(fake_mnist, val_fraction=0.25)
-    assert torch.equal(again.val_set.images, dm.val_set.images)
+    assert torch.equal(again.val_set.inputs, dm.val_set.inputs)
     other_seed = fitted(fake_mnist, val_fraction=0.25, seed=1)
-    assert not torch.equal(other_seed.val_set.labels, dm.val_set.labels)
-    train_rows = {tuple(x.flatten()[:50].tolist()) for x in dm.train_set.images}
-    assert not any(tuple(x.flatten()[:50].tolist()) in train_rows for x in dm.val_set.images)
+    assert not torch.equal(other_seed.val_set.targets, dm.val_set.targets)
+    train_rows = {tuple(x.flatten()[:50].tolist()) for x in dm.train_set.inputs}
+    assert not any(tuple(x.flatten()[:50].tolist()) in train_rows for x in dm.val_set.inputs)
 
 
 def test_train_digits_filter_train_and_val_but_not_test(fake_mnist):
     dm = fitted(fake_mnist, train_digits=[9, 4])
-    assert set(dm.train_set.labels.tolist()) == {4, 9} and set(dm.val_set.labels.tolist()) == {4, 9}
+    assert set(dm.train_set.targets.tolist()) == {4, 9} and set(dm.val_set.targets.tolist()) == {4, 9}
     assert len(dm.train_set) + len(dm.val_set) == 80
-    assert set(dm.test_set.labels.tolist()) == set(range(10))
+    assert set(dm.test_set.targets.tolist()) == set(range(10))
 
 
 def test_loaders_serve_whole_batches_through_getitems(fake_mnist):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_lora.checkpoint_files import build_net, net_spec
 from lightning_lora.models import MLP, RichBoyNet
-from lightning_lora.module import build_net, net_spec
+from lightning_lora.trust import UntrustedClassError, allow_classes
 
 
 def n_params(net: torch.nn.Module) -> int:
@@ -37,8 +38,11 @@ def test_nets_rebuild_from_their_spec(net):
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
 
 
-def test_build_net_refuses_non_modules():
-    with pytest.raises(ValueError, match="'os.path' is not an nn.Module class"):
+def test_build_net_refuses_untrusted_classes_and_non_modules():
+    with pytest.raises(UntrustedClassError, match="'os.path' .* nothing was imported"):
         build_net({"class_path": "os.path", "init_args": {}})
+    allow_classes(["collections.OrderedDict"])
+    with pytest.raises(ValueError, match="'collections.OrderedDict' is not a Module class"):
+        build_net({"class_path": "collections.OrderedDict", "init_args": {}})
     with pytest.raises(ValueError, match="dotted 'class_path'"):
         build_net({"init_args": {}})

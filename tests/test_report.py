@@ -10,9 +10,10 @@ import pytest
 import torch
 from helpers import write_base_checkpoint
 
-from lightning_lora.cli import main, run_lightning
+from lightning_lora.cli import main
+from lightning_lora.experiments.report import report
+from lightning_lora.lightning_cli import run_lightning
 from lightning_lora.models import MLP
-from lightning_lora.report import report
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -41,16 +42,14 @@ def test_classification_report_on_synthetic_digits(workdir, fake_mnist):
     net = ["--model.net.class_path", "lightning_lora.models.MLP", "--model.net.init_args.hidden_sizes", "[32]"]
     fit("-c", str(CONFIGS / "mlp_pretrain.yaml"), *data, *net)
     fit("-c", str(CONFIGS / "mlp_finetune_lora.yaml"), *data, *net, "--data.train_digits", "[3]")
-    summary, markdown = report(
-        "runs/mlp_pretrain/checkpoints/last.ckpt", "runs/mlp_finetune_lora/checkpoints/last.ckpt", workdir / "out"
-    )
+    summary, markdown = report("runs/mlp_finetune_lora", workdir / "out")  # its base: the run it recorded
     assert summary["adapter_off_identical_to_base"] is True
     assert summary["merged_predictions_equal_unmerged"] is True
     assert summary["trained_digits"] == [3] and summary["test_samples"] == 100
     assert summary["adapter_off"] == summary["base"]
     assert sum(summary["base"]["wrong_per_digit"]) == round(100 * (1 - summary["base"]["accuracy"]))
     assert summary["parameters"]["trainable"] == 4 * (784 + 32) + 4 * (32 + 10)
-    assert summary["adapter_bytes"] < summary["checkpoint_bytes"]
+    assert summary["adapter_bytes"] < summary["checkpoint_bytes"] < summary["model_bytes"]
     assert json.loads((workdir / "out" / "summary.json").read_text()) == summary
     text = Path(markdown).read_text()
     assert "| adapter off |" in text and "bit for bit" in text and "Digit 3 (trained)" in text
@@ -61,15 +60,15 @@ def test_report_refuses_checkpoints_it_cannot_compare(workdir, fake_mnist, capsy
     weights_only = write_base_checkpoint(workdir / "base.ckpt", MLP(hidden_sizes=[8]))
     args = ["--out", "o", "--data-dir", str(fake_mnist)]
     with pytest.raises(SystemExit) as exit_info:
-        main(["report", "--base", str(weights_only), "--finetuned", str(weights_only), *args])
+        main(["report", "--finetuned", str(weights_only), *args])
     assert exit_info.value.code == 1
     assert "was not written by a Lightning run" in capsys.readouterr().err
     data = ["--data.data_dir", str(fake_mnist), "--trainer.max_steps", "2"]
     fit("-c", str(CONFIGS / "mlp_pretrain.yaml"), *data)
-    pretrain = "runs/mlp_pretrain/checkpoints/last.ckpt"
-    with pytest.raises(SystemExit):
-        main(["report", "--base", pretrain, "--finetuned", pretrain, *args])
-    assert "holds no LoRA adapters; pass the fine-tuning checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--finetuned", "runs/mlp_pretrain", *args])
+    assert exit_info.value.code == 2
+    assert "holds no LoRA adapters; pass a fine-tuning run as --finetuned" in capsys.readouterr().err
 
 
 def test_shift_experiment_at_reduced_size(workdir, capsys):
@@ -84,8 +83,7 @@ def test_shift_experiment_at_reduced_size(workdir, capsys):
     fit("-c", str(CONFIGS / "shift_pretrain.yaml"), *sizes, "--model.optimizer.init_args.lr", "10")
     fit("-c", str(CONFIGS / "shift_finetune_lora.yaml"), *sizes)
     with pytest.raises(SystemExit):
-        main(["report", "--base", "runs/shift_pretrain/checkpoints/last.ckpt", "--finetuned",
-              "runs/shift_finetune_lora/checkpoints/last.ckpt", "--out", "out"])  # fmt: skip
+        main(["report", "--finetuned", "runs/shift_finetune_lora", "--out", "out"])
     summary = json.loads((workdir / "out" / "summary.json").read_text())
     assert abs(summary["delta_mean"] - 1.0) < 0.05
     assert summary["mse_base_on_new_data"] > 50
@@ -102,11 +100,9 @@ def test_experiment_1_full_size(workdir):
     fit("-c", str(CONFIGS / "pretrain.yaml"), *data)
     fit("-c", str(CONFIGS / "finetune_lora.yaml"), *data)
     cli = run_lightning(["test", "-c", str(CONFIGS / "finetune_lora.yaml"), *data, *QUIET,
-                         "--ckpt_path", "runs/finetune_lora/checkpoints/last.ckpt"])  # fmt: skip
+                         "--ckpt_path", "runs/finetune_lora"])  # fmt: skip
     logged = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    summary, _ = report(
-        "runs/pretrain/checkpoints/last.ckpt", "runs/finetune_lora/checkpoints/last.ckpt", "out", str(REAL_MNIST)
-    )
+    summary, _ = report("runs/finetune_lora", "out", data_dir=str(REAL_MNIST))
     assert summary["adapter_off_identical_to_base"] is True
     assert summary["adapter_on"]["wrong_per_digit"][9] < summary["base"]["wrong_per_digit"][9]
     assert summary["parameters"]["trainable"] == 6_794
@@ -125,12 +121,7 @@ def test_experiment_2_reduced_size(workdir):
     data += ["--trainer.limit_val_batches", "10"]
     fit("-c", str(CONFIGS / "mlp_pretrain.yaml"), *data)
     fit("-c", str(CONFIGS / "mlp_finetune_lora.yaml"), *data)
-    summary, _ = report(
-        "runs/mlp_pretrain/checkpoints/last.ckpt",
-        "runs/mlp_finetune_lora/checkpoints/last.ckpt",
-        "out",
-        str(REAL_MNIST),
-    )
+    summary, _ = report("runs/mlp_finetune_lora", "out", data_dir=str(REAL_MNIST))
     assert summary["merged_predictions_equal_unmerged"] is True
     assert summary["merged_max_abs_logit_difference"] < 1e-4
     assert summary["adapter_off_identical_to_base"] is True

@@ -1,0 +1,218 @@
+"""Reading Lightning checkpoints without Lightning: safely, and by run name.
+
+The ``export``, ``merge`` and ``report`` commands work on checkpoints but train nothing, so they
+should not pay for importing Lightning. This module reads a checkpoint with
+``torch.load(weights_only=True)`` (no pickle code can run), checks every class path in it
+against :mod:`lightning_lora.trust` before importing anything, rebuilds the network from the
+recorded ``net`` spec, takes the base weights from the recorded (or a given) base checkpoint,
+and restores the adapters exactly as ``LoRACheckpointMixin`` does for a LightningModule.
+
+Runs are found by name: ``runs/finetune_lora`` means the latest version's ``last.ckpt``,
+``runs/finetune_lora/version_3`` that version's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lora import trust
+from lightning_lora.checkpointing import CHECKPOINT_KEY, LEGACY_CONFIG_KEY, restore_adapters
+from lightning_lora.errors import UsageError
+from lightning_lora.inject import get_lora_config
+
+LAST = "last.ckpt"
+
+
+def resolve_checkpoint(reference: str | Path, what: str = "checkpoint") -> Path:
+    """A checkpoint file from a file path, a run version folder, or a run folder (its latest version).
+
+    The latest version is the one whose ``checkpoints/last.ckpt`` was written last.
+
+    Raises:
+        FileNotFoundError: nothing there, or a folder without checkpoints (the message lists what is).
+    """
+    path = Path(reference)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist; check the path (a .ckpt file or a run folder)")
+    for candidate in (path / LAST, path / "checkpoints" / LAST):
+        if candidate.is_file():
+            return candidate
+    versions = sorted(
+        (p / "checkpoints" / LAST for p in path.iterdir() if (p / "checkpoints" / LAST).is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not versions:
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise FileNotFoundError(
+            f"{what} {path} is a folder without checkpoints/{LAST} in it or in a version folder (it holds {found})"
+        )
+    return versions[-1]
+
+
+def read_checkpoint_state(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True``, with one clear error per failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist; check the path")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, a pickle with code, plain garbage: all refused
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"{what} {path} is not a readable checkpoint ({type(err).__name__}: {first}). It may be truncated or "
+            "not a Lightning .ckpt; only weights-only checkpoints are loaded."
+        ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{what} {path} has no 'state_dict'; pass a .ckpt file written by Lightning")
+    bad = [k for k, v in checkpoint["state_dict"].items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise ValueError(f"{what} {path} has a damaged 'state_dict' (entries that are not tensors: {bad[:5]})")
+    return checkpoint
+
+
+def net_spec(net: nn.Module) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` for a net that records its ``init_args``, else ``None``."""
+    init_args = getattr(net, "init_args", None)
+    if not isinstance(init_args, dict):
+        return None
+    cls = type(net)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
+
+
+def build_net(spec: Any, where: str = "net spec") -> nn.Module:
+    """Rebuild a net from :func:`net_spec` output; its class must be trusted (:mod:`lightning_lora.trust`)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str) or "." not in spec["class_path"]:
+        raise ValueError(f"{where} needs a dotted 'class_path' and 'init_args', got {spec!r}")
+    cls = trust.resolve_class(spec["class_path"], nn.Module, where)
+    init_args = spec.get("init_args", {})
+    if not isinstance(init_args, dict):
+        raise ValueError(f"{where}: init_args must be a mapping, got {init_args!r}")
+    try:
+        return cls(**init_args)
+    except TypeError as err:
+        raise UsageError(f"{where}: {spec['class_path']} does not take these arguments ({err})") from err
+
+
+def _state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    own = model.state_dict()
+    problems = []
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing:
+        problems.append(f"missing keys {missing[:8]}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}")
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs net {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if shapes:
+        problems.append("shape mismatches " + "; ".join(shapes[:5]))
+    return problems
+
+
+def load_base_checkpoint(net: nn.Module, path: str | Path) -> Path:
+    """Load pretrained weights into a plain ``net`` from a pretraining checkpoint (file or run), strictly."""
+    path = resolve_checkpoint(path, "base_checkpoint")
+    checkpoint = read_checkpoint_state(path, "base_checkpoint")
+    if checkpoint.get(CHECKPOINT_KEY) is not None or checkpoint.get(LEGACY_CONFIG_KEY) is not None:
+        raise ValueError(
+            f"base_checkpoint {path} holds a LoRA fine-tuned model; a base checkpoint must be a plain "
+            "(pretraining) checkpoint. To continue a LoRA run, pass it as --ckpt_path instead."
+        )
+    state = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    problems = _state_dict_mismatch(net, state)
+    if problems:
+        raise ValueError(
+            f"base_checkpoint {path} does not fit the net {type(net).__name__}: "
+            + "; ".join(problems)
+            + ". Use the same net and sizes as the pretraining run."
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"base_checkpoint {path} holds NaN or infinite weights ({bad[:5]}); it cannot be a base")
+    net.load_state_dict(state, strict=True)
+    return path
+
+
+class _Holder(nn.Module):
+    """The ``net`` of a LightningModule without the LightningModule: the same state-dict keys."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+@dataclass
+class LoadedRun:
+    """A run's network restored from its checkpoint, and what the checkpoint said about it."""
+
+    net: nn.Module
+    checkpoint: Path
+    base_checkpoint: Path | None
+    hyper_parameters: dict[str, Any]
+    datamodule_hyper_parameters: dict[str, Any]
+    module_class: str
+
+    @property
+    def adapted(self) -> bool:
+        return get_lora_config(self.net) is not None
+
+
+def load_run(reference: str | Path, base_checkpoint: str | Path | None = None) -> LoadedRun:
+    """Restore the network of a lightning-lora run (a checkpoint file or a run folder), in eval mode.
+
+    Args:
+        reference: A ``.ckpt`` file, a run version folder or a run folder (its latest version).
+        base_checkpoint: Where the base weights come from for an adapter-only checkpoint
+            (default: the path the run recorded).
+
+    Raises:
+        UsageError: a class path in the file is not trusted, or the base is not the one the
+            adapters were trained on (the message names the first differing tensor).
+        ValueError, FileNotFoundError: a missing, broken or foreign file.
+    """
+    path = resolve_checkpoint(reference)
+    checkpoint = read_checkpoint_state(path)
+    trust.check_class_paths(checkpoint, f"checkpoint {path}")  # before anything is imported
+    if "pytorch-lightning_version" not in checkpoint:
+        raise ValueError(
+            f"checkpoint {path} was not written by a Lightning run (it holds only weights); pass a .ckpt "
+            "from a lightning-lora fit, or its run folder (e.g. runs/finetune_lora)"
+        )
+    hparams = checkpoint.get("hyper_parameters") or {}
+    net = build_net(hparams.get("net"), f"checkpoint {path}: net")
+    base = base_checkpoint if base_checkpoint is not None else hparams.get("base_checkpoint")
+    base_path = None
+    if checkpoint.get(CHECKPOINT_KEY) is not None:
+        if base is None:
+            raise UsageError(
+                f"checkpoint {path} holds adapters only and records no base; pass --base <pretraining run>"
+            )
+        base_path = load_base_checkpoint(net, base)
+    holder = _Holder(net)
+    hint = "Pass the pretraining checkpoint the fine-tune started from with --base."
+    state = dict(checkpoint["state_dict"])
+    restore_adapters(holder, {**checkpoint, "state_dict": state}, hint)
+    problems = _state_dict_mismatch(holder, state)
+    if problems:
+        raise ValueError(f"checkpoint {path} does not fit its own net spec: " + "; ".join(problems))
+    holder.load_state_dict(state, strict=True)
+    module_class = checkpoint.get(trust.MODULE_CLASS_KEY) or "lightning_lora.module.LitClassifier"
+    data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+    return LoadedRun(net.eval(), path, base_path, dict(hparams), dict(data_hparams), str(module_class))
+
+
+def describe_run(path: Path) -> str:
+    """``runs/finetune_lora/version_3`` from ``runs/finetune_lora/version_3/checkpoints/last.ckpt``."""
+    parts = path.parts
+    if len(parts) >= 3 and parts[-2] == "checkpoints":
+        return str(Path(*parts[:-2]))
+    return str(path)

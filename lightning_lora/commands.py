@@ -1,0 +1,224 @@
+"""The verbs that train nothing: ``inspect``, ``export``, ``merge``, ``report``.
+
+None of them imports Lightning, so they start in a fraction of the time ``fit`` needs. They find
+runs by name (``runs/finetune_lora`` is its latest version; ``runs/finetune_lora/version_2`` that
+one) and read every file as untrusted (:mod:`lightning_lora.checkpoint_files`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_lora import trust
+from lightning_lora.errors import UsageError
+
+INSPECT = "Show which layers a config adapts, with shapes and added parameters (no data, no training)."
+EXPORT = "Write a run's adapter as a PEFT-format folder (adapter_config.json + adapter_model.safetensors)."
+MERGE = "Merge a run's adapter into its base and write the plain model as one safetensors file."
+REPORT = "Compare a fine-tune with its base on the test split: adapter on, off and merged, per digit."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are usage errors (one paragraph, exit code 2), not a usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message}; see {self.prog} --help")
+
+
+def _parser(verb: str, description: str) -> _Parser:
+    parser = _Parser(prog=f"lightning-lora {verb}", description=description)
+    parser.add_argument(
+        "--allow-class",
+        action="append",
+        default=[],
+        metavar="DOTTED.PATH",
+        help="trust a class of yours that the files name (repeatable); lightning-lora's own are trusted",
+    )
+    return parser
+
+
+def _run_options(parser: _Parser, with_out: str | None) -> None:
+    parser.add_argument("--ckpt", required=True, help="a fine-tuning run folder (its latest version) or .ckpt")
+    parser.add_argument("--base", help="the pretraining run or .ckpt (default: the one the fine-tune recorded)")
+    if with_out:
+        parser.add_argument("--out", required=True, help=with_out)
+
+
+def _load_adapted(opts: argparse.Namespace, verb: str):
+    from lightning_lora.checkpoint_files import describe_run, load_run
+
+    trust.allow_classes(opts.allow_class)
+    run = load_run(opts.ckpt, opts.base)
+    if not run.adapted:
+        raise UsageError(
+            f"{run.checkpoint} holds no LoRA adapters (a pretraining run?); {verb} needs a fine-tuning run"
+        )
+    print(f"lightning-lora {verb}: {describe_run(run.checkpoint)} ({run.checkpoint.name})", flush=True)
+    return run
+
+
+def export_command(argv: Sequence[str]) -> int:
+    parser = _parser("export", EXPORT)
+    _run_options(parser, "the adapter folder to write (a new folder, or an adapter folder to replace)")
+    opts = parser.parse_args(argv)
+    from lightning_lora.adapter_files import save_adapter
+
+    run = _load_adapted(opts, "export")
+    path = save_adapter(run.net, opts.out)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"adapter written to {path} ({size:,} bytes); PEFT loads it with PeftModel.from_pretrained(base, path)")
+    return 0
+
+
+def _image_contract(run) -> Any:
+    from lightning_lora.merged import ImageContract
+
+    return ImageContract() if run.module_class.endswith(".LitClassifier") else None
+
+
+def merge_command(argv: Sequence[str]) -> int:
+    parser = _parser("merge", MERGE + " Load it with lightning_lora.load_merged(path).")
+    _run_options(parser, "the file to write, e.g. merged.safetensors (a new file, or a merged file to replace)")
+    opts = parser.parse_args(argv)
+    from lightning_lora.checkpoint_files import net_spec
+    from lightning_lora.inject import merge_and_unload
+    from lightning_lora.merged import write_merged
+
+    run = _load_adapted(opts, "merge")
+    spec = run.hyper_parameters.get("net") or net_spec(run.net)
+    path = write_merged(opts.out, merge_and_unload(run.net), spec, _image_contract(run))
+    print(f"merged model written to {path} ({path.stat().st_size:,} bytes); load it with lightning_lora.load_merged")
+    return 0
+
+
+def report_command(argv: Sequence[str]) -> int:
+    parser = _parser("report", REPORT + " Prints the report and writes summary.md, summary.json and figures.")
+    parser.add_argument("--finetuned", default="runs/finetune_lora", help="the fine-tuning run (default: %(default)s)")
+    parser.add_argument("--base", help="the pretraining run (default: the one the fine-tune recorded)")
+    parser.add_argument("--out", help="the report folder (default: report/ in the fine-tuning run's folder)")
+    parser.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: the fine-tune's data_dir)")
+    parser.add_argument("--merged", help="a file from `lightning-lora merge` to check against the unmerged model")
+    opts = parser.parse_args(argv)
+    trust.allow_classes(opts.allow_class)
+    from lightning_lora.experiments.report import report
+
+    _, markdown = report(opts.finetuned, opts.out, opts.base, opts.data_dir, opts.merged)
+    print(Path(markdown).read_text())
+    return 0
+
+
+def _merge_configs(paths: Sequence[str]) -> dict[str, Any]:
+    """Read YAML configs in order; later ones override earlier ones (lists are replaced), as LightningCLI does."""
+
+    def merge(into: dict, update: dict) -> dict:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+        return into
+
+    merged: dict[str, Any] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"config {path} does not exist")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UsageError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+        if not isinstance(data, dict):
+            raise UsageError(f"config {path} must be a YAML mapping")
+        merge(merged, data)
+    return merged
+
+
+def _lora_settings(config: dict[str, Any], overrides: list[tuple[str, str]]) -> dict[str, Any] | None:
+    """The LoRA settings of a config (its ``lora:`` section or its LoRAInjectionCallback), plus overrides."""
+    settings = config.get("lora")
+    if isinstance(settings, dict):
+        settings = dict(settings.get("init_args", settings))
+    else:
+        callbacks = (config.get("trainer") or {}).get("callbacks") or []
+        found = [
+            c
+            for c in callbacks
+            if isinstance(c, dict) and str(c.get("class_path", "")).rsplit(".", 1)[-1] == "LoRAInjectionCallback"
+        ]
+        settings = dict(found[0].get("init_args") or {}) if found else None
+    if overrides:
+        settings = dict(settings or {})
+        for key, raw in overrides:
+            settings[key] = yaml.safe_load(raw)
+    return settings
+
+
+def inspect_command(argv: Sequence[str]) -> int:
+    parser = _parser("inspect", INSPECT)
+    parser.add_argument("-c", "--config", action="append", required=True, help="YAML config (repeatable)")
+    opts, rest = parser.parse_known_args(argv)
+    overrides = _lora_overrides(rest)
+    config = _merge_configs(opts.config)
+    trust.allow_classes(path for _, path in trust.class_paths_in(config))  # the user's own config names them
+    model = config.get("model") or {}
+    net_config = (model.get("init_args") or model).get("net")
+    if not isinstance(net_config, dict):
+        raise UsageError("the config has no model.net with class_path and init_args")
+    settings = _lora_settings(config, overrides)
+    if settings is None:
+        raise UsageError("the config has no 'lora:' section or LoRAInjectionCallback: nothing would be injected")
+    from lightning_lora.checkpoint_files import build_net
+    from lightning_lora.config import LoRAConfig
+    from lightning_lora.inject import count_parameters, inject_lora, lora_layers
+    from lightning_lora.targets import plan_targets
+
+    names = set(LoRAConfig.field_names())
+    try:
+        lora = LoRAConfig(**{k: v for k, v in settings.items() if k in names and v is not None})
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from err
+    net = build_net(net_config, "model.net")
+    skipped = plan_targets(net, lora).describe_skipped()
+    inject_lora(net, lora)
+    rows = [
+        (
+            name,
+            " x ".join(str(d) for d in layer.base_weight().shape),
+            type(layer.base_layer).__name__,
+            sum(p.numel() for n, p in layer.named_parameters(recurse=False) if n.startswith("lora_")),
+        )
+        for name, layer in lora_layers(net)
+    ]
+    width = max(len(r[0]) for r in [*rows, ("module", "", "", 0)])
+    print(f"{'module':<{width}}  {'type':<22} {'weight shape':>16}  {'adds':>10}")
+    for name, shape, kind, added in rows:
+        print(f"{name:<{width}}  {kind:<22} {shape:>16}  {added:>10,}")
+    print(f"{lora}\n{count_parameters(net)}")
+    if skipped:
+        print(skipped)
+    return 0
+
+
+def _lora_overrides(rest: list[str]) -> list[tuple[str, str]]:
+    """``--lora.rank 4`` style options, as fit takes them."""
+    from lightning_lora.config import LoRAConfig
+
+    overrides, i = [], 0
+    while i < len(rest):
+        option = rest[i]
+        key, _, inline = option.partition("=")
+        if not key.startswith("--lora.") or key[len("--lora.") :] not in LoRAConfig.field_names():
+            raise UsageError(f"unrecognised option {option!r}; inspect takes -c CONFIG and --lora.<field> VALUE")
+        if inline:
+            overrides.append((key[len("--lora.") :], inline))
+            i += 1
+        elif i + 1 < len(rest):
+            overrides.append((key[len("--lora.") :], rest[i + 1]))
+            i += 2
+        else:
+            raise UsageError(f"{option} needs a value")
+    return overrides

@@ -1,0 +1,110 @@
+"""``lightning-lora report``: what a fine-tune changed, written into the run's own folder.
+
+Finds the runs by name (the fine-tune's latest version unless told; its base from what it
+recorded), evaluates (:mod:`~lightning_lora.experiments.evaluate`), and writes ``summary.json``,
+``summary.md`` and the exported ``adapter/`` (:mod:`~lightning_lora.experiments.render` formats).
+The report folder belongs to the report: anything else found in it stops the report before it
+writes a byte.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lightning_lora.adapter_files import ADAPTER_WEIGHTS_NAME, save_adapter
+from lightning_lora.checkpoint_files import LoadedRun, build_net, describe_run, load_base_checkpoint, load_run
+from lightning_lora.errors import UsageError
+from lightning_lora.experiments import evaluate, render
+from lightning_lora.files import atomic_file, check_folder_kind
+
+REPORT_FILES = frozenset({"summary.json", "summary.md", "adapter", "figures"})
+"""What a report folder holds (and so what a report may replace)."""
+
+
+def _say(message: str) -> None:
+    print(f"report: {message}", flush=True)
+
+
+def _write(out: Path, summary: dict[str, Any], markdown: str) -> None:
+    with atomic_file(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_file(out / "summary.md") as tmp:
+        tmp.write_text(markdown)
+
+
+def _sizes(run: LoadedRun, out: Path) -> dict[str, int]:
+    folder = save_adapter(run.net, out / "adapter")
+    return {
+        "adapter_bytes": sum(f.stat().st_size for f in folder.iterdir()),
+        "adapter_weights_bytes": (folder / ADAPTER_WEIGHTS_NAME).stat().st_size,
+        "checkpoint_bytes": run.checkpoint.stat().st_size,
+        "model_bytes": sum(p.numel() * p.element_size() for p in run.net.parameters() if not p.requires_grad),
+    }
+
+
+def _data_args(run: LoadedRun, data_dir: str | None) -> dict[str, Any]:
+    args = {k: v for k, v in run.datamodule_hyper_parameters.items() if not k.startswith("_")}
+    if data_dir is not None:
+        args["data_dir"] = data_dir
+    return args
+
+
+def _classification(tuned: LoadedRun, base: nn.Module, data_dir: str | None, merged_file: str | None):
+    from lightning_lora.data import MNISTDataModule
+    from lightning_lora.merged import load_merged
+
+    data = MNISTDataModule(**_data_args(tuned, data_dir))
+    data.setup("test")
+    merged = load_merged(merged_file) if merged_file else None
+    _say(f"evaluating {len(data.test_set):,} test images: base, adapter on, adapter off, merged")
+    summary = evaluate.evaluate_classifier(base, tuned.net, data.test_set.inputs, data.test_set.targets, merged)
+    summary["trained_digits"] = data.train_digits or list(range(10))
+    return summary, render.classification_markdown
+
+
+def _regression(tuned: LoadedRun, base: nn.Module, data_dir: str | None, merged_file: str | None):
+    from lightning_lora.data import LinearShiftDataModule
+
+    data = LinearShiftDataModule(**_data_args(tuned, None))
+    data.setup("test")
+    test = data.splits["test"]
+    _say(f"evaluating {len(test):,} test samples")
+    return evaluate.evaluate_shift(base, tuned.net, test.inputs, test.targets, data.shift), render.regression_markdown
+
+
+def report(
+    finetuned: str | Path = "runs/finetune_lora",
+    out_dir: str | Path | None = None,
+    base: str | Path | None = None,
+    data_dir: str | None = None,
+    merged_file: str | None = None,
+) -> tuple[dict[str, Any], str]:
+    """Write the report of a fine-tuning run; returns the summary and the path of ``summary.md``."""
+    _say(f"loading the fine-tune {finetuned}")
+    tuned = load_run(finetuned, base)
+    if not tuned.adapted:
+        raise UsageError(f"{tuned.checkpoint} holds no LoRA adapters; pass a fine-tuning run as --finetuned")
+    if tuned.base_checkpoint is None:
+        raise UsageError(f"{tuned.checkpoint} records no base run; pass --base <pretraining run>")
+    out = Path(out_dir) if out_dir is not None else Path(describe_run(tuned.checkpoint)) / "report"
+    check_folder_kind(out, REPORT_FILES, "report")
+    _say(f"fine-tune {describe_run(tuned.checkpoint)}; base {describe_run(tuned.base_checkpoint)}")
+    base_net = build_net(tuned.hyper_parameters.get("net"), "the fine-tune's net")
+    load_base_checkpoint(base_net, tuned.base_checkpoint)  # the very base the adapters were trained on
+    kind = _regression if tuned.module_class.endswith(".LitRegressor") else _classification
+    summary, markdown = kind(tuned, base_net.eval(), data_dir, merged_file)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "kind": "regression" if kind is _regression else "classification",
+        "finetuned_checkpoint": str(tuned.checkpoint),
+        "base_checkpoint": str(tuned.base_checkpoint),
+        **summary,
+        **_sizes(tuned, out),
+    }
+    _write(out, summary, markdown(summary))
+    _say(f"written to {out}")
+    return summary, str(out / "summary.md")

@@ -1,0 +1,188 @@
+"""LightningCLI for ``fit``/``validate``/``test``/``predict``, with LoRA settings as a group of their own.
+
+``--lora.rank 4 --lora.target_modules '[linear1]'`` (or a ``lora:`` section in a config) adds a
+:class:`~lightning_lora.callbacks.LoRAInjectionCallback` with those settings; ``fit --help``
+lists them. Checkpoints are written atomically (:class:`AtomicCheckpointIO`), and a parse or
+type error is one line naming the option, the value and what it accepts.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+
+import lightning_lora.data  # noqa: F401  (imported so short class names such as MNISTDataModule resolve)
+import lightning_lora.module  # noqa: F401
+from lightning_lora.callbacks import LoRAInjectionCallback
+from lightning_lora.checkpoint_files import read_checkpoint_state, resolve_checkpoint
+from lightning_lora.checkpoint_io import AtomicCheckpointIO
+from lightning_lora.config import LoRAConfig
+from lightning_lora.errors import UsageError, root_cause
+from lightning_lora.module import NetModule
+
+LORA_GROUP = "lora"
+_RUN: dict[str, Any] = {}  # the trainer of the command running now, for an honest SIGTERM message
+
+
+def checkpoint_written_after_signal() -> str | None:
+    """The newest checkpoint this run's ModelCheckpoints wrote, or ``None`` if they wrote none."""
+    trainer, started = _RUN.get("trainer"), _RUN.get("started", float("inf"))
+    paths = [
+        Path(p)
+        for cb in (trainer.checkpoint_callbacks if trainer is not None else [])
+        for p in (getattr(cb, "last_model_path", ""), getattr(cb, "best_model_path", ""))
+        if p
+    ]
+    written = [p for p in paths if p.is_file() and p.stat().st_mtime >= started]
+    return str(max(written, key=lambda p: p.stat().st_mtime)) if written else None
+
+
+def short_parse_error(message: str) -> str:
+    """jsonargparse's nested union dump, cut to: the option, what it expects, the value given."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    option = ""
+    for key in keys:
+        option = key if not option or key.startswith(option + ".") else f"{option}.{key}"
+    expected = re.findall(r"Expected a (.+?)\. Got value: (.+)", message)
+    if option and expected:
+        kind, value = expected[-1]
+        kind = re.sub(r"<class '(\w+)'>", r"a \1", kind)
+        kind = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", kind)
+        return f"--{option}: expected {kind}, got {value.strip()!r}"
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not option and message.startswith("Problems parsing config"):
+        return " ".join(lines)  # a YAML error: its lines name the file, the line and the column
+    return f"--{option}: {lines[-1]}" if option and lines else (lines[0] if lines else message)
+
+
+class ShortErrorParser(LightningArgumentParser):
+    """Report a bad option in one line (exit code 2), not a usage dump and a nested union error."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        if not self.exit_on_error:  # jsonargparse probing an alternative: it catches this one itself
+            return super().error(message, ex)
+        raise UsageError(short_parse_error(message) + "; see --help")
+
+
+def _lora_help() -> str:
+    fields = ", ".join(f"--{LORA_GROUP}.{name}" for name in LoRAConfig.field_names())
+    return (
+        "LoRA fine-tuning: adds a LoRAInjectionCallback with these settings (or a 'lora:' section in a config). "
+        f"Options: {fields}, --{LORA_GROUP}.module_path, --{LORA_GROUP}.adapter_dir, --{LORA_GROUP}.merge_on_fit_end. "
+        f"Details: --{LORA_GROUP}.help LoRAInjectionCallback"
+    )
+
+
+class LoRACLI(LightningCLI):
+    """LightningCLI with the ``lora`` group, atomic checkpoints, short errors and checked ``--ckpt_path``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(f"--{LORA_GROUP}", type=LoRAInjectionCallback | None, default=None, help=_lora_help())
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # jsonargparse wraps the constructor's own error
+            raise UsageError(str(root_cause(err))) from err
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        config = self.config_init[self.subcommand]
+        callbacks = list(config["trainer"].get("callbacks") or [])
+        if config.get(LORA_GROUP) is not None:
+            callbacks.append(config[LORA_GROUP])
+        plugins = config["trainer"].get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
+        _RUN.update(trainer=trainer, started=time.time())
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (weights-only, run folders resolved) and do *not* read model settings from it.
+
+        LightningCLI's own version reads the checkpoint's hyper-parameters and lets them override
+        the config: a stored ``base_checkpoint`` then beats the one given on the command line,
+        and a stored ``_class_path`` can switch the model class (importing whatever it names).
+        Here the config (YAML and command line) alone decides the model; the checkpoint's
+        adapters are checked against it (LoRACheckpointMixin: same LoRA settings, same base).
+        LightningCLI offers no public switch for this, so this private method is overridden, in
+        this one place; ``tests/test_cli.py`` fails if LightningCLI stops calling it.
+        """
+        settings = self.config[self.config.subcommand]
+        path = settings.get("ckpt_path")
+        if path == "last":  # the latest run of this config (Lightning's "last" would look in the new run's folder)
+            path = self._latest_run(settings)
+        if path is not None and path not in ("best", "hpc", "registry"):  # Lightning's other keywords
+            try:
+                resolved = resolve_checkpoint(path, "ckpt_path")
+                checkpoint = read_checkpoint_state(resolved, "ckpt_path")
+            except (ValueError, FileNotFoundError) as err:
+                raise UsageError(str(err)) from err
+            if "pytorch-lightning_version" not in checkpoint:
+                raise UsageError(
+                    f"ckpt_path {resolved} holds weights only, not a Lightning run to resume or evaluate; "
+                    "to start from pretrained weights pass them as --model.base_checkpoint"
+                )
+            settings["ckpt_path"] = str(resolved)
+
+    @staticmethod
+    def _latest_run(settings: Any) -> str:
+        logger = settings.get("trainer", {}).get("logger")
+        init_args = getattr(logger, "init_args", None) or (logger or {}).get("init_args", {}) if logger else {}
+        save_dir, name = init_args.get("save_dir", "runs"), init_args.get("name", "lightning_lora")
+        folder = Path(str(save_dir)) / str(name)
+        if not folder.is_dir():
+            raise UsageError(f"--ckpt_path last: there is no earlier run of this config in {folder} to resume")
+        return str(folder)
+
+
+def _check_config_files(args: Sequence[str]) -> None:
+    """Each ``-c``/``--config`` file exists and is YAML (jsonargparse's errors do not name the file)."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("-c", "--config") and i + 1 < len(args) else None
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise UsageError(f"config {path} does not exist")
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            raise UsageError(f"config {path} is not valid YAML: {' '.join(str(err).split())}") from err
+
+
+def run_lightning(args: Sequence[str]) -> LightningCLI:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``).
+
+    Model and data are chosen by ``class_path`` (any :class:`NetModule` and any
+    ``LightningDataModule``), so the classifier and the regression experiment share one command.
+    """
+    _check_config_files(args)
+    sys.argv = [sys.argv[0], *args]  # LightningCLI parses sys.argv when not given args
+    return LoRACLI(
+        NetModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=None,
+        auto_configure_optimizers=False,  # its optimizer would be built before the adapters exist
+        save_config_kwargs={"overwrite": True},
+        parser_class=ShortErrorParser,
+        trainer_defaults={
+            "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="lightning_lora", default_hp_metric=False)
+        },
+    )

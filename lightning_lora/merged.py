@@ -1,0 +1,150 @@
+"""Merged models as one safetensors file: loads without unpickling anything, states its input contract.
+
+``lightning-lora merge`` folds a run's adapter into its base and writes the plain network's
+weights (safetensors: tensors and a JSON header, no code) with metadata naming the network's
+class and constructor arguments, and, for MNIST classifiers, the input contract: what images
+the model expects and how they are normalised. :func:`load_merged` checks the class against
+:mod:`lightning_lora.trust` before importing it, rebuilds the network and loads it strictly; for a
+classifier it returns a :class:`MergedClassifier` that accepts the images a user has (uint8
+0-255 or floats 0-1, with or without the channel dimension) and refuses anything else.
+
+The file's bytes depend only on the weights and metadata, so merging the same run twice writes
+the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lora import trust
+from lightning_lora._version import __version__
+from lightning_lora.files import atomic_file, read_safetensors, write_safetensors
+
+METADATA_KEY = "lightning_lora_merged"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImageContract:
+    """What a merged image classifier takes: one-channel ``side`` x ``side`` images, normalised inside."""
+
+    side: int = 28
+    mean: float = 0.1307
+    std: float = 0.3081
+
+
+class MergedClassifier(nn.Module):
+    """A merged network behind its input contract: raw images in, logits out.
+
+    Accepts ``(N, 28, 28)`` or ``(N, 1, 28, 28)`` images as ``uint8`` (0-255) or floats in [0, 1],
+    normalises them as training did, and refuses anything else with a message (wrong shape,
+    another dtype, or floats outside [0, 1], which are most likely normalised already).
+    """
+
+    def __init__(self, net: nn.Module, contract: ImageContract) -> None:
+        super().__init__()
+        self.net = net
+        self.contract = contract
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        side = self.contract.side
+        if not torch.is_tensor(images):
+            raise TypeError(f"expected a tensor of images, got {type(images).__name__}")
+        if images.dim() == 3:
+            images = images.unsqueeze(1)
+        if images.dim() != 4 or tuple(images.shape[1:]) != (1, side, side):
+            raise ValueError(
+                f"expected images shaped (N, {side}, {side}) or (N, 1, {side}, {side}), got {tuple(images.shape)}"
+            )
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
+        elif images.is_floating_point():
+            low, high = float(images.min()), float(images.max())
+            if low < 0 or high > 1:
+                raise ValueError(
+                    f"float images must hold pixels in [0, 1]; these range from {low:.3g} to {high:.3g}, so they "
+                    "look normalised already: pass raw pixels (uint8 0-255, or floats 0-1)"
+                )
+            images = images.float()
+        else:
+            raise ValueError(f"expected uint8 or float images, got {images.dtype}")
+        return (images - self.contract.mean) / self.contract.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.prepare(images))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """The predicted digit of each image."""
+        return self(images).argmax(dim=-1)
+
+
+def is_merged_file(path: Path) -> bool:
+    """Whether ``path`` is a file this module wrote (so ``merge`` may replace it)."""
+    try:
+        _, metadata = read_safetensors(path, "merged model")
+    except (ValueError, FileNotFoundError):
+        return False
+    return METADATA_KEY in metadata
+
+
+def write_merged(path: str | os.PathLike, net: nn.Module, spec: dict[str, Any], contract: ImageContract | None) -> Path:
+    """Write a merged plain network and what rebuilds it; refuses to replace a file it did not write."""
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "lightning_lora_version": __version__,
+        "net": spec,
+        "input": None if contract is None else asdict(contract),
+    }
+    with atomic_file(path, replaceable=is_merged_file) as tmp:
+        write_safetensors(tmp, net.state_dict(), {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    return Path(path)
+
+
+def load_merged(path: str | os.PathLike, allow_classes: list[str] | tuple[str, ...] = ()) -> nn.Module:
+    """Load a file written by ``lightning-lora merge``, in eval mode, without unpickling anything.
+
+    Args:
+        path: The ``.safetensors`` file.
+        allow_classes: Your own network classes the file may name (this package's are trusted).
+
+    Returns:
+        A :class:`MergedClassifier` for an image classifier, else the plain network.
+    """
+    from lightning_lora.checkpoint_files import build_net  # it builds on trust and files, like this module
+
+    path = Path(path)
+    tensors, metadata = read_safetensors(path, "merged model")
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path} is a safetensors file but not a merged model written by lightning-lora merge")
+    try:
+        meta = json.loads(metadata[METADATA_KEY])
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: its metadata is not valid JSON ({err}); merge the run again") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
+        raise ValueError(f"{path}: its metadata is damaged; merge the run again")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {meta['format_version']}; upgrade lightning-lora to read it")
+    trust.allow_classes(allow_classes)
+    net = build_net(meta.get("net"), f"merged model {path}")
+    own = net.state_dict()
+    if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
+        raise ValueError(f"{path}: its weights do not fit the network its metadata names; merge the run again")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite weights ({bad[:5]}); merge a good run again")
+    net.load_state_dict(tensors, strict=True)
+    net.eval()
+    contract = meta.get("input")
+    if contract is None:
+        return net
+    if not isinstance(contract, dict):
+        raise ValueError(f"{path}: its input contract is damaged; merge the run again")
+    return MergedClassifier(net, ImageContract(**contract)).eval()

@@ -1,0 +1,90 @@
+"""Which classes a file may name: nothing read from a file chooses the code that runs.
+
+Checkpoints, the configs stored in them, and merged-model files name classes by dotted path
+(``net.class_path``, Lightning's ``_class_path``/``_instantiator``). Importing such a path runs the
+named module's top-level code, so a crafted file could run anything. Every path read from a
+file is checked here *before* any import: it must be one of this package's own classes, or a
+class the user named themselves (on the command line with ``--allow-class``, in their own YAML
+config, or through :func:`allow_classes` in Python).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from lightning_lora.errors import UsageError
+
+PACKAGE_CLASSES = frozenset(
+    {
+        "lightning_lora.models.RichBoyNet",
+        "lightning_lora.models.MLP",
+        "lightning_lora.models.LinearModel",
+        "lightning_lora.module.LitClassifier",
+        "lightning_lora.module.LitRegressor",
+        "lightning_lora.data.MNISTDataModule",
+        "lightning_lora.data.LinearShiftDataModule",
+    }
+)
+"""This package's classes that files may name."""
+
+LIGHTNING_INSTANTIATORS = frozenset({"lightning.pytorch.cli.instantiate_module"})
+"""Lightning's own helper that LightningCLI records in checkpoints (it imports the classes it is given)."""
+
+MODULE_CLASS_KEY = "lightning_lora_module"
+"""Where a NetModule checkpoint records its module class."""
+
+CLASS_PATH_KEYS = ("class_path", "_class_path", "_instantiator", MODULE_CLASS_KEY)
+"""Keys under which checkpoints and configs store class paths."""
+
+_allowed_by_user: set[str] = set()
+
+
+class UntrustedClassError(UsageError):
+    """A file names a class that is neither this package's nor one the user allowed."""
+
+
+def allow_classes(paths: Iterable[str]) -> None:
+    """Trust these dotted class paths when files name them (the user's own classes)."""
+    _allowed_by_user.update(p for p in paths if isinstance(p, str))
+
+
+def allowed(path: str) -> bool:
+    return path in PACKAGE_CLASSES or path in _allowed_by_user or path in LIGHTNING_INSTANTIATORS
+
+
+def class_paths_in(value: Any) -> Iterator[tuple[str, Any]]:
+    """Every ``(key, value)`` stored under a class-path key, at any depth of dicts and lists."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key in CLASS_PATH_KEYS:
+                yield key, inner
+            yield from class_paths_in(inner)
+    elif isinstance(value, (list, tuple)):
+        for inner in value:
+            yield from class_paths_in(inner)
+
+
+def check_class_paths(data: Any, where: str) -> None:
+    """Refuse ``data`` (a checkpoint, a stored config) if it names any class not allowed. Imports nothing."""
+    for key, path in class_paths_in(data):
+        if not isinstance(path, str) or not allowed(path):
+            raise UntrustedClassError(
+                f"{where} names the class {path!r} (under {key!r}), which is not one of lightning-lora's; "
+                "nothing was imported. If that class is yours and you trust the file, allow it: "
+                "--allow-class <dotted.path> on the command line, or lightning_lora.allow_classes([...]) in Python"
+            )
+
+
+def resolve_class(path: str, base: type, where: str) -> type:
+    """Import an allowed dotted class path and check it is a subclass of ``base``."""
+    check_class_paths({"class_path": path}, where)
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name, None)
+    except ImportError as err:
+        raise UsageError(f"{where}: cannot import {path!r} ({err})") from err
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise UsageError(f"{where}: {path!r} is not a {base.__name__} class")
+    return cls

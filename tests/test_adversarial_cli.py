@@ -1,0 +1,97 @@
+"""No traceback from the command line, ever: every failure is one paragraph naming the value and the fix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_lora.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FINETUNE = str(CONFIGS / "finetune_lora.yaml")
+
+
+@pytest.fixture
+def here(lora_run, monkeypatch):
+    root, checkpoint = lora_run
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sys, "argv", ["lightning-lora"])
+    return root, checkpoint
+
+
+def fails(args: list[str], capsys, code: int) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == code, err
+    assert "Traceback" not in err and err.startswith("lightning-lora") and err.count("\n") <= 2, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["fit", "-c", FINETUNE, "--model.net.class_path", "lightning_lora.models.RichBoyNt"], 2, "RichBoyNt"),
+        (["fit", "-c", FINETUNE, "--model.net.init_args.hiden", "3"], 2, "hiden"),
+        (["fit", "-c", FINETUNE, "--data.batch_size", "ten"], 2, "--data.batch_size: expected"),
+        (["fit", "-c", FINETUNE, "--lora.alpha", "big"], 2, "--lora.alpha: expected a float, got 'big'"),
+        (["fit", "-c", FINETUNE, "--trainer.max_stepz", "3"], 2, "unrecognized arguments: --trainer.max_stepz"),
+        (["fit", "-c", "missing.yaml"], 2, "missing.yaml"),
+        (["test", "-c", FINETUNE, "--ckpt_path", "nowhere.ckpt"], 2, "ckpt_path nowhere.ckpt does not exist"),
+        (["inspect", "-c", FINETUNE, "--lora.rnak", "3"], 2, "unrecognised option '--lora.rnak'"),
+        (["export", "--ckpt", "runs/finetune_lora"], 2, "the following arguments are required: --out"),
+        (["frobnicate"], 2, "unknown command 'frobnicate'"),
+    ],
+)
+def test_usage_errors(here, capsys, args, code, message):
+    assert message in fails(args, capsys, code)
+
+
+def test_a_malformed_yaml_config(here, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert "is not valid YAML" in fails(["inspect", "-c", str(bad)], capsys, 2)
+    assert "bad.yaml" in fails(["fit", "-c", str(bad)], capsys, 2)
+
+
+def test_a_truncated_checkpoint_everywhere(here, tmp_path, capsys):
+    _, checkpoint = here
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:5000])
+    assert "not a readable checkpoint" in fails(["test", "-c", FINETUNE, "--ckpt_path", str(truncated)], capsys, 2)
+    assert "not a readable checkpoint" in fails(["export", "--ckpt", str(truncated), "--out", "x"], capsys, 1)
+
+
+def test_ckpt_path_last_means_the_latest_run_of_this_config(here, tmp_path, capsys, fake_mnist):
+    args = ["test", "-c", FINETUNE, "--data.data_dir", str(fake_mnist), "--ckpt_path", "last"]
+    main(args)
+    assert "test/acc" in capsys.readouterr().out
+    other = ["--trainer.logger.init_args.name", "never_ran"]
+    assert "no earlier run of this config" in fails([*args, *other], capsys, 2)
+
+
+def test_an_unexpected_error_says_it_is_a_bug_and_how_to_see_more(here, capsys, monkeypatch):
+    def broken(argv):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr("lightning_lora.commands.export_command", broken)
+    err = fails(["export", "--ckpt", "x", "--out", "y"], capsys, 1)
+    assert "unexpected ZeroDivisionError: division by zero" in err and "LIGHTNING_LORA_TRACEBACK=1" in err
+    monkeypatch.setenv("LIGHTNING_LORA_TRACEBACK", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(["export", "--ckpt", "x", "--out", "y"])
+
+
+def test_help_lists_every_command_and_version_works(capsys):
+    for flag in ("--help", "-h", None):
+        with pytest.raises(SystemExit) as exit_info:
+            main([flag] if flag else [])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for verb in ("fit", "validate", "test", "predict", "inspect", "export", "merge", "report"):
+            assert f"\n  {verb} " in out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("lightning-lora 0.")

@@ -1,0 +1,202 @@
+"""Your folders and files: nothing of the user's is deleted or overwritten, outputs never half-written.
+
+Writers refuse a target that is not their own kind of output and say what is in the way; an
+interrupted write leaves the previous output and its temporary files are swept by the next write;
+a full disk names the file; two runs never share a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_lora.cli import main
+from lightning_lora.files import atomic_directory, atomic_file, sweep_stale_temporaries
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune_lora.yaml")
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A user's folder with their own files in it."""
+    folder = tmp_path / "my_project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "train.py").write_text("print('mine')")
+    return folder
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_into_a_folder_of_the_users_refuses_and_touches_nothing(lora_run, project, capsys):
+    _, checkpoint = lora_run
+    before = contents(project)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(checkpoint), "--out", str(project)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "is not a adapter folder: it holds notes.txt, train.py. Nothing was written or removed" in err
+    assert contents(project) == before
+
+
+def test_merge_onto_a_file_it_did_not_write_refuses(lora_run, project, capsys):
+    _, checkpoint = lora_run
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "--ckpt", str(checkpoint), "--out", str(project / "notes.txt")])
+    assert exit_info.value.code == 1 and "was not written by this command" in capsys.readouterr().err
+    assert (project / "notes.txt").read_text() == "mine"
+
+
+def test_report_into_a_folder_of_the_users_refuses(lora_run, project, fake_mnist, capsys):
+    _, checkpoint = lora_run
+    with pytest.raises(SystemExit):
+        main(["report", "--finetuned", str(checkpoint), "--out", str(project), "--data-dir", str(fake_mnist)])
+    assert "is not a report folder: it holds notes.txt, train.py" in capsys.readouterr().err
+    assert sorted(contents(project)) == ["notes.txt", "train.py"]
+
+
+def test_outputs_are_replaced_only_by_their_own_kind(lora_run, tmp_path):
+    _, checkpoint = lora_run
+    for _ in range(2):  # the second export replaces the first: an adapter folder is its own kind
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "adapter")])
+        assert exit_info.value.code == 0
+        with pytest.raises(SystemExit) as exit_info:
+            main(["merge", "--ckpt", str(checkpoint), "--out", str(tmp_path / "m.safetensors")])
+        assert exit_info.value.code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "m.safetensors"]  # no temporaries
+
+
+def test_an_interrupted_write_keeps_the_previous_output_and_the_next_write_sweeps(lora_run, tmp_path, monkeypatch):
+    _, checkpoint = lora_run
+    adapter, merged = tmp_path / "adapter", tmp_path / "m.safetensors"
+    for verb, out in (("export", adapter), ("merge", merged)):
+        with pytest.raises(SystemExit):
+            main([verb, "--ckpt", str(checkpoint), "--out", str(out)])
+    before = contents(tmp_path)
+
+    def interrupted(path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lightning_lora.files.write_safetensors", interrupted)
+    monkeypatch.setattr("lightning_lora.merged.write_safetensors", interrupted)
+    for verb, out in (("export", adapter), ("merge", merged)):
+        with pytest.raises(SystemExit) as exit_info:
+            main([verb, "--ckpt", str(checkpoint), "--out", str(out)])
+        assert exit_info.value.code == 130
+    assert contents(tmp_path) == before
+
+
+def test_a_killed_writer_leaves_temporaries_the_next_write_sweeps(tmp_path):
+    target = tmp_path / "out.bin"
+    code = (
+        "import os, sys\n"
+        "from lightning_lora.files import atomic_file\n"
+        f"with atomic_file({str(target)!r}) as tmp:\n"
+        "    tmp.write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=False)
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".out.bin.") and not target.exists()
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"] and target.read_bytes() == b"whole"
+
+
+@pytest.mark.parametrize("swap", ["one rename (renameat2)", "file by file (no renameat2)"])
+def test_a_folder_swap_never_removes_the_output_path(tmp_path, monkeypatch, swap):
+    import lightning_lora.files as files
+
+    kind, out = {"a.txt", "b.txt"}, tmp_path / "out"
+    with atomic_directory(out, kind, "test") as tmp:
+        (tmp / "a.txt").write_text("1")
+    if swap.startswith("file"):
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    else:
+        (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
+        assert files._exchange(tmp_path / "x", tmp_path / "y"), "this filesystem swaps folders in one rename"
+        (tmp_path / "x").rmdir(), (tmp_path / "y").rmdir()
+    present = []
+    for name in ("replace", "rename"):
+        real = getattr(os, name)
+
+        def watched(a, b, real=real):
+            present.append(out.is_dir())
+            real(a, b)
+            present.append(out.is_dir())
+
+        monkeypatch.setattr(os, name, watched)
+    with atomic_directory(out, kind, "test") as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert all(present)
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_temporaries_of_live_processes_are_left_alone(tmp_path):
+    live = tmp_path / f".out.bin.{os.getpid()}.abc.tmp"
+    dead = tmp_path / ".out.bin.999999999.abc.tmp"
+    live.write_text("x"), dead.write_text("x")
+    assert sweep_stale_temporaries(tmp_path, "out.bin") == [dead]
+    assert live.exists() and not dead.exists()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 400 KB tmpfs: real ENOSPC (needs root and mount; skipped elsewhere)."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mountpoint)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mountpoint
+    subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing_half_written(lora_run, full_disk, capsys):
+    _, checkpoint = lora_run
+    out = full_disk / "merged.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "--ckpt", str(checkpoint), "--out", str(out)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"no space left on the device while writing {out}" in err and "Traceback" not in err
+    assert list(full_disk.iterdir()) == []
+
+
+def test_a_simulated_full_disk_during_a_checkpoint_names_the_file(lora_run, tmp_path, monkeypatch, fake_mnist, capsys):
+    root, _ = lora_run
+    monkeypatch.chdir(root)
+
+    def no_space(obj, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", CONFIG, "--data.data_dir", str(fake_mnist), "--trainer.max_steps", "2",
+              "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: no space left on the device while writing runs/finetune_lora/" in err and ".ckpt" in err
+    assert "Traceback" not in err
+
+
+def test_two_runs_never_share_a_checkpoint_folder(lora_run, fake_mnist, monkeypatch):
+    root, first = lora_run
+    monkeypatch.chdir(root)
+    before, versions = first.read_bytes(), set((root / "runs/finetune_lora").iterdir())
+    main(["fit", "-c", CONFIG, "--data.data_dir", str(fake_mnist), "--trainer.max_steps", "1",
+          "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    (new,) = set((root / "runs/finetune_lora").iterdir()) - versions
+    assert (new / "checkpoints/last.ckpt").is_file() and first.read_bytes() == before

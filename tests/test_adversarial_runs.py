@@ -1,0 +1,178 @@
+"""Crashes and NaN: a run killed at any point resumes to the very same adapter; no checkpoint holds NaN.
+
+Runs go through the real command line in subprocesses (SIGKILL leaves no chance to clean up)
+on synthetic MNIST, with the settings that used to break exactness: adapter dropout, gradient
+accumulation, ``limit_train_batches``, and two DDP processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from helpers import write_base_checkpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
+
+from lightning_lora.callbacks import LoRAInjectionCallback
+from lightning_lora.data import MNISTDataModule
+from lightning_lora.errors import NonFiniteWeightsError
+from lightning_lora.models import MLP, RichBoyNet
+from lightning_lora.module import LitClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "finetune_lora.yaml")
+CLI = str(Path(sys.executable).parent / "lightning-lora")
+ODD = [
+    "--lora.dropout", "0.3",
+    "--trainer.accumulate_grad_batches", "2",
+    "--trainer.limit_train_batches", "6",
+    "--trainer.limit_val_batches", "2",
+    "--trainer.val_check_interval", "1.0",
+    "--data.train_digits", "null",
+    "--trainer.max_steps", "9",
+    "--trainer.enable_progress_bar", "false",
+]  # fmt: skip
+
+
+def prepared(folder: Path, fake_mnist: Path, slow: float = 0.0, every: int = 2) -> list[str]:
+    """A working folder with a base, and the command for the odd-settings fine-tune in it."""
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    write_base_checkpoint(folder / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"every_n_train_steps": every, "save_last": True, "save_top_k": -1, "filename": "{step}"}},
+    ]  # fmt: skip
+    if slow:
+        callbacks.append({"class_path": "helpers.SlowSteps", "init_args": {"seconds": slow}})
+    overlay = folder / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    return [CLI, "fit", "-c", CONFIG, "-c", str(overlay), "--data.data_dir", str(fake_mnist), *ODD]
+
+
+def environment() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "PYTHONUNBUFFERED": "1"}
+    env.pop("MASTER_PORT", None)
+    return env
+
+
+def run(args: list[str], folder: Path) -> None:
+    result = subprocess.run(args, cwd=folder, env=environment(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def adapter(folder: Path, version: str) -> dict[str, torch.Tensor]:
+    return load_file(folder / "runs/finetune_lora" / version / "adapter/adapter_model.safetensors")
+
+
+def kill_after(args: list[str], folder: Path, checkpoint: str, delay: float) -> None:
+    """Start the run, wait for ``checkpoint`` to appear, wait ``delay`` more, SIGKILL every process."""
+    process = subprocess.Popen(args, cwd=folder, env=environment(), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    target = folder / "runs/finetune_lora/version_0/checkpoints" / checkpoint
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and not target.exists() and process.poll() is None:
+        time.sleep(0.02)
+    time.sleep(delay)
+    os.killpg(process.pid, signal.SIGKILL)  # DDP's second rank too: no handler, no cleanup
+    process.wait(timeout=60)
+    assert not (folder / "runs/finetune_lora/version_0/adapter").exists(), "killed before it finished"
+
+
+def assert_same(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == got.keys() and len(expected) == 6
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_adapter(tmp_path, fake_mnist):
+    straight = tmp_path / "straight"
+    run(prepared(straight, fake_mnist), straight)
+    expected = adapter(straight, "version_0")
+    for i, delay in enumerate((0.05, 0.5)):  # killed at two different points of the run
+        folder = tmp_path / f"killed_{i}"
+        args = prepared(folder, fake_mnist, slow=0.25)
+        kill_after(args, folder, "step=2.ckpt", delay)
+        run([*args, "--ckpt_path", "runs/finetune_lora"], folder)  # the run folder: its latest checkpoint
+        assert_same(expected, adapter(folder, "version_1"))
+
+
+def test_two_process_ddp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp_path, fake_mnist):
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    straight = tmp_path / "straight"
+    run([*prepared(straight, fake_mnist), *ddp], straight)
+    folder = tmp_path / "killed"
+    args = [*prepared(folder, fake_mnist, slow=0.3), *ddp]
+    kill_after(args, folder, "step=4.ckpt", 0.1)
+    run([*args, "--ckpt_path", "runs/finetune_lora"], folder)
+    assert_same(adapter(straight, "version_0"), adapter(folder, "version_1"))
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_sigterm_says_truthfully_whether_a_checkpoint_was_saved(tmp_path, fake_mnist, checkpointing):
+    args = [*prepared(tmp_path / "run", fake_mnist, slow=0.2), "--trainer.max_steps", "10000"]
+    if not checkpointing:
+        args += ["--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
+    process = subprocess.Popen(args, cwd=tmp_path / "run", env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 200
+    events = tmp_path / "run/runs/finetune_lora/version_0"
+    while time.monotonic() < deadline and not list(events.glob("events.out.tfevents.*")):
+        time.sleep(0.1)
+    time.sleep(1.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+    if checkpointing:
+        saved = stderr.split("a checkpoint was saved to ")[1].split(":")[0]
+        assert (tmp_path / "run" / saved).is_file()
+    else:
+        assert "before any checkpoint of this run could be saved" in stderr
+
+
+def test_a_nan_stops_before_any_bad_checkpoint_and_its_advice_works(tmp_path, fake_mnist):
+    folder = tmp_path / "run"
+    args = prepared(folder, fake_mnist, every=1)
+    run([*args, "--trainer.max_steps", "3"], folder)
+    good = folder / "runs/finetune_lora/version_0/checkpoints/step=3.ckpt"
+    # Resuming with a rate that diverges: lr_on_resume replaces the rate the checkpoint restores.
+    result = subprocess.run([*args, "--ckpt_path", str(good), "--model.lr_on_resume", "1e30"],
+                            cwd=folder, env=environment(), capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the training loss became nan" in result.stderr and "--model.lr_on_resume <lower lr>" in result.stderr
+    for path in (folder / "runs/finetune_lora").rglob("*.ckpt"):
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values()), path
+    run([*args, "--ckpt_path", str(good), "--model.lr_on_resume", "0.001"], folder)  # the advice, as written
+    assert all(torch.isfinite(t).all() for t in adapter(folder, "version_2").values())
+
+
+def test_weights_that_turn_non_finite_are_never_checkpointed(tmp_path, fake_mnist):
+    class Poison(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.net.layers[0].lora_B.fill_(float("inf"))
+
+    write_base_checkpoint(tmp_path / "base.ckpt", MLP(hidden_sizes=[16]))
+    model = LitClassifier(MLP(hidden_sizes=[16]), base_checkpoint=str(tmp_path / "base.ckpt"))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_steps=6, logger=False, enable_progress_bar=False, limit_val_batches=0,
+        callbacks=[LoRAInjectionCallback(rank=2), Poison(), checkpoints],
+    )  # fmt: skip
+    with pytest.raises(NonFiniteWeightsError, match="refusing to write a checkpoint.*lora_B"):
+        trainer.fit(model, MNISTDataModule(data_dir=str(fake_mnist), batch_size=16))
+    written = sorted((tmp_path / "ck").glob("*.ckpt"))
+    assert [p.name for p in written] == ["step=1.ckpt", "step=2.ckpt"]
+    for path in written:
+        assert all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)["state_dict"].values())
