@@ -113,7 +113,7 @@ class LoRACheckpointMixin:
 
     def _base_fingerprint(self) -> dict[str, dict[str, Any]]:
         tensors = base_tensors(self)
-        version = tuple((k, id(v), v._version) for k, v in sorted(tensors.items()))
+        version = tuple((k, v.data_ptr(), v._version, tuple(v.shape)) for k, v in sorted(tensors.items()))
         cached = getattr(self, "_lora_fingerprint_cache", None)
         if cached is None or cached[0] != version:  # the base is frozen: hash it once per change
             cached = (version, fingerprint(tensors))
@@ -123,13 +123,14 @@ class LoRACheckpointMixin:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
-        check_finite(state, "a checkpoint")
         found = adapted_submodule(self)
         if found is None:
+            check_finite(state, "a checkpoint")
             return
         path, target = found
-        for key in _frozen_parameter_keys(self):
+        for key in _frozen_parameter_keys(self):  # the frozen base is fingerprinted, not written
             state.pop(key, None)
+        check_finite(state, "a checkpoint")
         checkpoint[CHECKPOINT_KEY] = {
             "format_version": FORMAT_VERSION,
             "module_path": path,

@@ -96,7 +96,7 @@ class LoRACLI(LightningCLI):
             raise UsageError(str(root_cause(err))) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        config = self.config_init[self.subcommand]
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         callbacks = list(config["trainer"].get("callbacks") or [])
         if config.get(LORA_GROUP) is not None:
             callbacks.append(config[LORA_GROUP])
@@ -119,6 +119,8 @@ class LoRACLI(LightningCLI):
         LightningCLI offers no public switch for this, so this private method is overridden, in
         this one place; ``tests/test_cli.py`` fails if LightningCLI stops calling it.
         """
+        if not self.config.get("subcommand"):  # run=False: no subcommand, no ckpt_path
+            return
         settings = self.config[self.config.subcommand]
         path = settings.get("ckpt_path")
         if path == "last":  # the latest run of this config (Lightning's "last" would look in the new run's folder)
