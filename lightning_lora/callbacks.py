@@ -185,10 +185,11 @@ def _refuse_inexact_resume(trainer: pl.Trainer) -> None:
     Lightning then restarts the epoch's data from its first batch: the run would train on other
     batches than an uninterrupted one, silently (Lightning only warns).
     """
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    done = progress.current.processed  # a checkpoint is written before `completed` counts its batch
     loader = trainer.train_dataloader
     resumable = hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
-    if done > 0 and not resumable:
+    if done > 0 and not progress.is_last_batch and not resumable:
         raise UsageError(
             f"resuming {done} batches into an epoch, but the training DataLoader ({type(loader).__name__}) cannot "
             "continue where the run stopped, so training would not repeat the interrupted run. Resume from a "

@@ -215,9 +215,14 @@ def _fingerprint_of(root: nn.Module) -> dict[str, dict[str, Any]]:
 def _inject(target: nn.Module, config: LoRAConfig) -> None:
     existing = get_lora_config(target)
     if existing is not None and existing != config:
+        differences = ", ".join(
+            f"{name} {getattr(config, name)!r} in the checkpoint, {getattr(existing, name)!r} now"
+            for name in LoRAConfig.field_names()
+            if getattr(config, name) != getattr(existing, name)
+        )
         raise UsageError(
-            f"the checkpoint was trained with {config}, but the model now holds {existing}; "
-            "resume with the same LoRA settings"
+            f"the checkpoint was trained with other LoRA settings ({differences}); "
+            "resume with the same LoRA settings (e.g. --lora.rank), or start a new run without --ckpt_path"
         )
     try:
         inject_lora(target, config)

@@ -158,8 +158,13 @@ def _lora_settings(config: dict[str, Any], overrides: list[tuple[str, str]]) -> 
 
 
 def inspect_command(argv: Sequence[str]) -> int:
+    from lightning_lora.config import LoRAConfig
+
     parser = _parser("inspect", INSPECT)
     parser.add_argument("-c", "--config", action="append", required=True, help="YAML config (repeatable)")
+    parser.epilog = "LoRA settings override the config's as in fit: " + ", ".join(
+        f"--lora.{name}" for name in LoRAConfig.field_names()
+    )
     opts, rest = parser.parse_known_args(argv)
     overrides = _lora_overrides(rest)
     config = _merge_configs(opts.config)
@@ -172,7 +177,6 @@ def inspect_command(argv: Sequence[str]) -> int:
     if settings is None:
         raise UsageError("the config has no 'lora:' section or LoRAInjectionCallback: nothing would be injected")
     from lightning_lora.checkpoint_files import build_net
-    from lightning_lora.config import LoRAConfig
     from lightning_lora.inject import count_parameters, inject_lora, lora_layers
     from lightning_lora.targets import plan_targets
 

@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import write_base_checkpoint
 
 from lightning_lora.cli import main
+from lightning_lora.models import MLP
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FINETUNE = str(CONFIGS / "finetune_lora.yaml")
@@ -95,3 +97,16 @@ def test_help_lists_every_command_and_version_works(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("lightning-lora 0.")
+
+
+def test_a_checkpoint_of_another_network_is_named_not_a_traceback(here, capsys, fake_mnist):
+    """A fine-tune checkpoint of RichBoyNet, tested or reported with the MLP config's network."""
+    root, checkpoint = here
+    write_base_checkpoint(root / "mlp_base.ckpt", MLP())
+    mlp = ["-c", str(CONFIGS / "mlp_finetune_lora.yaml"), "--model.base_checkpoint", "mlp_base.ckpt"]
+    data = ["--data.data_dir", str(fake_mnist)]
+    err = fails(["test", *mlp, *data, "--ckpt_path", str(checkpoint)], capsys, 2)
+    assert "rank 1 in the checkpoint, 4 now" in err and "alpha 1.0 in the checkpoint, 8.0 now" in err
+    same_lora = ["--lora.rank", "1", "--lora.alpha", "1"]
+    err = fails(["test", *mlp, *data, *same_lora, "--ckpt_path", str(checkpoint)], capsys, 2)
+    assert "not the one the checkpoint's adapters were trained on" in err and "--model.base_checkpoint" in err

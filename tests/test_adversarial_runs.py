@@ -176,3 +176,31 @@ def test_weights_that_turn_non_finite_are_never_checkpointed(tmp_path, fake_mnis
     assert [p.name for p in written] == ["step=1.ckpt", "step=2.ckpt"]
     for path in written:
         assert all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)["state_dict"].values())
+
+
+def test_a_mid_epoch_resume_that_cannot_be_exact_is_refused_at_start(tmp_path):
+    """A plain DataLoader restarts its epoch on resume; Lightning only warns, this refuses."""
+    from lightning_lora.errors import UsageError
+
+    class PlainData(pl.LightningDataModule):
+        def train_dataloader(self):
+            generator = torch.Generator().manual_seed(0)
+            images, labels = torch.randn(64, 1, 28, 28, generator=generator), torch.arange(64) % 10
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8)
+
+    write_base_checkpoint(tmp_path / "base.ckpt", MLP(hidden_sizes=[16]))
+
+    def fit(max_steps: int, ckpt_path: str | None = None) -> None:
+        model = LitClassifier(MLP(hidden_sizes=[16]), base_checkpoint=str(tmp_path / "base.ckpt"))
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+        trainer = pl.Trainer(
+            default_root_dir=tmp_path, max_steps=max_steps, logger=False, enable_progress_bar=False,
+            limit_val_batches=0, callbacks=[LoRAInjectionCallback(rank=2), checkpoints],
+        )  # fmt: skip
+        trainer.fit(model, PlainData(), ckpt_path=ckpt_path)
+
+    fit(3)
+    with pytest.raises(UsageError, match="resuming 3 batches into an epoch.*cannot continue where the run stopped"):
+        fit(6, str(tmp_path / "ck/step=3.ckpt"))
+    fit(24)  # 8 batches per epoch: a checkpoint written by the epoch's last batch resumes
+    fit(27, str(tmp_path / "ck/step=24.ckpt"))
