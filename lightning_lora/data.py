@@ -19,10 +19,11 @@ import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_lora.errors import DataError
@@ -57,23 +58,64 @@ class TensorBatchDataset(Dataset):
 
 
 class EpochShuffle(Sampler[int]):
-    """A shuffle whose order depends only on (seed, epoch), so a resumed run sees the same batches.
+    """The given dataset indices in an order that depends only on (seed, epoch).
 
-    Lightning calls :meth:`set_epoch` at the start of every epoch (also through its DDP wrapper).
+    A resumed run then sees the same batches. Lightning calls :meth:`set_epoch` at the start of
+    every epoch (also through its DDP wrapper).
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, indices: torch.Tensor, seed: int) -> None:
+        self.indices, self.seed, self.epoch = indices, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.indices)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(self.indices[torch.randperm(len(self.indices), generator=generator)].tolist())
+
+
+class ReplayShuffle(EpochShuffle):
+    """Batches of ``batch_size`` in which ``replay`` samples come from ``others``, the rest from ``indices``.
+
+    Both pools are shuffled by (seed, epoch); the other digits are drawn without repeats until
+    their pool runs out. An epoch ends when the trained digits run out (partial batches are
+    dropped, so every batch has the same mix).
+
+    Under DDP, Lightning's sampler wrapper deals position ``i`` of this sequence to rank
+    ``i % world_size``; the sequence is laid out for that, so every rank's batches have the
+    same mix too.
+    """
+
+    def __init__(self, indices: torch.Tensor, others: torch.Tensor, batch_size: int, replay: int, seed: int) -> None:
+        super().__init__(indices, seed)
+        self.others, self.batch_size, self.replay = others, batch_size, replay
+
+    @staticmethod
+    def _world_size() -> int:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return torch.distributed.get_world_size() if distributed else 1
+
+    def __len__(self) -> int:
+        world = self._world_size()
+        batches = len(self.indices) // ((self.batch_size - self.replay) * world)
+        return batches * self.batch_size * world
+
+    def __iter__(self) -> Iterator[int]:
+        world, size = self._world_size(), len(self)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        trained = self.indices[torch.randperm(len(self.indices), generator=generator)]
+        replayed = self.others[torch.randperm(len(self.others), generator=generator)]
+        slot = (torch.arange(size) // world) % self.batch_size  # the position within its rank's batch
+        from_others = slot >= self.batch_size - self.replay
+        need = int(from_others.sum())
+        order = torch.empty(size, dtype=torch.long)
+        order[~from_others] = trained[: size - need]
+        order[from_others] = replayed.repeat(math.ceil(need / max(len(replayed), 1)))[:need]
+        return iter(order.tolist())
 
 
 def keep_batch(batch: Any) -> Any:
@@ -187,11 +229,22 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1)
 
 
-def _validate_digits(digits: Any) -> list[int] | None:
-    if digits is None:
-        return None
-    if isinstance(digits, (int, str)) or not isinstance(digits, (list, tuple)):
-        raise ValueError(f"train_digits must be a list of digits 0-9 or None, got {digits!r}")
+def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """uint8 images (N, 28, 28) rotated counter-clockwise about their centre (bilinear, black corners)."""
+    from torchvision.transforms.v2.functional import InterpolationMode
+    from torchvision.transforms.v2.functional import rotate as rotate_images
+
+    rotated = rotate_images(images.unsqueeze(1), degrees, interpolation=InterpolationMode.BILINEAR)
+    return rotated.squeeze(1)
+
+
+def _validate_digits(digits: Any) -> list[int] | str | None:
+    if digits is None or digits == "weakest":
+        return digits
+    if isinstance(digits, int) and not isinstance(digits, bool):
+        digits = [digits]
+    if isinstance(digits, str) or not isinstance(digits, (list, tuple)):
+        raise ValueError(f"train_digits must be a digit 0-9, a list of them, 'weakest' or None, got {digits!r}")
     if not digits:
         raise ValueError("train_digits is empty; list at least one digit 0-9, or pass None for all ten")
     bad = [d for d in digits if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9]
@@ -203,18 +256,35 @@ def _validate_digits(digits: Any) -> list[int] | None:
     return sorted(digits)
 
 
-class MNISTDataModule(pl.LightningDataModule):
-    """Full MNIST, or training and validation restricted to ``train_digits``.
+DigitChoice = int | list[int] | Literal["weakest"] | None
+"""How ``train_digits`` may be given: a digit, a list of digits, ``"weakest"``, or ``None`` (all)."""
 
-    The test split is always all ten digits, so every run reports what happened to the digits
-    it did not train on.
+
+class MNISTDataModule(pl.LightningDataModule):
+    """Full MNIST, or fine-tuning on some digits while watching all the others.
+
+    The training split is first divided into a training and a validation part (seeded, the
+    same whatever the digits), then the training part is restricted to ``train_digits``. With
+    digits chosen, validation has two sets, ``target`` (those digits) and ``retain`` (the
+    others), so a run shows what it learns and what it forgets while it trains. The test split
+    is always all ten digits.
 
     Args:
         data_dir: Folder holding ``MNIST/raw/`` (torchvision's layout).
-        train_digits: Digits to train and validate on; ``None`` means all ten.
-        val_fraction: Share of the (filtered) training split held out for validation.
-        batch_size: Samples per batch for every split.
-        seed: Seed of the train/validation split (independent of the training seed).
+        train_digits: Digits to train on: one digit (``9``), a list (``[4, 9]``), ``"weakest"``
+            (the digit the model gets wrong most on the validation part, decided when the
+            Trainer sets up, before any adapter exists), or ``None`` for all ten.
+        val_fraction: Share of the training split held out for validation (before the digit
+            filter, so every run of a base validates on the same images).
+        batch_size: Samples per training batch.
+        eval_batch_size: Samples per batch for validation, test and predict: evaluation keeps
+            no activations for a backward pass, so large batches are much faster.
+        replay_fraction: Share of every training batch drawn from the other digits (replay of
+            the old task, against forgetting); 0 turns replay off. Needs ``train_digits``.
+        rotation: Rotate every image (all splits) by this many degrees, counter-clockwise: the
+            same digits as a new task (the rank sweep).
+        seed: Seed of the train/validation split and of the training order (independent of
+            the training seed).
         download: Try to download MNIST when it is missing (fails cleanly offline).
     """
 
@@ -223,9 +293,12 @@ class MNISTDataModule(pl.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "data",
-        train_digits: list[int] | None = None,
+        train_digits: DigitChoice = None,
         val_fraction: float = 0.1,
         batch_size: int = 64,
+        eval_batch_size: int = 1000,
+        replay_fraction: float = 0.0,
+        rotation: float = 0.0,
         seed: int = 42,
         download: bool = True,
     ) -> None:
@@ -233,23 +306,50 @@ class MNISTDataModule(pl.LightningDataModule):
         self.train_digits = _validate_digits(train_digits)
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        not_a_number = isinstance(replay_fraction, bool) or not isinstance(replay_fraction, (int, float))
+        if not_a_number or not 0 <= replay_fraction < 1:
+            raise ValueError(f"replay_fraction must be a number in [0, 1), got {replay_fraction!r}")
+        if replay_fraction and self.train_digits is None:
+            raise ValueError("replay_fraction needs train_digits: replay mixes the other digits into their batches")
+        self.replay_per_batch = round(replay_fraction * batch_size)
+        if replay_fraction and not 1 <= self.replay_per_batch < batch_size:
+            raise ValueError(
+                f"replay_fraction {replay_fraction} of a batch of {batch_size} is {replay_fraction * batch_size:g} "
+                "samples; it must round to at least 1 and leave at least 1 for the trained digits"
+            )
+        if isinstance(rotation, bool) or not isinstance(rotation, (int, float)) or not math.isfinite(rotation):
+            raise ValueError(f"rotation must be a number of degrees, got {rotation!r}")
         if Path(data_dir).exists() and not Path(data_dir).is_dir():
             raise ValueError(f"data_dir {data_dir!r} is a file; pass the folder that holds MNIST/raw/")
         self.data_dir = str(data_dir)
         self.val_fraction = float(val_fraction)
-        self.batch_size = batch_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.replay_fraction, self.rotation = float(replay_fraction), float(rotation)
         self.seed = seed
         self.download = download
         self.save_hyperparameters()
-        self.train_set: TensorBatchDataset | None = None
-        self.val_set: TensorBatchDataset | None = None
+        self.train_set: TensorBatchDataset | None = None  # the whole training part: every digit
+        self.val_set: TensorBatchDataset | None = None  # the whole validation part
         self.test_set: TensorBatchDataset | None = None
+        self._parts_cache: tuple[Any, dict[str, TensorBatchDataset]] = (None, {})
 
     @property
     def raw_folder(self) -> Path:
         return Path(self.data_dir) / "MNIST" / "raw"
+
+    @property
+    def target_digits(self) -> list[int] | None:
+        """The digits trained on, once known (``"weakest"`` is decided in ``setup``); ``None``: all."""
+        return self.train_digits if isinstance(self.train_digits, list) else None
+
+    @property
+    def val_set_names(self) -> list[str] | None:
+        """Names of the validation sets, in the order of :meth:`val_dataloader` (``None``: one set)."""
+        parts = self._val_parts()
+        return None if parts is None else list(parts)
 
     def _missing_files(self) -> list[str]:
         return [name for name in MNIST_FILES if not (self.raw_folder / name).is_file()]
@@ -287,44 +387,132 @@ class MNISTDataModule(pl.LightningDataModule):
         if self._missing_files():
             self.prepare_data()  # raises the clear error (setup can run without prepare_data)
         images, labels = read_mnist_split(self.raw_folder, train)
+        if self.rotation:
+            images = rotate(images, self.rotation)
         return normalise(images), labels
 
+    def _split(self) -> None:
+        """The training and validation parts of the training split (all digits; the filter comes later)."""
+        if self.train_set is not None:
+            return
+        images, labels = self._load_split(train=True)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        n_val = max(1, round(self.val_fraction * len(labels)))
+        if n_val >= len(labels):
+            raise ValueError(f"val_fraction {self.val_fraction} leaves no training samples of {len(labels)}")
+        val, train = order[:n_val], order[n_val:]
+        self.train_set = TensorBatchDataset(images[train], labels[train])
+        self.val_set = TensorBatchDataset(images[val], labels[val])
+
     def setup(self, stage: str) -> None:
-        if stage in ("fit", "validate") and self.train_set is None:
-            images, labels = self._load_split(train=True)
-            if self.train_digits is not None:
-                keep = torch.isin(labels, torch.tensor(self.train_digits))
-                images, labels = images[keep], labels[keep]
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-            n_val = max(1, round(self.val_fraction * len(labels)))
-            if n_val >= len(labels):
-                raise ValueError(f"val_fraction {self.val_fraction} leaves no training samples of {len(labels)}")
-            val, train = order[:n_val], order[n_val:]
-            self.train_set = TensorBatchDataset(images[train], labels[train])
-            self.val_set = TensorBatchDataset(images[val], labels[val])
+        if stage in ("fit", "validate"):
+            self._split()
+            if self.train_digits == "weakest":
+                self.pick_weakest(self._trainer_model())
+        if stage == "fit" and self.target_digits is not None:
+            if not len(self._train_indices(target=True)):
+                raise ValueError(f"the training part holds no images of digits {self.target_digits}")
+            if self.replay_fraction and not len(self._train_indices(target=False)):
+                raise ValueError(f"replay_fraction needs other digits than {self.target_digits} in the training part")
         if stage in ("test", "predict") and self.test_set is None:
             self.test_set = TensorBatchDataset(*self._load_split(train=False))
 
-    def _loader(self, dataset: TensorBatchDataset | None) -> DataLoader:
+    def _trainer_model(self) -> torch.nn.Module:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if model is None:
+            raise ValueError(
+                "train_digits='weakest' needs the model: use the DataModule with a Trainer (it decides in setup, "
+                "with the base model, before any adapter), or call pick_weakest(model) first"
+            )
+        return model
+
+    def pick_weakest(self, model: torch.nn.Module) -> int:
+        """Decide ``"weakest"``: the digit ``model`` gets wrong most on the validation part (ties: the smaller).
+
+        It becomes ``train_digits`` (``[digit]``), is printed, and is recorded in checkpoints.
+        """
+        self._split()
+        was_training = model.training
+        model.eval()
+        wrong = torch.zeros(self.num_classes, dtype=torch.long)
+        try:
+            with torch.no_grad():
+                device = next(model.parameters()).device
+                for start in range(0, len(self.val_set), self.eval_batch_size):
+                    x, y = self.val_set[start : start + self.eval_batch_size]
+                    preds = model(x.to(device)).argmax(dim=-1).cpu()
+                    wrong += torch.bincount(y[preds != y], minlength=self.num_classes)
+        finally:
+            model.train(was_training)
+        digit = int(wrong.argmax())
+        counts = torch.bincount(self.val_set.targets, minlength=self.num_classes)
+        rank_zero_info(
+            f"train_digits 'weakest': digit {digit}, the one the model gets wrong most on the validation part "
+            f"({int(wrong[digit])} of {int(counts[digit])} wrong; per digit 0-9: {wrong.tolist()})"
+        )
+        self.train_digits = [digit]
+        return digit
+
+    def _train_indices(self, target: bool) -> torch.Tensor:
+        inside = torch.isin(self.train_set.targets, torch.tensor(self.target_digits))
+        return (inside if target else ~inside).nonzero().flatten()
+
+    def _val_parts(self) -> dict[str, TensorBatchDataset] | None:
+        """The validation sets ``target`` and ``retain`` (each when not empty), or ``None``: one set."""
+        if self.target_digits is None or self.val_set is None:
+            return None
+        key = (id(self.val_set), tuple(self.target_digits))
+        if self._parts_cache[0] != key:
+            inside = torch.isin(self.val_set.targets, torch.tensor(self.target_digits))
+            parts = {
+                name: TensorBatchDataset(self.val_set.inputs[keep], self.val_set.targets[keep])
+                for name, keep in (("target", inside), ("retain", ~inside))
+                if keep.any()
+            }
+            self._parts_cache = (key, parts)
+        return self._parts_cache[1]
+
+    def _eval_loader(self, dataset: TensorBatchDataset | None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("MNISTDataModule.setup() has not built this split yet")
-        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=keep_batch)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, collate_fn=keep_batch)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by (seed, epoch); after a mid-epoch resume it continues where the run stopped."""
         if self.train_set is None:
-            return self._loader(None)
-        sampler = EpochShuffle(len(self.train_set), self.seed)
+            return self._eval_loader(None)
+        if self.target_digits is None:
+            sampler: Sampler[int] = EpochShuffle(torch.arange(len(self.train_set)), self.seed)
+        elif self.replay_fraction:
+            trained, others = self._train_indices(target=True), self._train_indices(target=False)
+            sampler = ReplayShuffle(trained, others, self.batch_size, self.replay_per_batch, self.seed)
+        else:
+            sampler = EpochShuffle(self._train_indices(target=True), self.seed)
         return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, collate_fn=keep_batch)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        parts = self._val_parts()
+        if parts is None:
+            return self._eval_loader(self.val_set)
+        return [self._eval_loader(part) for part in parts.values()]
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
+        return self._eval_loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
+        return self._eval_loader(self.test_set)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Recorded in checkpoints: the digits trained on (``"weakest"`` as decided)."""
+        return {"train_digits": self.target_digits}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        recorded = state.get("train_digits")
+        if recorded is not None and self.target_digits is not None and recorded != self.target_digits:
+            raise ValueError(
+                f"the checkpoint was trained on digits {recorded}, but this run's train_digits give "
+                f"{self.target_digits}; resume with --data.train_digits '{recorded}'"
+            )
 
 
 class LinearShiftDataModule(pl.LightningDataModule):

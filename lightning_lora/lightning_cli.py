@@ -29,6 +29,7 @@ from lightning_lora.checkpoint_io import AtomicCheckpointIO
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import UsageError, root_cause
 from lightning_lora.module import NetModule
+from lightning_lora.run_record import RunRecord
 
 LORA_GROUP = "lora"
 _RUN: dict[str, Any] = {}  # the trainer of the command running now, for an honest SIGTERM message
@@ -100,6 +101,8 @@ class LoRACLI(LightningCLI):
         callbacks = list(config["trainer"].get("callbacks") or [])
         if config.get(LORA_GROUP) is not None:
             callbacks.append(config[LORA_GROUP])
+        if not any(isinstance(c, RunRecord) for c in callbacks):
+            callbacks.append(RunRecord())
         plugins = config["trainer"].get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):

@@ -10,7 +10,7 @@ suffix: what the adapter changed, in one run.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -22,7 +22,15 @@ from lightning_lora.checkpoint_files import build_net, load_base_checkpoint, net
 from lightning_lora.checkpointing import LoRACheckpointMixin
 from lightning_lora.errors import NonFiniteLossError, UsageError
 from lightning_lora.inject import disable_lora, get_lora_config
-from lightning_lora.metrics import DigitMetrics, RegressionMetrics
+from lightning_lora.metrics import (
+    DigitMetrics,
+    RegressionMetrics,
+    confusion_image,
+    digit_values,
+    log_images,
+    mistakes_image,
+    write_scalar_layout,
+)
 from lightning_lora.trust import MODULE_CLASS_KEY
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -75,10 +83,10 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
             self.hparams["base_checkpoint"] = str(load_base_checkpoint(net, base_checkpoint).resolve())
         self.compare_base = compare_base
         self.lr_on_resume = lr_on_resume
-        self.val_metrics = self.new_eval_metrics()
-        self.test_metrics = self.new_eval_metrics()
-        self.val_base_metrics = self.new_eval_metrics()
-        self.test_base_metrics = self.new_eval_metrics()
+        self.eval_metrics = nn.ModuleDict()  # one metrics object per (evaluation set, adapter on/off), made on use
+        self._set_prefixes: list[str] = []
+        self._base_cache: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self._layouts_written: set[str] = set()
         self._train_sums: torch.Tensor | None = None
         self._train_names: list[str] = []
 
@@ -110,10 +118,14 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         """Per-step training metrics by name (the loss, plus what a subclass adds)."""
         return {"loss": loss.detach()}
 
+    def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """The loss to train on, with predictions, targets and the loss's parts by name (if any)."""
+        return (*self.model_step(batch), {})
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss, preds, targets = self.model_step(batch)
+        loss, preds, targets, parts = self.training_loss(batch)
         self._stop_if_not_finite(loss, batch_idx)
-        values = self.train_step_metrics(loss, preds, targets)
+        values = {**self.train_step_metrics(loss, preds, targets), **{k: v.detach() for k, v in parts.items()}}
         # Running sums for the epoch means: Lightning's self.log costs ~1 ms per call on CPU
         # (it re-places its result object on every call), more than a small model's whole step.
         stacked = torch.stack([v.float() for v in values.values()]) * len(targets)
@@ -175,30 +187,77 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
     def _comparing(self) -> bool:
         return self.compare_base and get_lora_config(self.net) is not None
 
-    def _evaluate(self, batch: Batch, metrics: nn.Module, base_metrics: nn.Module) -> None:
-        metrics.update(*self.model_step(batch))
-        if self._comparing():
+    def setup(self, stage: str) -> None:
+        self._base_cache.clear()  # the base's outputs, kept for the whole fit: it never changes
+
+    def _prefixes(self, stage: str) -> list[str]:
+        """One metric prefix per evaluation DataLoader: ``val``, or ``val/target`` and ``val/retain``."""
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        count = len(loaders) if isinstance(loaders, (list, tuple)) else 1
+        names = getattr(self.trainer.datamodule, "val_set_names", None) if stage == "val" else None
+        if count == 1 and not names:
+            return [stage]
+        if not names or len(names) != count:
+            names = [f"set{i}" for i in range(count)]
+        return [f"{stage}/{name}" for name in names]
+
+    def _metrics(self, prefix: str, base: bool) -> nn.Module:
+        key = prefix.replace("/", "__") + ("__base" if base else "")
+        if key not in self.eval_metrics:
+            self.eval_metrics[key] = self.new_eval_metrics().to(self.device)
+        return self.eval_metrics[key]
+
+    def _evaluate(self, batch: Batch, batch_idx: int, dataloader_idx: int, cache: bool) -> None:
+        prefix = self._set_prefixes[dataloader_idx]
+        self._metrics(prefix, base=False).update(*self.model_step(batch))
+        if not self._comparing():
+            return
+        key = (dataloader_idx, batch_idx)
+        cached = self._base_cache.get(key) if cache else None
+        if cached is None or not torch.equal(cached[2], batch[1]):
             with disable_lora(self.net):
-                base_metrics.update(*self.model_step(batch))
+                cached = tuple(t.detach() for t in self.model_step(batch))
+            if cache:
+                self._base_cache[key] = cached
+        self._metrics(prefix, base=True).update(*cached)
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, self.val_base_metrics)
+    def on_validation_epoch_start(self) -> None:
+        self._set_prefixes = self._prefixes("val")
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, self.test_base_metrics)
+    def on_test_epoch_start(self) -> None:
+        self._set_prefixes = self._prefixes("test")
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # The base is frozen: its outputs on the validation sets are computed once per fit.
+        self._evaluate(batch, batch_idx, dataloader_idx, cache=True)
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, batch_idx, dataloader_idx, cache=False)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self.model_step(batch)[1]
 
     def on_validation_epoch_end(self) -> None:
-        self.val_metrics.log(self, "val")
-        if self._comparing():
-            self.val_base_metrics.log(self, "val", suffix="_base")
+        self._log_eval("val")
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics.log(self, "test")
-        if self._comparing():
-            self.test_base_metrics.log(self, "test", suffix="_base")
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        """Log every set's numbers, adapter on and off; then the pictures of them."""
+        on, off = {}, {}
+        for prefix in self._set_prefixes:
+            on[prefix] = self._metrics(prefix, base=False).log(self, prefix)
+            if self._comparing():
+                off[prefix] = self._metrics(prefix, base=True).log(self, prefix, suffix="_base")
+        self.log_eval_images(stage, on, off)
+        if not self.trainer.sanity_checking and stage not in self._layouts_written:
+            self._layouts_written.add(stage)
+            tags = [f"{p}/{n}{sfx}" for p, v in on.items() for n in v if n != "confusion" for sfx in ("", "_base")]
+            write_scalar_layout(self, [t for t in tags if t in self.trainer.callback_metrics])
+
+    def log_eval_images(self, stage: str, on: dict[str, dict], off: dict[str, dict]) -> None:
+        """Pictures of an evaluation's numbers (``on``/``off``: per set, the values logged); none here."""
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -217,10 +276,18 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
 class LitClassifier(NetModule):
     """Classifies digits with ``net``; logs micro accuracy, per-digit numbers, confusion matrices.
 
+    Optionally distils the fine-tuned model towards its own base: ``distill_weight *
+    KL(base || adapted)`` is added to the loss, with the base's outputs computed by the same
+    network with the adapter disabled (no second copy of the model; exact, since the base is
+    frozen), in eval mode and before the adapted forward.
+
     Args:
         net, optimizer, base_checkpoint, compare_base, lr_on_resume: See :class:`NetModule`.
         num_classes: Size of the output layer (10 for MNIST, also for digit subsets, so the
             head keeps the pretrained base's shape).
+        distill_weight: Weight of the distillation term; 0 turns it off.
+        distill_on: ``"retain"``: only the samples of digits not trained on (the DataModule's
+            ``replay_fraction`` puts them in every batch); ``"all"``: every sample.
     """
 
     def __init__(
@@ -231,25 +298,92 @@ class LitClassifier(NetModule):
         compare_base: bool = True,
         num_classes: int = 10,
         lr_on_resume: float | None = None,
+        distill_weight: float = 0.0,
+        distill_on: Literal["retain", "all"] = "retain",
     ) -> None:
         self.num_classes = num_classes
+        if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) or not distill_weight >= 0:
+            raise ValueError(f"distill_weight must be a number >= 0, got {distill_weight!r}")
+        if distill_on not in ("retain", "all"):
+            raise ValueError(f"distill_on must be 'retain' or 'all', got {distill_on!r}")
+        self.distill_weight, self.distill_on = float(distill_weight), distill_on
+        self._target_digits: torch.Tensor | None = None
         super().__init__(net, optimizer, base_checkpoint, compare_base, lr_on_resume)
 
     def new_eval_metrics(self) -> DigitMetrics:
         return DigitMetrics(self.num_classes)
 
-    def model_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y = batch
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self(x)
         if logits.shape[-1] != self.num_classes:
             raise ValueError(
                 f"net outputs {logits.shape[-1]} classes but num_classes is {self.num_classes}; "
                 "make the net's num_classes match"
             )
+        return logits
+
+    def model_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self._logits(x)
         return F.cross_entropy(logits, y), logits.argmax(dim=-1), y
+
+    def on_fit_start(self) -> None:
+        if not self.distill_weight:
+            return
+        if get_lora_config(self.net) is None:
+            raise UsageError("distill_weight needs adapters to distil: the base is the model itself without them")
+        if self.distill_on == "retain":
+            data = self.trainer.datamodule
+            digits = getattr(data, "target_digits", None)
+            if digits is None or not getattr(data, "replay_fraction", 0):
+                raise UsageError(
+                    "distill_on 'retain' distils on the samples of the digits not trained on, but the training "
+                    "batches hold none: set --data.train_digits and --data.replay_fraction (e.g. 0.25), or "
+                    "--model.distill_on all"
+                )
+            self._target_digits = torch.tensor(digits, device=self.device)
+
+    def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        if not self.distill_weight:
+            return super().training_loss(batch)
+        x, y = batch
+        keep = slice(None) if self._target_digits is None else ~torch.isin(y, self._target_digits)
+        with torch.no_grad(), disable_lora(self.net):  # the base first: the adapted forward keeps its graph
+            was_training = self.net.training
+            self.net.eval()
+            try:
+                base_logits = self._logits(x[keep])
+            finally:
+                self.net.train(was_training)
+        logits = self._logits(x)
+        ce = F.cross_entropy(logits, y)
+        if len(base_logits):
+            log_adapted = F.log_softmax(logits[keep].float(), dim=-1)
+            log_base = F.log_softmax(base_logits.float(), dim=-1)
+            distill = F.kl_div(log_adapted, log_base, log_target=True, reduction="batchmean")  # KL(base || adapted)
+        else:
+            distill = logits.new_zeros(())
+        loss = ce + self.distill_weight * distill
+        return loss, logits.argmax(dim=-1), y, {"ce": ce, "distill": distill}
 
     def train_step_metrics(self, loss: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> dict:
         return {"loss": loss.detach(), "acc": (preds == targets).float().mean()}
+
+    def log_eval_images(self, stage: str, on: dict[str, dict], off: dict[str, dict]) -> None:
+        """A bar chart of mistakes per digit (adapter on vs off, all sets together); at test, confusion matrices."""
+        trainer = self.trainer
+        if not trainer.is_global_zero or trainer.sanity_checking or not trainer.loggers:
+            return
+        wrong_on = [sum(x) for x in zip(*(digit_values(v) for v in on.values()), strict=True)]
+        wrong_off = [sum(x) for x in zip(*(digit_values(v) for v in off.values()), strict=True)] if off else None
+        title = f"{stage}: mistakes per digit (step {trainer.global_step})"
+        images = {f"{stage}/mistakes_per_digit": mistakes_image(wrong_on, wrong_off, title)}
+        if stage == "test":
+            for prefix, values in on.items():
+                images[f"{prefix}/confusion_matrix"] = confusion_image(values["confusion"], f"{prefix}: adapter on")
+            for prefix, values in off.items():
+                images[f"{prefix}/confusion_matrix_base"] = confusion_image(values["confusion"], f"{prefix}: base")
+        log_images(self, images)
 
 
 class LitRegressor(NetModule):

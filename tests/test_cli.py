@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import write_base_checkpoint
 
 from lightning_lora import load_adapter
@@ -209,21 +210,47 @@ def test_tensorboard_event_files_hold_scalars_and_images(trained_run):
         events.Reload()
         tags["scalars"] |= set(events.Tags()["scalars"])
         tags["images"] |= set(events.Tags()["images"])
-    expected = {
-        "train/loss",
-        "train/acc",
-        "train/loss_epoch",
-        "train/acc_epoch",
-        "val/loss",
-        "val/acc",
-        "val/acc_base",
-        "val/wrong_digit_9",
+    expected = {"train/loss", "train/acc", "train/loss_epoch", "train/acc_epoch"}
+    expected |= {
+        f"val/{part}/{name}{sfx}" for part in ("target", "retain") for name in ("loss", "acc") for sfx in ("", "_base")
     }
+    expected |= {"val/target/wrong_digit_9", "val/retain/wrong_digit_4_base"}
     expected |= {"params/trainable", "params/total", "params/trainable_pct"}
     expected |= {"test/acc", "test/loss", "test/acc_base"}
     expected |= {f"test/{kind}_digit_{d}{sfx}" for kind in ("acc", "wrong") for d in range(10) for sfx in ("", "_base")}
     assert expected <= tags["scalars"], expected - tags["scalars"]
-    assert {"val/confusion_matrix", "test/confusion_matrix", "test/confusion_matrix_base"} <= tags["images"]
+    images = {
+        "val/mistakes_per_digit",
+        "test/mistakes_per_digit",
+        "test/confusion_matrix",
+        "test/confusion_matrix_base",
+    }
+    assert images <= tags["images"]
+
+
+def test_every_run_records_its_settings_and_final_numbers_for_the_hparams_tab(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    root, _ = trained_run
+    for version, stage in (("version_0", "val/target/acc_base"), ("version_1", "test/acc_base")):
+        folder = root / "runs/finetune_lora" / version
+        hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
+        assert hparams["lora"]["rank"] == 1 and hparams["lora"]["target_modules"] == "all-linear"
+        assert hparams["batch_size"] == 10 and hparams["data"]["trained_digits"] == [9]
+        if version == "version_1":
+            continue  # a test run has no optimizer; its numbers are checked below
+        assert hparams["optimizer"]["class"] == "Adam" and hparams["optimizer"]["lr"] == 0.001
+        assert hparams["trainer"]["max_steps"] == 4
+        events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+        events.Reload()
+        content = events.summary_metadata["_hparams_/session_start_info"].plugin_data.content
+        start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+        assert start.hparams["lora/rank"].number_value == 1 and start.hparams["optimizer/lr"].number_value == 0.001
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(
+            events.summary_metadata["_hparams_/experiment"].plugin_data.content
+        ).experiment
+        assert stage in {m.name.tag for m in experiment.metric_infos}
 
 
 def free_port() -> int:
@@ -248,13 +275,13 @@ def test_tensorboard_server_serves_the_scalars(trained_run):
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     tags = json.load(response)
-                if any("val/acc" in run_tags for run_tags in tags.values()):
+                if any("val/target/acc" in run_tags for run_tags in tags.values()):
                     break
             except OSError:
                 pass
             time.sleep(0.5)
         finetune = {tag for run, run_tags in tags.items() if run.startswith("finetune_lora") for tag in run_tags}
-        assert {"val/acc", "val/acc_base", "params/trainable", "test/acc"} <= finetune
+        assert {"val/target/acc", "val/retain/acc_base", "params/trainable", "test/acc"} <= finetune
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -41,11 +41,97 @@ def test_full_split_sizes_and_seeded_disjoint_validation(fake_mnist):
     assert not any(tuple(x.flatten()[:50].tolist()) in train_rows for x in dm.val_set.inputs)
 
 
-def test_train_digits_filter_train_and_val_but_not_test(fake_mnist):
+def test_split_first_then_filter_training_into_target_and_retain_validation(fake_mnist):
+    everything = fitted(fake_mnist)
     dm = fitted(fake_mnist, train_digits=[9, 4])
-    assert set(dm.train_set.targets.tolist()) == {4, 9} and set(dm.val_set.targets.tolist()) == {4, 9}
-    assert len(dm.train_set) + len(dm.val_set) == 80
+    assert torch.equal(dm.val_set.targets, everything.val_set.targets)  # the same validation images for every run
+    trained = torch.cat([y for _, y in dm.train_dataloader()])
+    assert set(trained.tolist()) == {4, 9} and len(trained) == int(
+        torch.isin(dm.train_set.targets, torch.tensor([4, 9])).sum()
+    )
+    target, retain = dm.val_dataloader()
+    assert dm.val_set_names == ["target", "retain"]
+    assert set(torch.cat([y for _, y in target]).tolist()) == {4, 9}
+    assert set(torch.cat([y for _, y in retain]).tolist()) == set(range(10)) - {4, 9}
+    assert sum(len(y) for _, y in target) + sum(len(y) for _, y in retain) == len(dm.val_set)
     assert set(dm.test_set.targets.tolist()) == set(range(10))
+    assert everything.val_set_names is None and not isinstance(everything.val_dataloader(), list)
+
+
+def test_a_bare_digit_means_that_digit(fake_mnist):
+    assert MNISTDataModule(train_digits=7).train_digits == [7]
+
+
+def test_evaluation_has_its_own_batch_size(fake_mnist):
+    dm = fitted(fake_mnist, eval_batch_size=64)
+    assert [len(y) for _, y in dm.test_dataloader()] == [64, 36]
+    assert len(next(iter(dm.train_dataloader()))[1]) == 16
+
+
+class Guesser(torch.nn.Module):
+    """Predicts 3 for every image: digit 0..9 except 3 are all wrong; make 5 the worst by a bias."""
+
+    def __init__(self, worst: int) -> None:
+        super().__init__()
+        self.worst = worst
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        logits = torch.zeros(len(x), 10)
+        logits[:, self.worst] = 1.0
+        return logits
+
+
+def test_weakest_is_the_digit_the_model_gets_wrong_most(fake_mnist, caplog):
+    dm = MNISTDataModule(data_dir=str(fake_mnist), train_digits="weakest", batch_size=16)
+    with pytest.raises(ValueError, match="'weakest' needs the model"):
+        dm.setup("fit")
+    counts = torch.bincount(dm.val_set.targets, minlength=10)
+    # A model that always answers 3 gets every other digit wrong: the weakest is the most frequent non-3.
+    expected = max((d for d in range(10) if d != 3), key=lambda d: (counts[d], -d))
+    assert dm.pick_weakest(Guesser(worst=3)) == expected and dm.train_digits == [expected]
+    assert dm.state_dict() == {"train_digits": [expected]}
+    with pytest.raises(ValueError, match=rf"trained on digits \[{(expected + 1) % 10}\].*--data.train_digits"):
+        dm.load_state_dict({"train_digits": [(expected + 1) % 10]})
+
+
+def test_replay_mixes_a_fixed_share_of_other_digits_into_every_batch(fake_mnist):
+    dm = fitted(fake_mnist, train_digits=[9], replay_fraction=0.25)
+    assert dm.replay_per_batch == 4
+    batches = [y for _, y in dm.train_dataloader()]
+    nines = int((dm.train_set.targets == 9).sum())
+    assert len(batches) == nines // 12 and all(len(y) == 16 for y in batches)
+    for y in batches:
+        assert (y == 9).sum() == 12 and (y != 9).sum() == 4
+    others = torch.cat([y[y != 9] for y in batches])
+    assert len(set(others.tolist())) > 3  # drawn from all the other digits
+    again = [y for _, y in fitted(fake_mnist, train_digits=[9], replay_fraction=0.25).train_dataloader()]
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))  # seeded
+
+
+def test_replay_keeps_the_mix_on_every_ddp_rank(fake_mnist, monkeypatch):
+    """Lightning's DistributedSamplerWrapper deals position i to rank i % world: each rank's batch keeps the mix."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    dm = fitted(fake_mnist, train_digits=[9], replay_fraction=0.25)
+    sampler = dm.train_dataloader().sampler
+    monkeypatch.setattr(type(sampler), "_world_size", staticmethod(lambda: 2))
+    labels = dm.train_set.targets
+    for rank in (0, 1):
+        shard = list(DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=False))
+        assert len(shard) % 16 == 0 and shard
+        for start in range(0, len(shard), 16):
+            batch = labels[shard[start : start + 16]]
+            assert (batch == 9).sum() == 12, rank
+
+
+def test_rotation_turns_every_split(fake_mnist):
+    upright, turned = fitted(fake_mnist), fitted(fake_mnist, rotation=90.0)
+    expected = torch.rot90(upright.test_set.inputs, 1, dims=(2, 3))
+    background = upright.test_set.inputs.min()
+    # Rotating by 90 degrees moves pixels exactly; bilinear interpolation of exact positions changes nothing.
+    assert torch.allclose(turned.test_set.inputs, expected, atol=1e-5), (turned.test_set.inputs - expected).abs().max()
+    assert not torch.equal(turned.train_set.inputs, upright.train_set.inputs) and background < 0
 
 
 def test_loaders_serve_whole_batches_through_getitems(fake_mnist):
@@ -65,7 +151,13 @@ def test_loaders_serve_whole_batches_through_getitems(fake_mnist):
         ({"train_digits": [-1, 3]}, r"got \[-1\]"),
         ({"train_digits": []}, "train_digits is empty"),
         ({"train_digits": [9, 9]}, r"train_digits lists \[9\] more than once"),
-        ({"train_digits": 9}, "train_digits must be a list of digits 0-9 or None, got 9"),
+        ({"train_digits": "worst"}, "train_digits must be a digit 0-9, a list of them, 'weakest' or None, got 'worst'"),
+        ({"train_digits": 12}, r"train_digits must be digits 0-9, got \[12\]"),
+        ({"replay_fraction": 0.25}, "replay_fraction needs train_digits"),
+        ({"replay_fraction": 1.0, "train_digits": 9}, r"replay_fraction must be a number in \[0, 1\)"),
+        ({"replay_fraction": 0.01, "train_digits": 9, "batch_size": 10}, "must round to at least 1"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be an integer >= 1, got 0"),
+        ({"rotation": float("nan")}, "rotation must be a number of degrees"),
         ({"val_fraction": 0.0}, r"val_fraction must be a number in \(0, 1\), got 0.0"),
         ({"val_fraction": 1}, r"val_fraction must be a number in \(0, 1\), got 1"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
