@@ -147,8 +147,13 @@ def test_distill_on_all_needs_no_replay(tmp_path, fake_mnist, base_ckpt):
     assert run.callback_metrics["train/distill"] >= 0
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"distill_weight": -1}, "distill_weight must be a number >= 0"),
-                                                 ({"distill_on": "others"}, "distill_on must be 'retain' or 'all'")])  # fmt: skip
+BAD_DISTILLATION = [
+    ({"distill_weight": -1}, "distill_weight must be a number >= 0"),
+    ({"distill_on": "others"}, "distill_on must be 'retain' or 'all'"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_DISTILLATION)
 def test_bad_distillation_settings(base_ckpt, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model(base_ckpt, **kwargs)
