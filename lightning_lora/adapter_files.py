@@ -37,7 +37,7 @@ from lightning_lora.inject import (
     unwrap_model,
 )
 from lightning_lora.layers import LoRAConv, LoRAConv1D, LoRALayer, kept_biases
-from lightning_lora.targets import plan_targets
+from lightning_lora.targets import plan_targets, refuse_oversized
 
 log = logging.getLogger("lightning_lora")
 
@@ -383,16 +383,6 @@ def config_from_peft(data: dict[str, Any], model: nn.Module, where: str = "adapt
         raise ValueError(f"{where}: {err}") from err
 
 
-def _estimated_adapter_size(model: nn.Module, config: LoRAConfig) -> int:
-    """About how many numbers the adapter would allocate (checked before allocating)."""
-    total = 0
-    for name, module in plan_targets(model, config).targets.items():
-        weight = next(module.parameters())
-        outputs = weight.shape[0]
-        total += config.for_layer(name).rank * (outputs + weight.numel() // outputs) * getattr(module, "groups", 1)
-    return total
-
-
 def _read_metadata(raw: dict[str, str], where: Path) -> dict[str, Any] | None:
     if METADATA_KEY not in raw:
         return None
@@ -443,14 +433,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("the model's weights are still on the meta device; load the base weights before the adapter")
     if existing is None:
-        # A real adapter is far smaller than its model; 1M numbers (4 MB) of slack keeps tiny models loadable.
-        size = _estimated_adapter_size(model, config)
-        limit = max(sum(p.numel() for p in model.parameters()), 1 << 20)
-        if size > limit:
-            raise ValueError(
-                f"adapter {folder} would allocate about {size:,} numbers, more than the whole model ({limit:,}); "
-                "its rank or targets do not fit this model"
-            )
+        refuse_oversized(model, config, f"adapter {folder}")
     if check_base:
         _check_fingerprint(model, config, meta, folder)
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}

@@ -25,11 +25,13 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.utils.data import RandomSampler
 
 from lightning_lora.adapter_files import save_adapter
 from lightning_lora.checkpointing import LoRACheckpointMixin, resolve_module_path
 from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import UsageError
+from lightning_lora.files import ADAPTER_FILES, OutputInTheWay, check_folder_kind
 from lightning_lora.inject import count_parameters, get_lora_config, inject_lora, merge_lora
 
 
@@ -124,6 +126,11 @@ class LoRAInjectionCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_injected(pl_module)
         _check_optimizer(trainer, pl_module)
+        if self.adapter_dir is not None and trainer.is_global_zero:
+            try:  # at the start, not after the whole run: adapter_dir must be new or an adapter folder
+                check_folder_kind(Path(self.adapter_dir), ADAPTER_FILES, "adapter")
+            except OutputInTheWay as err:
+                raise UsageError(f"adapter_dir: {err}") from err
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_injected(pl_module)
@@ -133,6 +140,8 @@ class LoRAInjectionCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _refuse_inexact_resume(trainer)
+        _seed_plain_shuffles(trainer)
+        _no_checkpoint_before_the_first_step(trainer)
         count = count_parameters(pl_module)
         rank_zero_info(f"LoRA {self.config}: {count}")
         for logger in trainer.loggers:
@@ -179,22 +188,76 @@ class LoRAInjectionCallback(pl.Callback):
         self.batches_started = int(state_dict.get("batches_started", 0))
 
 
-def _refuse_inexact_resume(trainer: pl.Trainer) -> None:
-    """Refuse to resume mid-epoch when the training data cannot continue where it stopped.
+def _no_checkpoint_before_the_first_step(trainer: pl.Trainer) -> None:
+    """Tell each ModelCheckpoint that the step a run resumes at is already saved.
 
-    Lightning then restarts the epoch's data from its first batch: the run would train on other
-    batches than an uninterrupted one, silently (Lightning only warns).
+    Lightning forgets that on resume (its marker starts at 0), so ``every_n_train_steps`` saves
+    again after the resumed run's first batch, before any step: with gradient accumulation
+    that checkpoint falls between the batches of one step and cannot resume exactly. Lightning
+    has no public setting for this; ``tests/test_adversarial_runs.py`` fails if the marker goes.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if hasattr(callback, "_last_global_step_saved"):
+            callback._last_global_step_saved = trainer.global_step
+
+
+def _seed_plain_shuffles(trainer: pl.Trainer) -> None:
+    """Give a plain ``DataLoader(shuffle=True)`` an order that depends only on (run seed, epoch).
+
+    Its ``RandomSampler`` draws each epoch's order from torch's global random state, which no
+    checkpoint restores, so a resumed run would see other batches. Lightning calls ``set_epoch``
+    on every training sampler that has one before each epoch (also the first after a resume),
+    so the sampler gets a generator reseeded there. The order stays uniformly random; under DDP
+    Lightning's own DistributedSampler does the same.
+    """
+    loaders = trainer.train_dataloader
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    for loader in loaders:
+        sampler = getattr(loader, "sampler", None)
+        if type(sampler) is RandomSampler and sampler.generator is None and not hasattr(sampler, "set_epoch"):
+            sampler.generator = torch.Generator()
+
+            def set_epoch(epoch: int, generator: torch.Generator = sampler.generator) -> None:
+                generator.manual_seed((run_seed * 1_000_003 + epoch) % 2**63)
+
+            sampler.set_epoch = set_epoch
+            set_epoch(trainer.current_epoch)
+
+
+def _refuse_inexact_resume(trainer: pl.Trainer) -> None:
+    """Refuse a resume that could not repeat the interrupted run, and settings that write such checkpoints.
+
+    Lightning restarts a mid-epoch resume from the epoch's first batch when the DataLoader cannot
+    continue where it stopped (it only warns), and a checkpoint written between the batches of
+    one accumulated step lacks that step's partial gradient. Either way the resumed run would
+    train on something else than the interrupted one, silently.
     """
     progress = trainer.fit_loop.epoch_loop.batch_progress
     done = progress.current.processed  # a checkpoint is written before `completed` counts its batch
     loader = trainer.train_dataloader
     resumable = hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
+    accumulate = trainer.accumulate_grad_batches
     if done > 0 and not progress.is_last_batch and not resumable:
         raise UsageError(
             f"resuming {done} batches into an epoch, but the training DataLoader ({type(loader).__name__}) cannot "
             "continue where the run stopped, so training would not repeat the interrupted run. Resume from a "
             "checkpoint written at an epoch end, or give the DataLoader state_dict()/load_state_dict() (as "
             "lightning_lora.data.ResumableDataLoader does)."
+        )
+    if done % accumulate and not progress.is_last_batch:
+        raise UsageError(
+            f"the checkpoint was written after batch {done} of its epoch, in the middle of a step that accumulates "
+            f"{accumulate} batches: the gradient of those batches is not in it, so the run cannot continue exactly. "
+            "Resume from another checkpoint of the run (every_n_train_steps ones are written between steps)."
+        )
+    validation_every = trainer.val_check_batch
+    within_epoch = isinstance(validation_every, int) and validation_every < trainer.num_training_batches
+    if within_epoch and validation_every % accumulate and trainer.enable_validation and trainer.checkpoint_callbacks:
+        raise UsageError(
+            f"validation every {validation_every} batches with accumulate_grad_batches {accumulate}: checkpoints "
+            "written at validation would fall in the middle of an accumulated step and could not be resumed "
+            f"exactly. Make val_check_interval a multiple of {accumulate} batches."
         )
 
 

@@ -13,9 +13,10 @@ Runs are found by name: ``runs/finetune_lora`` means the latest version's ``last
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -56,25 +57,102 @@ def resolve_checkpoint(reference: str | Path, what: str = "checkpoint") -> Path:
     return versions[-1]
 
 
-def read_checkpoint_state(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True``, with one clear error per failure."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist; check the path")
+def describe_resolution(reference: str | Path, resolved: Path) -> str | None:
+    """For a run folder given where a checkpoint is expected: which checkpoint it means, and what it skipped."""
+    folder = Path(reference)
+    if not folder.is_dir():
+        return None
+    version = resolved.parent.parent if resolved.parent.name == "checkpoints" else resolved.parent
+    newer = sorted(
+        (p.name for p in folder.iterdir() if _version_number(p) > _version_number(version) and p.is_dir()),
+        key=lambda name: _version_number(folder / name),
+    )
+    note = f"{folder} means its newest checkpoint, {resolved}"
+    if newer:
+        note += (
+            f"; the newer run folders {', '.join(newer[:5])} hold no checkpoint (test or predict runs, or runs "
+            "stopped before their first checkpoint)"
+        )
+    return note
+
+
+def _version_number(path: Path) -> int:
+    name = path.name
+    return int(name.removeprefix("version_")) if name.startswith("version_") and name[8:].isdigit() else -1
+
+
+def read_checkpoint_state(
+    path: str | Path | IO[bytes], what: str = "checkpoint", mmap: bool = False
+) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True``, with one clear error per failure.
+
+    Args:
+        path: A file path, an fsspec URL (``s3://...``, ``file://...``), or an open binary file.
+        what: How the messages name it.
+        mmap: Map the tensors instead of reading them (local files): to look at shapes cheaply.
+    """
+    source: Any = path
+    name = str(path) if isinstance(path, (str, Path)) else str(getattr(path, "name", "the given file object"))
+    if isinstance(path, (str, Path)) and "://" in str(path):
+        import fsspec  # Lightning's own dependency for remote checkpoints
+
+        try:
+            with fsspec.open(str(path), "rb") as remote:
+                source = io.BytesIO(remote.read())
+        except (OSError, ValueError, ImportError) as err:
+            raise FileNotFoundError(f"{what} {path} cannot be opened ({err})") from err
+        mmap = False
+    elif isinstance(path, (str, Path)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{what} {path} does not exist; check the path")
+    else:
+        mmap = False
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap or None)
+    except RecursionError as err:
+        raise ValueError(f"{what} {name} is nested too deeply to be a checkpoint; it was refused unread") from err
     except Exception as err:  # truncated zip, a pickle with code, plain garbage: all refused
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(
-            f"{what} {path} is not a readable checkpoint ({type(err).__name__}: {first}). It may be truncated or "
-            "not a Lightning .ckpt; only weights-only checkpoints are loaded."
+            f"{what} {name} is not a readable checkpoint ({_reason(err)}). It may be truncated or not a Lightning "
+            ".ckpt; only weights-only checkpoints are loaded (tensors and plain values, never code)."
         ) from err
+    if not isinstance(path, (str, Path)) and hasattr(path, "seek"):
+        path.seek(0)  # the caller may hand the same file object on
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{what} {path} has no 'state_dict'; pass a .ckpt file written by Lightning")
+        raise ValueError(f"{what} {name} has no 'state_dict'; pass a .ckpt file written by Lightning")
     bad = [k for k, v in checkpoint["state_dict"].items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
-        raise ValueError(f"{what} {path} has a damaged 'state_dict' (entries that are not tensors: {bad[:5]})")
+        raise ValueError(f"{what} {name} has a damaged 'state_dict' (entries that are not tensors: {bad[:5]})")
     return checkpoint
+
+
+def _reason(err: Exception) -> str:
+    """torch's load error in one line, without its advice to load untrusted files with weights_only=False."""
+    text = str(err).strip()
+    if "Weights only load failed" in text or "weights_only" in text:
+        return "it holds Python objects besides tensors and plain values, which could run code, so it was refused"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first}"
+
+
+def check_net_fits(spec: Any, shapes: dict[str, torch.Size], where: str) -> None:
+    """Refuse a net spec from a file whose weights would not be the file's, before allocating them.
+
+    The net is built on the meta device (no memory) and its state-dict shapes compared with the
+    tensors the file holds: a crafted ``hidden_sizes`` of 100,000 is refused, not allocated.
+    """
+    cls, init_args = _trusted_spec(spec, where)
+    try:
+        with torch.device("meta"):
+            probe = cls(**init_args)
+    except TypeError as err:
+        raise UsageError(f"{where}: {spec['class_path']} does not take these arguments ({err})") from err
+    except Exception:  # a class that cannot be built on the meta device: its weights are checked after loading
+        return
+    own = {k: v.shape for k, v in probe.state_dict().items()}
+    problems = _shape_mismatch(own, shapes)
+    if problems:
+        raise ValueError(f"{where}: the network it names does not fit its weights: " + "; ".join(problems))
 
 
 def net_spec(net: nn.Module) -> dict[str, Any] | None:
@@ -86,22 +164,33 @@ def net_spec(net: nn.Module) -> dict[str, Any] | None:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
 
 
-def build_net(spec: Any, where: str = "net spec") -> nn.Module:
-    """Rebuild a net from :func:`net_spec` output; its class must be trusted (:mod:`lightning_lora.trust`)."""
+def _trusted_spec(spec: Any, where: str) -> tuple[type, dict[str, Any]]:
     if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str) or "." not in spec["class_path"]:
-        raise ValueError(f"{where} needs a dotted 'class_path' and 'init_args', got {spec!r}")
+        raise ValueError(f"{where} needs a dotted 'class_path' and 'init_args', got {str(spec)[:200]!r}")
     cls = trust.resolve_class(spec["class_path"], nn.Module, where)
     init_args = spec.get("init_args", {})
     if not isinstance(init_args, dict):
-        raise ValueError(f"{where}: init_args must be a mapping, got {init_args!r}")
+        raise ValueError(f"{where}: init_args must be a mapping, got {str(init_args)[:200]!r}")
+    return cls, init_args
+
+
+def build_net(spec: Any, where: str = "net spec", shapes: dict[str, torch.Size] | None = None) -> nn.Module:
+    """Rebuild a net from :func:`net_spec` output; its class must be trusted (:mod:`lightning_lora.trust`).
+
+    Args:
+        shapes: The weights the net is for (from the file that names it): checked on the meta
+            device first, so a spec that does not fit them is refused before anything is allocated.
+    """
+    if shapes is not None:
+        check_net_fits(spec, shapes, where)
+    cls, init_args = _trusted_spec(spec, where)
     try:
         return cls(**init_args)
     except TypeError as err:
         raise UsageError(f"{where}: {spec['class_path']} does not take these arguments ({err})") from err
 
 
-def _state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    own = model.state_dict()
+def _shape_mismatch(own: dict[str, torch.Size], state: dict[str, torch.Size]) -> list[str]:
     problems = []
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing:
@@ -109,13 +198,21 @@ def _state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> li
     if unexpected:
         problems.append(f"unexpected keys {unexpected[:8]}")
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs net {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
+        f"{k}: file {tuple(state[k])} vs net {tuple(v)}" for k, v in own.items() if k in state and state[k] != v
     ]
     if shapes:
         problems.append("shape mismatches " + "; ".join(shapes[:5]))
     return problems
+
+
+def _state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    return _shape_mismatch({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()})
+
+
+def base_shapes(path: str | Path) -> dict[str, torch.Size]:
+    """The shapes of a pretraining checkpoint's net weights (keys without ``net.``), read without loading them."""
+    checkpoint = read_checkpoint_state(resolve_checkpoint(path, "base_checkpoint"), "base_checkpoint", mmap=True)
+    return {k.removeprefix("net."): v.shape for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
 
 
 def load_base_checkpoint(net: nn.Module, path: str | Path) -> Path:
@@ -188,15 +285,13 @@ def load_run(reference: str | Path, base_checkpoint: str | Path | None = None) -
             "from a lightning-lora fit, or its run folder (e.g. runs/finetune_lora)"
         )
     hparams = checkpoint.get("hyper_parameters") or {}
-    net = build_net(hparams.get("net"), f"checkpoint {path}: net")
     base = base_checkpoint if base_checkpoint is not None else hparams.get("base_checkpoint")
-    base_path = None
-    if checkpoint.get(CHECKPOINT_KEY) is not None:
-        if base is None:
-            raise UsageError(
-                f"checkpoint {path} holds adapters only and records no base; pass --base <pretraining run>"
-            )
-        base_path = load_base_checkpoint(net, base)
+    adapter_only = checkpoint.get(CHECKPOINT_KEY) is not None
+    if adapter_only and base is None:
+        raise UsageError(f"checkpoint {path} holds adapters only and records no base; pass --base <pretraining run>")
+    shapes = base_shapes(base) if adapter_only else None  # what the net must fit, before it is built
+    net = build_net(hparams.get("net"), f"checkpoint {path}: net", shapes)
+    base_path = load_base_checkpoint(net, base) if adapter_only else None
     holder = _Holder(net)
     hint = "Pass the pretraining checkpoint the fine-tune started from with --base."
     state = dict(checkpoint["state_dict"])

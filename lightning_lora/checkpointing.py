@@ -14,6 +14,7 @@ hands Lightning's strict ``load_state_dict`` the base tensors from the module it
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +28,7 @@ from lightning_lora.errors import NonFiniteWeightsError, UsageError
 from lightning_lora.inject import get_lora_config, inject_lora
 from lightning_lora.layers import kept_biases
 from lightning_lora.layers.base import BASE_PREFIX
+from lightning_lora.targets import refuse_oversized
 
 CHECKPOINT_KEY = "lightning_lora"
 FORMAT_VERSION = 1
@@ -153,8 +155,18 @@ class LoRACheckpointMixin:
         from lightning_lora.checkpoint_files import read_checkpoint_state  # it builds on this module
 
         trust.allow_classes(allow_classes)
-        trust.check_class_paths(read_checkpoint_state(checkpoint_path), f"checkpoint {checkpoint_path}")
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        checkpoint = read_checkpoint_state(checkpoint_path)
+        try:
+            trust.check_class_paths(checkpoint, f"checkpoint {checkpoint_path}")
+            hyper_parameters = checkpoint.get("hyper_parameters") or {}
+            if "_instantiator" in hyper_parameters:  # jsonargparse would import strings in class-typed fields
+                trust.check_importable_strings(hyper_parameters, f"checkpoint {checkpoint_path}")
+        except RecursionError as err:
+            raise ValueError(f"checkpoint {checkpoint_path} is nested too deeply to be a checkpoint") from err
+        buffer = io.BytesIO()  # Lightning reads exactly what was checked, not the path a second time
+        torch.save(checkpoint, buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, *args, **kwargs)
 
 
 def restore_adapters(root: nn.Module, checkpoint: dict[str, Any], base_hint: str) -> None:
@@ -187,6 +199,12 @@ def restore_adapters(root: nn.Module, checkpoint: dict[str, Any], base_hint: str
         raise ValueError(
             f"the checkpoint's saved tensors do not match this model's adapters: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]}. Resume with the same module and LoRA settings."
+        )
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(
+            f"the checkpoint holds NaN or infinite values in {', '.join(bad[:5])}: it was damaged after it was "
+            "written (lightning-lora never writes such a checkpoint); use another checkpoint of the run"
         )
     full = root.state_dict()
     state.update({k: full[k] for k in frozen if k in full})
@@ -225,6 +243,8 @@ def _inject(target: nn.Module, config: LoRAConfig) -> None:
             "resume with the same LoRA settings (e.g. --lora.rank), or start a new run without --ckpt_path"
         )
     try:
+        if existing is None:
+            refuse_oversized(target, config, "the checkpoint's LoRA config")
         inject_lora(target, config)
     except ValueError as err:
         raise UsageError(f"the checkpoint's LoRA config does not fit this model: {err}") from err

@@ -69,19 +69,19 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, NonFiniteLossError, NonFiniteWeightsError)
 
 
-def _sigterm_message(verb: str) -> str:
-    from lightning_lora.lightning_cli import checkpoint_written_after_signal
+def _sigterm_report() -> str:
+    from lightning_lora.lightning_cli import sigterm_report
 
-    saved = checkpoint_written_after_signal()
-    if saved:
-        return f"stopped by SIGTERM; a checkpoint was saved to {saved}: resume with --ckpt_path {saved}"
-    return "stopped by SIGTERM before any checkpoint of this run could be saved; nothing to resume from"
+    return sigterm_report()
 
 
 def _run(verb: str, argv: list[str]) -> None:
     if verb in OWN_VERBS:
         module, function = OWN_VERBS[verb]
         raise SystemExit(getattr(importlib.import_module(module), function)(argv))
+    from lightning_lora import quiet
+
+    quiet.install()  # before Lightning is imported: some of its warnings fire at import
     from lightning_lora.lightning_cli import run_lightning
 
     run_lightning([verb, *argv])
@@ -109,7 +109,7 @@ def main(args: Sequence[str] | None = None) -> None:
         _run(verb, argv[1:])
     except SystemExit as err:
         if type(err).__name__ == "SIGTERMException" and not traceback_wanted:  # Lightning's is a SystemExit
-            _fail(verb, _sigterm_message(verb), 143)  # 128 + SIGTERM, so a chain of commands stops here
+            _fail(verb, _sigterm_report(), 143)  # 128 + SIGTERM, so a chain of commands stops here
         raise
     except UsageError as err:
         if traceback_wanted:

@@ -50,7 +50,7 @@ def _run_options(parser: _Parser, with_out: str | None) -> None:
 
 
 def _load_adapted(opts: argparse.Namespace, verb: str):
-    from lightning_lora.checkpoint_files import describe_run, load_run
+    from lightning_lora.checkpoint_files import describe_resolution, describe_run, load_run
 
     trust.allow_classes(opts.allow_class)
     run = load_run(opts.ckpt, opts.base)
@@ -58,7 +58,8 @@ def _load_adapted(opts: argparse.Namespace, verb: str):
         raise UsageError(
             f"{run.checkpoint} holds no LoRA adapters (a pretraining run?); {verb} needs a fine-tuning run"
         )
-    print(f"lightning-lora {verb}: {describe_run(run.checkpoint)} ({run.checkpoint.name})", flush=True)
+    note = describe_resolution(opts.ckpt, run.checkpoint)
+    print(f"lightning-lora {verb}: {note or describe_run(run.checkpoint)}", flush=True)
     return run
 
 

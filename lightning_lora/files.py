@@ -32,8 +32,8 @@ import torch
 MAX_JSON_BYTES = 1 << 20
 """Adapter and run configs are a few KB; anything past 1 MB is refused unread."""
 
-ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
-"""What an adapter folder may hold (PEFT adds a README.md) and so what its writer may replace."""
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors"})
+"""What an adapter folder holds, and so all its writer may replace (a README.md, as PEFT writes, is someone's)."""
 
 
 class OutputInTheWay(FileExistsError):
@@ -170,11 +170,13 @@ def check_folder_kind(path: Path, allowed: Iterable[str], what: str) -> None:
     if not path.is_dir():
         raise OutputInTheWay(f"{path} exists and is not a folder; choose another output path for the {what}")
     allowed = set(allowed)
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in allowed and not p.name.startswith("."))
+    # Hidden entries count (a .git or .env is someone's), and an allowed name must be a plain file.
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in allowed or p.is_symlink() or not p.is_file())
     if foreign:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
         raise OutputInTheWay(
-            f"{path} is not a {what} folder: it holds {shown}. Nothing was written or removed; "
+            f"{path} is not {'an' if what[0] in 'aeiou' else 'a'} {what} folder: it holds {shown}. Nothing was "
+            "written or removed; "
             f"choose a new or empty folder for the {what}"
         )
 

@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_lora.data  # noqa: F401  (imported so short class names such as MNISTDataModule resolve)
 import lightning_lora.module  # noqa: F401
 from lightning_lora.callbacks import LoRAInjectionCallback
-from lightning_lora.checkpoint_files import read_checkpoint_state, resolve_checkpoint
+from lightning_lora.checkpoint_files import describe_resolution, read_checkpoint_state, resolve_checkpoint
 from lightning_lora.checkpoint_io import AtomicCheckpointIO
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import UsageError, root_cause
@@ -35,9 +37,10 @@ LORA_GROUP = "lora"
 _RUN: dict[str, Any] = {}  # the trainer of the command running now, for an honest SIGTERM message
 
 
-def checkpoint_written_after_signal() -> str | None:
-    """The newest checkpoint this run's ModelCheckpoints wrote, or ``None`` if they wrote none."""
+def sigterm_report() -> str:
+    """What a SIGTERM left behind, truthfully: whether a checkpoint holds the step the run stopped at."""
     trainer, started = _RUN.get("trainer"), _RUN.get("started", float("inf"))
+    stopped = trainer.global_step if trainer is not None else None
     paths = [
         Path(p)
         for cb in (trainer.checkpoint_callbacks if trainer is not None else [])
@@ -45,7 +48,23 @@ def checkpoint_written_after_signal() -> str | None:
         if p
     ]
     written = [p for p in paths if p.is_file() and p.stat().st_mtime >= started]
-    return str(max(written, key=lambda p: p.stat().st_mtime)) if written else None
+    if not written:
+        return "stopped by SIGTERM before any checkpoint of this run could be saved; nothing to resume from"
+    newest = max(written, key=lambda p: p.stat().st_mtime)
+    try:
+        step = torch.load(newest, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # a checkpoint that cannot be read back is reported without its step
+        step = None
+    if step is not None and step == stopped:
+        return (
+            f"stopped by SIGTERM at step {stopped}; a checkpoint of that step was saved to {newest}: "
+            f"resume with --ckpt_path {newest}"
+        )
+    return (
+        f"stopped by SIGTERM at step {stopped}; no checkpoint was written at the signal (its ModelCheckpoint has "
+        f"save_on_exception off). The newest checkpoint of this run is {newest}, from step {step}: resuming with "
+        f"--ckpt_path {newest} repeats the steps after it"
+    )
 
 
 def short_parse_error(message: str) -> str:
@@ -134,6 +153,9 @@ class LoRACLI(LightningCLI):
                 checkpoint = read_checkpoint_state(resolved, "ckpt_path")
             except (ValueError, FileNotFoundError) as err:
                 raise UsageError(str(err)) from err
+            note = describe_resolution(path, resolved)
+            if note:
+                rank_zero_info(f"--ckpt_path {note}")
             if "pytorch-lightning_version" not in checkpoint:
                 raise UsageError(
                     f"ckpt_path {resolved} holds weights only, not a Lightning run to resume or evaluate; "

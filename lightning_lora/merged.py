@@ -15,6 +15,7 @@ the same file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch import nn
 
 from lightning_lora import trust
 from lightning_lora._version import __version__
+from lightning_lora.errors import UsageError
 from lightning_lora.files import atomic_file, read_safetensors, write_safetensors
 
 METADATA_KEY = "lightning_lora_merged"
@@ -38,6 +40,16 @@ class ImageContract:
     side: int = 28
     mean: float = 0.1307
     std: float = 0.3081
+
+    def __post_init__(self) -> None:
+        if isinstance(self.side, bool) or not isinstance(self.side, int) or not 1 <= self.side <= 4096:
+            raise ValueError(f"side must be an image size in pixels, got {self.side!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.std <= 0:
+            raise ValueError(f"std must be positive, got {self.std!r}")
 
 
 class MergedClassifier(nn.Module):
@@ -133,7 +145,12 @@ def load_merged(path: str | os.PathLike, allow_classes: list[str] | tuple[str, .
     if meta["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{path} has format version {meta['format_version']}; upgrade lightning-lora to read it")
     trust.allow_classes(allow_classes)
-    net = build_net(meta.get("net"), f"merged model {path}")
+    try:
+        net = build_net(meta.get("net"), f"merged model {path}", {k: v.shape for k, v in tensors.items()})
+    except UsageError:  # an untrusted or unknown class: its own message says what to do
+        raise
+    except ValueError as err:
+        raise ValueError(f"{err}; merge the run again") from err
     own = net.state_dict()
     if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
         raise ValueError(f"{path}: its weights do not fit the network its metadata names; merge the run again")
@@ -145,6 +162,10 @@ def load_merged(path: str | os.PathLike, allow_classes: list[str] | tuple[str, .
     contract = meta.get("input")
     if contract is None:
         return net
-    if not isinstance(contract, dict):
-        raise ValueError(f"{path}: its input contract is damaged; merge the run again")
-    return MergedClassifier(net, ImageContract(**contract)).eval()
+    fields = set(ImageContract.__dataclass_fields__)
+    if not isinstance(contract, dict) or set(contract) - fields:
+        raise ValueError(f"{path}: its input contract is damaged (expected the fields {sorted(fields)}); merge again")
+    try:
+        return MergedClassifier(net, ImageContract(**contract)).eval()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: its input contract is damaged ({err}); merge the run again") from err

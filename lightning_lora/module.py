@@ -10,6 +10,8 @@ suffix: what the adapter changed, in one run.
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -18,7 +20,14 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from lightning_lora.checkpoint_files import build_net, load_base_checkpoint, net_spec, read_checkpoint_state
+from lightning_lora import trust
+from lightning_lora.checkpoint_files import (
+    base_shapes,
+    build_net,
+    load_base_checkpoint,
+    net_spec,
+    read_checkpoint_state,
+)
 from lightning_lora.checkpointing import LoRACheckpointMixin
 from lightning_lora.errors import NonFiniteLossError, UsageError
 from lightning_lora.inject import disable_lora, get_lora_config
@@ -67,10 +76,12 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         lr_on_resume: float | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(net, dict):
-            net = build_net(net)
+        if isinstance(net, dict):  # a spec (from a checkpoint's hparams): checked against the base before building
+            net = build_net(net, "model.net", base_shapes(base_checkpoint) if base_checkpoint else None)
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+        if not callable(optimizer):
+            raise TypeError(f"optimizer must be a callable that builds an optimizer, got {type(optimizer).__name__}")
         self.save_hyperparameters(ignore=["net", "optimizer"])
         spec = net_spec(net)
         if spec is not None:
@@ -100,9 +111,28 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any):  # type: ignore[override]
-        """Restore a trained model; a fine-tune takes its base from ``base_checkpoint`` (override it here)."""
-        read_checkpoint_state(checkpoint_path)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        """Restore a trained model; a fine-tune takes its base from ``base_checkpoint`` (override it here).
+
+        The stored hyper-parameters are this class's own plain arguments (the net as a checked
+        spec), so the module is built directly from them: LightningCLI's record of how it was
+        instantiated (``_instantiator``, which would hand the values to jsonargparse, and jsonargparse
+        imports what strings name) is dropped, and a stored ``_class_path`` must be this class.
+        """
+        checkpoint = read_checkpoint_state(checkpoint_path)
+        trust.check_class_paths(checkpoint, f"checkpoint {checkpoint_path}")
+        hyper_parameters = checkpoint.get("hyper_parameters")
+        if isinstance(hyper_parameters, dict):
+            stored = hyper_parameters.pop("_class_path", None)
+            hyper_parameters.pop("_instantiator", None)
+            own = f"{cls.__module__}.{cls.__qualname__}"
+            if stored is not None and stored != own:
+                raise UsageError(
+                    f"checkpoint {checkpoint_path} was written by {stored}, not {own}; load it with that class"
+                )
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, *args, **kwargs)  # the mixin checks it again, then Lightning
 
     def base_hint(self) -> str:
         recorded = self.hparams.get("base_checkpoint")
@@ -153,10 +183,47 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
                 f"the training loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
                 f"batch {batch_idx}); training stopped before applying it. Likely causes: a learning rate too high "
                 "for this model, or an overflow in reduced precision (with 16-mixed try bf16-mixed or 32-true). "
-                "Checkpoints written before this step are intact: resume from the last one with a lower rate, "
-                "--ckpt_path <the run> --model.lr_on_resume <lower lr> (a checkpoint restores its own rate "
-                "otherwise), or start again with a lower model.optimizer.init_args.lr."
+                + self._resume_advice()
             )
+
+    def _resume_advice(self) -> str:
+        """How to go on after a NaN: the newest checkpoint whose weights still gave a finite loss.
+
+        A checkpoint at step ``k`` holds the weights the forward of step ``k + 1`` used; the loss
+        was finite up to the current step, so every checkpoint before it is good and the one at
+        it is not. No checkpoint is written of the state that gave NaN.
+        """
+        candidates = {Path(self.trainer.ckpt_path)} if self.trainer.ckpt_path else set()
+        for callback in self.trainer.checkpoint_callbacks:
+            if hasattr(callback, "save_on_exception"):
+                callback.save_on_exception = False  # the weights that gave NaN must not become a checkpoint
+            if getattr(callback, "dirpath", None) and Path(callback.dirpath).is_dir():
+                candidates.update(Path(callback.dirpath).glob("*.ckpt"))
+        good = []
+        for path in candidates:
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                step = checkpoint.get("global_step", -1)
+                progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+                between_steps = (
+                    progress["is_last_batch"]
+                    or progress["current"]["processed"] % (self.trainer.accumulate_grad_batches) == 0
+                )
+            except Exception:  # unreadable, or not a Lightning training checkpoint: not a candidate
+                continue
+            if isinstance(step, int) and 0 <= step < self.global_step and between_steps:
+                good.append((step, path))
+        if not good:
+            return (
+                "No checkpoint from before this step is left to resume from; start again with a lower "
+                "model.optimizer.init_args.lr."
+            )
+        step, path = max(good, key=lambda item: (item[0], item[1].stat().st_mtime))
+        return (
+            f"The newest checkpoint from before it is {path} (step {step}); resume from it with a lower rate (a "
+            f"checkpoint restores its own rate otherwise): --ckpt_path {path} --model.lr_on_resume <lower lr>, "
+            "or start again with a lower model.optimizer.init_args.lr."
+        )
 
     def _logs_this_step(self) -> bool:
         """Whether the loggers write this step: Lightning's ``log_every_n_steps`` rule, plus the first step.

@@ -206,3 +206,25 @@ def log_skipped(plan: TargetPlan) -> None:
     line = plan.describe_skipped()
     if line:
         log.info(line)
+
+
+def refuse_oversized(model: nn.Module, config: LoRAConfig, where: str) -> None:
+    """Refuse, before anything is allocated, a config read from a file that would outgrow the model.
+
+    A real adapter is far smaller than its model; 1M numbers (4 MB) of slack keeps tiny models
+    loadable. A crafted rank of millions would otherwise allocate gigabytes first and fail after.
+
+    Raises:
+        ValueError: the adapter would hold more numbers than the model itself.
+    """
+    size = 0
+    for name, module in plan_targets(model, config).targets.items():
+        weight = next(module.parameters())
+        outputs = weight.shape[0]
+        size += config.for_layer(name).rank * (outputs + weight.numel() // outputs) * getattr(module, "groups", 1)
+    limit = max(sum(p.numel() for p in model.parameters()), 1 << 20)
+    if size > limit:
+        raise ValueError(
+            f"{where} would allocate about {size:,} numbers for its adapters, more than the whole model "
+            f"({limit:,}); its rank or targets do not fit this model"
+        )

@@ -11,6 +11,8 @@ config, or through :func:`allow_classes` in Python).
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -54,27 +56,86 @@ def allowed(path: str) -> bool:
     return path in PACKAGE_CLASSES or path in _allowed_by_user or path in LIGHTNING_INSTANTIATORS
 
 
-def class_paths_in(value: Any) -> Iterator[tuple[str, Any]]:
+MAX_DEPTH = 64
+"""Settings stored in files nest a few levels; deeper structures are refused, not walked."""
+
+
+def _walk(value: Any, where: str = "the file") -> Iterator[tuple[Any, Any]]:
+    """Every ``(key, value)`` at any depth of dicts and lists (key ``None`` in lists), without recursion."""
+    stack = [(None, value, 0)]
+    while stack:
+        key, item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{where} is nested more than {MAX_DEPTH} levels deep; it was refused")
+        yield key, item
+        if isinstance(item, dict):
+            stack.extend((k, v, depth + 1) for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((None, v, depth + 1) for v in item)
+
+
+def class_paths_in(value: Any, where: str = "the file") -> Iterator[tuple[str, Any]]:
     """Every ``(key, value)`` stored under a class-path key, at any depth of dicts and lists."""
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            if key in CLASS_PATH_KEYS:
-                yield key, inner
-            yield from class_paths_in(inner)
-    elif isinstance(value, (list, tuple)):
-        for inner in value:
-            yield from class_paths_in(inner)
+    for key, item in _walk(value, where):
+        if key in CLASS_PATH_KEYS:
+            yield key, item
 
 
 def check_class_paths(data: Any, where: str) -> None:
     """Refuse ``data`` (a checkpoint, a stored config) if it names any class not allowed. Imports nothing."""
-    for key, path in class_paths_in(data):
+    for key, path in class_paths_in(data, where):
         if not isinstance(path, str) or not allowed(path):
             raise UntrustedClassError(
                 f"{where} names the class {path!r} (under {key!r}), which is not one of lightning-lora's; "
                 "nothing was imported. If that class is yours and you trust the file, allow it: "
                 "--allow-class <dotted.path> on the command line, or lightning_lora.allow_classes([...]) in Python"
             )
+
+
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def _importable(text: str) -> bool:
+    """Whether ``text`` reads as a dotted path into a module that exists (found without importing it)."""
+    if not _DOTTED.fullmatch(text):
+        return False
+    try:
+        return importlib.util.find_spec(text.split(".", 1)[0]) is not None  # a top-level lookup runs no code
+    except (ImportError, ValueError):
+        return False
+
+
+def check_importable_strings(data: Any, where: str) -> None:
+    """Refuse ``data`` if any string in it, at any depth, is an importable dotted path not allowed.
+
+    For stored hyper-parameters that Lightning hands to jsonargparse (``_instantiator``): it
+    imports any string given for a parameter typed as a class or a callable, whatever its key,
+    and reads such a string as YAML first (so ``"{class_path: x.Y}"`` names ``x.Y`` too).
+    """
+    for _, item in _walk(data, where):
+        if not isinstance(item, str):
+            continue
+        if _importable(item) and not allowed(item):
+            raise UntrustedClassError(
+                f"{where} holds the string {item[:200]!r}, which names importable code that is not one of "
+                "lightning-lora's; nothing was imported. If it is yours and you trust the file, allow it: "
+                "--allow-class <dotted.path> on the command line, or lightning_lora.allow_classes([...]) in Python"
+            )
+        parsed = _as_yaml(item)
+        if isinstance(parsed, (dict, list)):
+            check_class_paths(parsed, where)
+            check_importable_strings(parsed, where)
+
+
+def _as_yaml(text: str) -> Any:
+    if len(text) > 100_000 or not any(mark in text for mark in ":[{-"):
+        return None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError):
+        return None
 
 
 def resolve_class(path: str, base: type, where: str) -> type:

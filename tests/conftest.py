@@ -7,12 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_lora import quiet
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_known_warnings() -> None:
+    """A fixed seed for every test; the benign warnings of real runs silenced, as the CLI does.
+
+    Every other warning fails the test (pyproject's filterwarnings): it must be looked at.
+    """
     torch.manual_seed(0)
+    quiet.install()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

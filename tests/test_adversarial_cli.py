@@ -110,3 +110,17 @@ def test_a_checkpoint_of_another_network_is_named_not_a_traceback(here, capsys, 
     same_lora = ["--lora.rank", "1", "--lora.alpha", "1"]
     err = fails(["test", *mlp, *data, *same_lora, "--ckpt_path", str(checkpoint)], capsys, 2)
     assert "not the one the checkpoint's adapters were trained on" in err and "--model.base_checkpoint" in err
+
+
+def test_a_run_folder_says_which_checkpoint_it_means_and_what_it_skipped(here, capsys):
+    root, checkpoint = here
+    killed = root / "runs/finetune_lora/version_7"  # a run killed before its first checkpoint
+    killed.mkdir()
+    try:
+        with pytest.raises(SystemExit):
+            main(["export", "--ckpt", "runs/finetune_lora", "--out", "skipped"])
+    finally:
+        killed.rmdir()
+    out = capsys.readouterr().out
+    assert "runs/finetune_lora means its newest checkpoint, runs/finetune_lora/version_0/checkpoints/last.ckpt" in out
+    assert "the newer run folders version_7 hold no checkpoint" in out

@@ -118,6 +118,55 @@ def test_every_string_of_a_real_checkpoint_poisoned_runs_nothing(
 
 
 @pytest.mark.parametrize(
+    "change",
+    [
+        lambda hp: hp.update(optimizer=EVIL),  # a new field, typed as a callable in the module's signature
+        lambda hp: hp.update(net=EVIL),  # the net as a bare string, no class_path key
+        lambda hp: hp.update(extra={"deep": [1, {"x": EVIL}]}),
+        lambda hp: hp.update(net=f"class_path: {EVIL}"),  # jsonargparse parses strings as YAML
+        lambda hp: hp.update(net=f"{{class_path: {EVIL}}}"),
+        lambda hp: hp.update(optimizer=f'{{"class_path": "{EVIL}"}}'),
+    ],
+)
+def test_a_dotted_string_anywhere_in_the_stored_settings_imports_nothing(
+    lora_run, tmp_path, monkeypatch, fake_mnist, evil_module, change
+):
+    root, good = lora_run
+    monkeypatch.chdir(root)
+    checkpoint = torch.load(good, weights_only=True)
+    change(checkpoint["hyper_parameters"])
+    poisoned = tmp_path / "poisoned.ckpt"
+    torch.save(checkpoint, poisoned)
+    for name, action in loading_paths(root, poisoned, fake_mnist, tmp_path).items():
+        attempt(action)
+        assert not evil_module.exists(), f"{name} imported a module named by the file"
+        assert "evil_payload" not in sys.modules, name
+    attempt(lambda: LitClassifier.load_from_checkpoint(poisoned))  # refused, or built from its own arguments only
+    assert not evil_module.exists() and "evil_payload" not in sys.modules
+    from lightning_lora import LoRACheckpointMixin
+
+    with pytest.raises(UntrustedClassError, match="nothing was imported"):  # any module with the mixin
+        LoRACheckpointMixin.load_from_checkpoint.__func__(LitClassifier.__mro__[2], poisoned)
+
+
+def test_a_huge_rank_in_a_checkpoint_is_refused_before_allocating(lora_run, tmp_path, monkeypatch, capsys):
+    from lightning_lora.layers.base import LoRALayer
+
+    root, good = lora_run
+    monkeypatch.chdir(root)
+    checkpoint = torch.load(good, weights_only=True)
+    checkpoint["lightning_lora"]["lora_config"]["rank"] = 4_000_000
+    huge = tmp_path / "huge.ckpt"
+    torch.save(checkpoint, huge)
+    monkeypatch.setattr(LoRALayer, "__init__", lambda *a, **k: pytest.fail("allocated before refusing"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(huge), "--out", str(tmp_path / "a")])
+    assert exit_info.value.code == 2 and "would allocate about" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="more than the whole model"):
+        LitClassifier.load_from_checkpoint(huge)
+
+
+@pytest.mark.parametrize(
     "where",
     [("hyper_parameters", "net", "class_path"), ("lightning_lora_module",), ("hyper_parameters", "_class_path")],
 )
@@ -209,10 +258,87 @@ def test_a_poisoned_merged_file_runs_nothing(merged_file, lora_run, tmp_path, ev
         (lambda p: p.write_bytes(pickle.dumps({"x": 1})), "not a valid safetensors file"),
         (lambda p: save_file({"x": torch.zeros(2)}, p), "not a merged model"),
         (lambda p: rewrite_metadata(p, lambda m: m.update(format_version=99)), "upgrade lightning-lora"),
-        (lambda p: rewrite_metadata(p, lambda m: m["net"]["init_args"].update(hidden_size_1=7)), "do not fit"),
+        (lambda p: rewrite_metadata(p, lambda m: m["net"]["init_args"].update(hidden_size_1=7)), "does not fit"),
     ],
 )
 def test_a_damaged_merged_file_is_refused_clearly(merged_file, damage, message):
     damage(merged_file)
     with pytest.raises(ValueError, match=message):
         load_merged(merged_file)
+
+
+def test_a_checkpoint_tampered_with_nan_is_refused_on_every_loading_path(lora_run, tmp_path, monkeypatch, fake_mnist):
+    root, good = lora_run
+    monkeypatch.chdir(root)
+    checkpoint = torch.load(good, weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if k.endswith("lora_B"))
+    checkpoint["state_dict"][key][0, 0] = float("nan")
+    tampered = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, tampered)
+    paths = loading_paths(root, tampered, fake_mnist, tmp_path)
+    for name in (
+        "export",
+        "merge",
+        "report",
+        "test --ckpt_path",
+        "fit --ckpt_path",
+        "load_from_checkpoint",
+        "load_run",
+    ):
+        error = attempt(paths[name])
+        assert error is not None, f"{name} accepted a NaN adapter"
+        if not isinstance(error, SystemExit):
+            assert "NaN or infinite" in str(error), name
+    assert not (tmp_path / "merged.safetensors").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_huge_network_sizes_in_a_file_are_refused_before_allocating(lora_run, merged_file, tmp_path, monkeypatch):
+    root, good = lora_run
+    monkeypatch.chdir(root)
+    checkpoint = torch.load(good, weights_only=True)
+    checkpoint["hyper_parameters"]["net"]["init_args"]["hidden_size_1"] = 10**9
+    huge = tmp_path / "huge_net.ckpt"
+    torch.save(checkpoint, huge)
+    rewrite_metadata(merged_file, lambda m: m["net"]["init_args"].update(hidden_size_1=10**9))
+    real_init = torch.nn.Linear.__init__
+
+    def guarded(self, in_features, out_features, *args, **kwargs):
+        if in_features * out_features > 10**8 and kwargs.get("device") != torch.device("meta"):
+            if torch.empty(0).device.type != "meta":
+                pytest.fail("allocated a huge layer before refusing")
+        real_init(self, in_features, out_features, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", guarded)
+    for action in (lambda: load_run(huge), lambda: LitClassifier.load_from_checkpoint(huge)):
+        with pytest.raises(ValueError, match="does not fit its weights"):
+            action()
+    with pytest.raises(ValueError, match="does not fit its weights"):
+        load_merged(merged_file)
+
+
+def test_checkpoints_load_from_file_objects_and_urls_and_deep_nesting_is_refused(lora_run, tmp_path, monkeypatch):
+    import io
+
+    root, good = lora_run
+    monkeypatch.chdir(root)
+    expected = load_run(good).net.state_dict()
+    for source in (io.BytesIO(good.read_bytes()), f"file://{good}"):
+        model = LitClassifier.load_from_checkpoint(source)
+        assert all(torch.equal(model.net.state_dict()[k], v) for k, v in expected.items())
+    deep: dict = {}
+    cursor = deep
+    for _ in range(5000):
+        cursor["x"] = {}
+        cursor = cursor["x"]
+    checkpoint = torch.load(good, weights_only=True)
+    checkpoint["hyper_parameters"]["extra"] = deep
+    nested = tmp_path / "nested.ckpt"
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)  # a crafted file: its writer had a deeper stack than readers get
+    try:
+        torch.save(checkpoint, nested)
+    finally:
+        sys.setrecursionlimit(limit)
+    for action in (lambda: load_run(nested), lambda: LitClassifier.load_from_checkpoint(nested)):
+        with pytest.raises(ValueError, match="nested more than 64 levels deep|nested too deeply|not a readable checkpoint"):
+            action()

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_lora.checkpoint_files import load_run
 from lightning_lora.cli import main
-from lightning_lora.files import atomic_directory, atomic_file, sweep_stale_temporaries
+from lightning_lora.files import OutputInTheWay, atomic_directory, atomic_file, sweep_stale_temporaries
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune_lora.yaml")
 
@@ -43,8 +44,31 @@ def test_export_into_a_folder_of_the_users_refuses_and_touches_nothing(lora_run,
         main(["export", "--ckpt", str(checkpoint), "--out", str(project)])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert "is not a adapter folder: it holds notes.txt, train.py. Nothing was written or removed" in err
+    assert "is not an adapter folder: it holds notes.txt, train.py. Nothing was written or removed" in err
     assert contents(project) == before
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [{".git/HEAD": "ref", ".env": "SECRET=1"}, {"README.md": "# mine"}, {"adapter_config.json/notes": "a folder"}],
+)
+def test_hidden_files_a_readme_or_a_folder_under_an_output_name_are_someone_elses(lora_run, tmp_path, capsys, entries):
+    _, checkpoint = lora_run
+    folder = tmp_path / "p"
+    for name, text in entries.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    before = contents(folder)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(checkpoint), "--out", str(folder)])
+    assert exit_info.value.code == 1 and "is not an adapter folder" in capsys.readouterr().err
+    assert contents(folder) == before
+    net = load_run(checkpoint).net
+    from lightning_lora import save_adapter
+
+    with pytest.raises(OutputInTheWay):
+        save_adapter(net, folder)  # the callback's adapter_dir uses the same writer
+    assert contents(folder) == before
 
 
 def test_merge_onto_a_file_it_did_not_write_refuses(lora_run, project, capsys):
@@ -200,3 +224,27 @@ def test_two_runs_never_share_a_checkpoint_folder(lora_run, fake_mnist, monkeypa
           "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     (new,) = set((root / "runs/finetune_lora").iterdir()) - versions
     assert (new / "checkpoints/last.ckpt").is_file() and first.read_bytes() == before
+
+
+def test_a_callback_adapter_dir_of_someone_elses_is_refused_before_training(tmp_path, fake_mnist):
+    import lightning.pytorch as pl
+    from helpers import write_base_checkpoint
+
+    from lightning_lora.callbacks import LoRAInjectionCallback
+    from lightning_lora.data import MNISTDataModule
+    from lightning_lora.errors import UsageError
+    from lightning_lora.models import MLP
+    from lightning_lora.module import LitClassifier
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / ".env").write_text("SECRET=1")
+    write_base_checkpoint(tmp_path / "base.ckpt", MLP(hidden_sizes=[8]))
+    model = LitClassifier(MLP(hidden_sizes=[8]), base_checkpoint=str(tmp_path / "base.ckpt"))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        callbacks=[LoRAInjectionCallback(rank=2, adapter_dir=str(folder))],
+    )  # fmt: skip
+    with pytest.raises(UsageError, match=r"adapter_dir: .*mine is not an adapter folder: it holds \.env"):
+        trainer.fit(model, MNISTDataModule(data_dir=str(fake_mnist), batch_size=8))
+    assert trainer.global_step == 0 and (folder / ".env").read_text() == "SECRET=1"

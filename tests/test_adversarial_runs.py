@@ -43,14 +43,17 @@ ODD = [
 ]  # fmt: skip
 
 
-def prepared(folder: Path, fake_mnist: Path, slow: float = 0.0, every: int = 2) -> list[str]:
+def prepared(
+    folder: Path, fake_mnist: Path, slow: float = 0.0, every: int = 2, on_exception: bool = False
+) -> list[str]:
     """A working folder with a base, and the command for the odd-settings fine-tune in it."""
     folder.mkdir(parents=True)
     torch.manual_seed(0)
     write_base_checkpoint(folder / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"every_n_train_steps": every, "save_last": True, "save_top_k": -1, "filename": "{step}"}},
+         "init_args": {"every_n_train_steps": every, "save_last": True, "save_top_k": -1, "filename": "{step}",
+                       "save_on_exception": on_exception}},
     ]  # fmt: skip
     if slow:
         callbacks.append({"class_path": "helpers.SlowSteps", "init_args": {"seconds": slow}})
@@ -117,10 +120,11 @@ def test_two_process_ddp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp
     assert_same(adapter(straight, "version_0"), adapter(folder, "version_1"))
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("checkpointing", ["at the signal", "every step only", "none"])
 def test_sigterm_says_truthfully_whether_a_checkpoint_was_saved(tmp_path, fake_mnist, checkpointing):
-    args = [*prepared(tmp_path / "run", fake_mnist, slow=0.2), "--trainer.max_steps", "10000"]
-    if not checkpointing:
+    args = [*prepared(tmp_path / "run", fake_mnist, slow=0.2, on_exception=checkpointing == "at the signal")]
+    args += ["--trainer.max_steps", "10000"]
+    if checkpointing == "none":
         args += ["--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
     process = subprocess.Popen(args, cwd=tmp_path / "run", env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -132,27 +136,35 @@ def test_sigterm_says_truthfully_whether_a_checkpoint_was_saved(tmp_path, fake_m
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
-    if checkpointing:
-        saved = stderr.split("a checkpoint was saved to ")[1].split(":")[0]
-        assert (tmp_path / "run" / saved).is_file()
+    stopped = int(stderr.split("stopped by SIGTERM at step ")[1].split(";")[0]) if checkpointing != "none" else 0
+    if checkpointing == "at the signal" or "a checkpoint of that step was saved" in stderr:
+        saved = stderr.split("a checkpoint of that step was saved to ")[1].split(":")[0]
+        assert torch.load(tmp_path / "run" / saved, weights_only=True)["global_step"] == stopped
+    elif checkpointing == "every step only":  # the signal fell between two every-2-steps checkpoints
+        assert "no checkpoint was written at the signal" in stderr
+        newest = stderr.split("The newest checkpoint of this run is ")[1].split(", from step")[0]
+        step = torch.load(tmp_path / "run" / newest, weights_only=True)["global_step"]
+        assert f"from step {step}: resuming" in stderr and step < stopped
     else:
         assert "before any checkpoint of this run could be saved" in stderr
 
 
 def test_a_nan_stops_before_any_bad_checkpoint_and_its_advice_works(tmp_path, fake_mnist):
     folder = tmp_path / "run"
-    args = prepared(folder, fake_mnist, every=1)
+    args = prepared(folder, fake_mnist, every=1, on_exception=True)
     run([*args, "--trainer.max_steps", "3"], folder)
-    good = folder / "runs/finetune_lora/version_0/checkpoints/step=3.ckpt"
-    # Resuming with a rate that diverges: lr_on_resume replaces the rate the checkpoint restores.
-    result = subprocess.run([*args, "--ckpt_path", str(good), "--model.lr_on_resume", "1e30"],
+    # Resuming with a rate that diverges: step 4 applies it, step 5's forward is not finite.
+    result = subprocess.run([*args, "--ckpt_path", "runs/finetune_lora", "--model.lr_on_resume", "1e30"],
                             cwd=folder, env=environment(), capture_output=True, text=True, timeout=400)  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "the training loss became nan" in result.stderr and "--model.lr_on_resume <lower lr>" in result.stderr
+    assert "the training loss became" in result.stderr and "--model.lr_on_resume <lower lr>" in result.stderr
+    advised = result.stderr.split("--ckpt_path ")[1].split(" ")[0]
+    assert torch.load(folder / advised, weights_only=True)["global_step"] == 3  # not step 4's diverged weights
     for path in (folder / "runs/finetune_lora").rglob("*.ckpt"):
-        state = torch.load(path, weights_only=True)["state_dict"]
-        assert all(torch.isfinite(t).all() for t in state.values()), path
-    run([*args, "--ckpt_path", str(good), "--model.lr_on_resume", "0.001"], folder)  # the advice, as written
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["state_dict"].values()), path
+        assert state["global_step"] <= 4, f"{path}: the state that gave NaN was checkpointed"
+    run([*args, "--ckpt_path", advised, "--model.lr_on_resume", "0.001"], folder)  # the advice, as written
     assert all(torch.isfinite(t).all() for t in adapter(folder, "version_2").values())
 
 
@@ -204,3 +216,64 @@ def test_a_mid_epoch_resume_that_cannot_be_exact_is_refused_at_start(tmp_path):
         fit(6, str(tmp_path / "ck/step=3.ckpt"))
     fit(24)  # 8 batches per epoch: a checkpoint written by the epoch's last batch resumes
     fit(27, str(tmp_path / "ck/step=24.ckpt"))
+
+
+class SaveAtBatch(pl.Callback):
+    """Writes a checkpoint after a given batch, as SIGTERM's save_on_exception could at any batch."""
+
+    def __init__(self, batch: int, path: Path) -> None:
+        self.batch, self.path = batch, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx + 1 == self.batch:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_between_accumulated_batches_is_refused_and_so_are_settings_that_write_one(tmp_path, fake_mnist):
+    from lightning_lora.errors import UsageError
+
+    write_base_checkpoint(tmp_path / "base.ckpt", MLP(hidden_sizes=[16]))
+
+    def fit(callbacks, ckpt_path=None, **kwargs):
+        model = LitClassifier(MLP(hidden_sizes=[16]), base_checkpoint=str(tmp_path / "base.ckpt"))
+        options = dict(
+            default_root_dir=tmp_path, max_steps=4, logger=False, enable_progress_bar=False, limit_val_batches=1,
+            accumulate_grad_batches=2, callbacks=[LoRAInjectionCallback(rank=2), *callbacks],
+        )  # fmt: skip
+        trainer = pl.Trainer(**{**options, **kwargs})
+        trainer.fit(model, MNISTDataModule(data_dir=str(fake_mnist), batch_size=8), ckpt_path=ckpt_path)
+
+    fit([SaveAtBatch(3, tmp_path / "odd.ckpt"), SaveAtBatch(4, tmp_path / "even.ckpt")], enable_checkpointing=False)
+    with pytest.raises(UsageError, match="after batch 3 of its epoch, in the middle of a step that accumulates 2"):
+        fit([], str(tmp_path / "odd.ckpt"), enable_checkpointing=False)
+    fit([], str(tmp_path / "even.ckpt"), enable_checkpointing=False)  # between steps: resumes
+    with pytest.raises(UsageError, match="validation every 3 batches with accumulate_grad_batches 2"):
+        fit([ModelCheckpoint(dirpath=tmp_path / "ck")], val_check_interval=3)
+
+
+def test_a_resumed_run_writes_no_checkpoint_before_its_first_step(tmp_path, fake_mnist):
+    """Lightning's ModelCheckpoint forgets on resume that the step was saved; the callback reminds it."""
+    assert hasattr(ModelCheckpoint(), "_last_global_step_saved"), "Lightning renamed the marker the callback sets"
+    write_base_checkpoint(tmp_path / "base.ckpt", MLP(hidden_sizes=[16]))
+
+    def fit(folder: str, max_steps: int, ckpt_path=None):
+        model = LitClassifier(MLP(hidden_sizes=[16]), base_checkpoint=str(tmp_path / "base.ckpt"))
+        every_step = ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        trainer = pl.Trainer(
+            default_root_dir=tmp_path, max_steps=max_steps, logger=False, enable_progress_bar=False,
+            limit_val_batches=0, accumulate_grad_batches=2, callbacks=[LoRAInjectionCallback(rank=2), every_step],
+        )  # fmt: skip
+        trainer.fit(model, MNISTDataModule(data_dir=str(fake_mnist), batch_size=8), ckpt_path=ckpt_path)
+
+    fit("first", 3)
+    fit("resumed", 5, str(tmp_path / "first/step=3.ckpt"))
+    written = sorted((tmp_path / "resumed").glob("*.ckpt"))
+    assert [p.name for p in written] == ["step=4.ckpt", "step=5.ckpt"]  # not step=3 again, mid-step
+    for path in written:
+        assert (
+            torch.load(path, weights_only=True)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"][
+                "processed"
+            ]
+            % 2
+            == 0
+        )

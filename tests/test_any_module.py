@@ -243,3 +243,27 @@ def test_the_fabric_recipe_in_the_readme(tmp_path):
     fresh = load_adapter(make_net(0), tmp_path / "adapter")
     x = torch.randn(4, 1, 28, 28)
     assert torch.equal(fresh(x), model(x))
+
+
+class ShuffledData(pl.LightningDataModule):
+    """A user's plain DataLoader(shuffle=True): its order comes from torch's global RNG."""
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(1)
+        images, labels = torch.randn(40, 1, 28, 28, generator=generator), torch.arange(40) % 10
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8, shuffle=True)
+
+
+def test_a_plain_shuffled_loader_resumed_at_an_epoch_end_repeats_the_run(tmp_path):
+    straight = UserModule()
+    trainer(tmp_path / "a", [lora(dropout=0.2)], max_steps=15, limit_val_batches=0).fit(straight, ShuffledData())
+    interrupted = UserModule()
+    run = trainer(tmp_path / "b", [lora(dropout=0.2), checkpoints(tmp_path / "b")], max_steps=10, limit_val_batches=0)
+    run.fit(interrupted, ShuffledData())  # 5 batches an epoch: step 10 ends epoch 1
+    resumed = UserModule()
+    last = str(tmp_path / "b" / "ck" / "last.ckpt")
+    trainer(tmp_path / "c", [lora(dropout=0.2)], max_steps=15, limit_val_batches=0).fit(
+        resumed, ShuffledData(), ckpt_path=last
+    )
+    for key, value in lora_state_dict(straight.net).items():
+        assert torch.equal(lora_state_dict(resumed.net)[key], value), key

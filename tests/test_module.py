@@ -62,7 +62,7 @@ class TestBaseCheckpointErrors:
         path = write_base_checkpoint(tmp_path / "base.ckpt", MLP(hidden_sizes=[8]))
         with pytest.raises(ValueError) as err:
             LitClassifier(MLP(hidden_sizes=[16]), base_checkpoint=str(path))
-        assert "shape mismatches layers.0.weight: checkpoint (8, 784) vs net (16, 784)" in str(err.value)
+        assert "shape mismatches layers.0.weight: file (8, 784) vs net (16, 784)" in str(err.value)
         with pytest.raises(ValueError, match=r"missing keys \['linear1.bias'.*unexpected keys \['layers.0.bias'"):
             LitClassifier(RichBoyNet(), base_checkpoint=str(path))
 

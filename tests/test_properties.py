@@ -6,7 +6,7 @@ import copy
 import tempfile
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -43,11 +43,29 @@ def perturb(model: nn.Module) -> None:
             layer.lora_magnitude.mul_(1.0 + 0.1 * torch.randn_like(layer.lora_magnitude))
 
 
-def tolerance(reference: torch.Tensor) -> float:
+def tolerance(reference: torch.Tensor, model: nn.Module | None = None) -> float:
     # bf16 keeps 8 bits of mantissa: a merged bf16 weight is off by up to ~2**-8 relative,
     # summed over the input features; fp32 merges agree to ~1e-6 relative.
     relative = 3e-2 if reference.dtype == torch.bfloat16 else 1e-5
-    return relative * (1.0 + reference.float().abs().max().item())
+    return relative * (1.0 + reference.float().abs().max().item()) * dora_conditioning(model)
+
+
+def dora_conditioning(model: nn.Module | None) -> float:
+    """max ||W|| / ||W + s B A|| over the rows: how much DoRA's renormalisation amplifies rounding.
+
+    When the trained direction nearly cancels the base row, ``m / ||V||`` is huge and the
+    unmerged form ``(m/||V|| - 1) W x + m/||V|| s B A x`` subtracts large, nearly equal terms
+    (PEFT computes the same form); the merged weight is rounded differently. No formulation
+    avoids this in fp32; the README states the condition.
+    """
+    if model is None or not model[0].config.use_dora:
+        return 1.0
+    layer = model[0]
+    with torch.no_grad():
+        weight = layer.base_weight().double()
+        direction = weight + layer.lora_weight().double() * layer.scale
+        ratio = weight.norm(dim=1) / direction.norm(dim=1).clamp_min(1e-30)
+    return max(1.0, float(ratio.max()))
 
 
 @settings(max_examples=40, deadline=None)
@@ -57,6 +75,9 @@ def test_injected_model_equals_its_base_at_init(p):
     assert torch.equal(model(x), base(x))
 
 
+@example(
+    dict(in_features=1, out_features=2, rank=3, alpha=19.5, dtype=torch.float32, use_dora=True, bias=False, seed=7371)
+)  # fmt: skip  (an outside tester's case: a row of W + s B A nearly cancels)
 @settings(max_examples=40, deadline=None)
 @given(layers)
 def test_merge_equals_unmerged_and_unmerge_restores_the_weights(p):
@@ -68,7 +89,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_the_weights(p):
         merge_lora(model)
         merged = model(x)
         unmerge_lora(model)
-    torch.testing.assert_close(merged.float(), unmerged.float(), atol=tolerance(unmerged), rtol=0)
+    torch.testing.assert_close(merged.float(), unmerged.float(), atol=tolerance(unmerged, model), rtol=0)
     assert torch.equal(model[0].weight, weight)
     with torch.no_grad():
         assert torch.equal(model(x), unmerged)
