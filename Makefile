@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean demo demo-mlp demo-shift
+.PHONY: install test lint format clean demo demo-mlp demo-shift demo-forgetting demo-rank-sweep results test-time
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,27 +31,35 @@ clean:
 
 # The experiments (README "Results"). DATA_DIR: a folder holding MNIST/raw/. Every run gets a new
 # version folder under runs/<name>/; a fine-tune starts from the latest pretraining run, and the
-# report reads the latest fine-tune (nothing earlier is overwritten or removed).
+# report reads the latest fine-tune (nothing earlier is overwritten or removed). Each writes its
+# record to benchmarks/results/, from which `make results` regenerates the README's tables.
 DATA_DIR ?= data
-LL := $(BIN)/lightning-lora
+EXPERIMENTS := $(BIN)/python -m lightning_lora.experiments
 
 # Experiment 1: pretrain RichBoyNet, LoRA on digit 9, test adapter on/off, report.
 demo: $(STAMP)
-	$(LL) fit -c configs/pretrain.yaml --data.data_dir $(DATA_DIR)
-	$(LL) fit -c configs/finetune_lora.yaml --data.data_dir $(DATA_DIR)
-	$(LL) test -c configs/finetune_lora.yaml --data.data_dir $(DATA_DIR) --ckpt_path runs/finetune_lora
-	$(LL) report --finetuned runs/finetune_lora --data-dir $(DATA_DIR)
+	$(EXPERIMENTS).pipeline demo --data-dir $(DATA_DIR)
 
 # Experiment 2: MLP 784-128-256-10, rank-4 LoRA, merged versus unmerged.
 demo-mlp: $(STAMP)
-	$(LL) fit -c configs/mlp_pretrain.yaml --data.data_dir $(DATA_DIR)
-	$(LL) fit -c configs/mlp_finetune_lora.yaml --data.data_dir $(DATA_DIR)
-	$(LL) merge --ckpt runs/mlp_finetune_lora --out runs/mlp_finetune_lora/merged.safetensors
-	$(LL) report --finetuned runs/mlp_finetune_lora --merged runs/mlp_finetune_lora/merged.safetensors \
-		--data-dir $(DATA_DIR)
+	$(EXPERIMENTS).pipeline demo-mlp --data-dir $(DATA_DIR)
 
 # Experiment 3: a rank-1 shift of a linear model's weights, recovered by a rank-1 adapter.
 demo-shift: $(STAMP)
-	$(LL) fit -c configs/shift_pretrain.yaml
-	$(LL) fit -c configs/shift_finetune_lora.yaml
-	$(LL) report --finetuned runs/shift_finetune_lora
+	$(EXPERIMENTS).pipeline demo-shift --data-dir $(DATA_DIR)
+
+# Experiment 4: forgetting, and replay / distillation against it (on the demo's base and digit).
+demo-forgetting: $(STAMP)
+	$(EXPERIMENTS).forgetting --data-dir $(DATA_DIR)
+
+# Experiment 5: LoRA ranks 1-64 and full fine-tuning on rotated digits: learning vs forgetting.
+demo-rank-sweep: $(STAMP)
+	$(EXPERIMENTS).rank_sweep --data-dir $(DATA_DIR)
+
+# The README's results tables and timings, regenerated from benchmarks/results/*.json.
+results: $(STAMP)
+	$(EXPERIMENTS).readme
+
+# Time the test suite for the README (the same run as `make test`).
+test-time: lint
+	$(EXPERIMENTS).pipeline test-suite

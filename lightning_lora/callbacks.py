@@ -33,6 +33,9 @@ from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import UsageError
 from lightning_lora.files import ADAPTER_FILES, OutputInTheWay, check_folder_kind
 from lightning_lora.inject import count_parameters, get_lora_config, inject_lora, merge_lora
+from lightning_lora.targets import refuse_oversized
+
+_TOLD: set[type] = set()  # module classes already told how to get adapter-only checkpoints
 
 
 class LoRAInjectionCallback(pl.Callback):
@@ -87,6 +90,7 @@ class LoRAInjectionCallback(pl.Callback):
         self.adapter_dir = adapter_dir
         self.merge_on_fit_end = merge_on_fit_end
         self.batches_started = 0  # training batches of this run so far, resumed with the checkpoint
+        self.run_seed: int | None = None  # seed_everything's, else drawn once per run; resumed with the checkpoint
 
     def target(self, pl_module: pl.LightningModule) -> nn.Module:
         """The network the adapters go into (it must be built by now)."""
@@ -96,24 +100,40 @@ class LoRAInjectionCallback(pl.Callback):
                 f"'{path}' of {type(pl_module).__name__} is still None when adapters must be injected; build the "
                 "network in __init__ or configure_model()"
             )
+        if path and not any(True for _ in module.children()):  # a bare layer: adapt it from its parent
+            raise UsageError(
+                f"'{path}' of {type(pl_module).__name__} is a single {type(module).__name__}, not a network of "
+                f"layers; set module_path to its parent (module_path='{path.rpartition('.')[0]}', '' meaning the "
+                f"LightningModule itself) and target_modules=['{path.rpartition('.')[2]}']"
+            )
         return module
 
     def _inject(self, pl_module: pl.LightningModule) -> None:
+        target = self.target(pl_module)
         try:
-            inject_lora(self.target(pl_module), self.config)  # idempotent: setup runs for every stage
+            if get_lora_config(target) is None:
+                refuse_oversized(target, self.config, "these LoRA settings")
+            inject_lora(target, self.config)  # idempotent: setup runs for every stage
         except ValueError as err:  # targets that match nothing, a layer that cannot be adapted: the config is wrong
             raise UsageError(str(err)) from err
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if sum(isinstance(c, LoRAInjectionCallback) for c in trainer.callbacks) > 1:
+            raise UsageError(
+                "the Trainer has more than one LoRAInjectionCallback; use one, with module_path set to the part "
+                "that holds every layer to adapt and target_modules naming them (e.g. ['encoder.*.q', 'decoder.*.q'])"
+            )
         if is_overridden("configure_model", pl_module):
             _inject_after_configure_model(pl_module, self._inject)
         else:
             self._inject(pl_module)
-        if stage == "fit" and not isinstance(pl_module, LoRACheckpointMixin):
+        if stage == "fit" and not isinstance(pl_module, LoRACheckpointMixin) and type(pl_module) not in _TOLD:
+            _TOLD.add(type(pl_module))  # once per module class and process
             rank_zero_info(
-                f"LoRA: checkpoints of {type(pl_module).__name__} hold the whole model; inherit "
-                "lightning_lora.LoRACheckpointMixin (class MyModule(LoRACheckpointMixin, LightningModule)) "
-                "to write adapter-only checkpoints."
+                f"LoRA: checkpoints of {type(pl_module).__name__} hold the whole model, and its "
+                "load_from_checkpoint cannot rebuild the adapters (Trainer.fit/test with ckpt_path can); inherit "
+                "lightning_lora.LoRACheckpointMixin (class MyModule(LoRACheckpointMixin, LightningModule)) for "
+                "adapter-only checkpoints that load_from_checkpoint restores."
             )
 
     def _check_injected(self, pl_module: pl.LightningModule) -> None:
@@ -140,7 +160,7 @@ class LoRAInjectionCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _refuse_inexact_resume(trainer)
-        _seed_plain_shuffles(trainer)
+        _seed_plain_shuffles(trainer, self._run_seed(trainer))
         _no_checkpoint_before_the_first_step(trainer)
         count = count_parameters(pl_module)
         rank_zero_info(f"LoRA {self.config}: {count}")
@@ -160,9 +180,21 @@ class LoRAInjectionCallback(pl.Callback):
         Whatever drew random numbers before (validation, the DataLoader's own seed draw, a resume),
         batch ``k`` of a run sees the same masks, so a resumed run repeats an uninterrupted one.
         """
-        run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed(((run_seed * 1_000_003 + self.batches_started) * 8_191 + trainer.global_rank) % 2**63)
+        seed = self._run_seed(trainer)
+        torch.manual_seed(((seed * 1_000_003 + self.batches_started) * 8_191 + trainer.global_rank) % 2**63)
         self.batches_started += 1
+
+    def _run_seed(self, trainer: pl.Trainer) -> int:
+        """``seed_everything``'s seed; without one, a random seed drawn once (rank zero's, for every rank).
+
+        Unseeded runs then differ from each other as users expect, and a resumed run continues with
+        the seed its checkpoint recorded.
+        """
+        if self.run_seed is None:
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            drawn = int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little")
+            self.run_seed = int(trainer.strategy.broadcast(drawn, src=0))
+        return self.run_seed
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.target(pl_module)
@@ -181,11 +213,22 @@ class LoRAInjectionCallback(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _close_spawned_gloo_group()
 
+    @property
+    def state_key(self) -> str:
+        """Keyed by the adapted module, so a second callback reaches :meth:`setup`'s clear refusal."""
+        return self._generate_state_key(module_path=self.module_path)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"lora_config": self.config.to_dict(), "batches_started": self.batches_started}
+        return {
+            "lora_config": self.config.to_dict(),
+            "batches_started": self.batches_started,
+            "run_seed": self.run_seed,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_started = int(state_dict.get("batches_started", 0))
+        seed = state_dict.get("run_seed")
+        self.run_seed = int(seed) if isinstance(seed, int) else None
 
 
 def _no_checkpoint_before_the_first_step(trainer: pl.Trainer) -> None:
@@ -201,7 +244,7 @@ def _no_checkpoint_before_the_first_step(trainer: pl.Trainer) -> None:
             callback._last_global_step_saved = trainer.global_step
 
 
-def _seed_plain_shuffles(trainer: pl.Trainer) -> None:
+def _seed_plain_shuffles(trainer: pl.Trainer, run_seed: int) -> None:
     """Give a plain ``DataLoader(shuffle=True)`` an order that depends only on (run seed, epoch).
 
     Its ``RandomSampler`` draws each epoch's order from torch's global random state, which no
@@ -212,7 +255,6 @@ def _seed_plain_shuffles(trainer: pl.Trainer) -> None:
     """
     loaders = trainer.train_dataloader
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
     for loader in loaders:
         sampler = getattr(loader, "sampler", None)
         if type(sampler) is RandomSampler and sampler.generator is None and not hasattr(sampler, "set_epoch"):
@@ -261,28 +303,39 @@ def _refuse_inexact_resume(trainer: pl.Trainer) -> None:
         )
 
 
-def _inject_after_configure_model(pl_module: pl.LightningModule, inject) -> None:
-    """Run ``inject`` right after the module's ``configure_model()``, in every stage.
+class _ConfigureModelThenInject:
+    """Stands in for a module's ``configure_model`` for one call: the module's own, then the injection.
 
     Lightning has no callback hook between ``configure_model`` and the strategy's setup (which
-    wraps the model and calls ``configure_optimizers``), so the module's own hook is wrapped on
-    the instance; Lightning calls it through the instance. If that ever changes, the callback's
-    start-of-run check reports that the adapters are missing.
+    wraps the model and calls ``configure_optimizers``), so the hook is replaced on the instance
+    (Lightning calls it through the instance) until it has run once; the module is then as it
+    was (picklable, copyable). The callback's start-of-run check reports it if Lightning ever
+    stops calling the hook this way.
     """
-    if getattr(pl_module, "_lora_configure_model_wrapped", False):
-        return
-    original = pl_module.configure_model
 
-    def configure_model_then_inject() -> None:
-        original()
-        inject(pl_module)
+    def __init__(self, module: pl.LightningModule, inject: Any) -> None:
+        self.module, self.inject = module, inject
+        self.__wrapped__ = type(module).configure_model  # Lightning's is_overridden looks through this
 
-    pl_module.configure_model = configure_model_then_inject
-    pl_module._lora_configure_model_wrapped = True
+    def __call__(self) -> None:
+        module = self.module
+        try:
+            type(module).configure_model(module)
+            self.inject(module)
+        finally:
+            module.__dict__.pop("configure_model", None)
+
+
+def _inject_after_configure_model(pl_module: pl.LightningModule, inject: Any) -> None:
+    """Run ``inject`` right after the module's ``configure_model()`` (set up again for every stage)."""
+    if not isinstance(pl_module.__dict__.get("configure_model"), _ConfigureModelThenInject):
+        pl_module.configure_model = _ConfigureModelThenInject(pl_module, inject)
 
 
 def _check_optimizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """The optimizer must hold exactly the trainable parameters; say which way it is wrong, and the fix."""
+    if not trainer.optimizers:  # configure_optimizers returned None: Lightning says so itself; nothing trains
+        return
     names = {id(p): n for n, p in pl_module.named_parameters()}
     trainable = {id(p) for p in pl_module.parameters() if p.requires_grad}
     held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}

@@ -81,9 +81,7 @@ def _version_number(path: Path) -> int:
     return int(name.removeprefix("version_")) if name.startswith("version_") and name[8:].isdigit() else -1
 
 
-def read_checkpoint_state(
-    path: str | Path | IO[bytes], what: str = "checkpoint", mmap: bool = False
-) -> dict[str, Any]:
+def read_checkpoint_state(path: str | Path | IO[bytes], what: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
     """Load a Lightning checkpoint with ``weights_only=True``, with one clear error per failure.
 
     Args:
@@ -197,9 +195,7 @@ def _shape_mismatch(own: dict[str, torch.Size], state: dict[str, torch.Size]) ->
         problems.append(f"missing keys {missing[:8]}")
     if unexpected:
         problems.append(f"unexpected keys {unexpected[:8]}")
-    shapes = [
-        f"{k}: file {tuple(state[k])} vs net {tuple(v)}" for k, v in own.items() if k in state and state[k] != v
-    ]
+    shapes = [f"{k}: file {tuple(state[k])} vs net {tuple(v)}" for k, v in own.items() if k in state and state[k] != v]
     if shapes:
         problems.append("shape mismatches " + "; ".join(shapes[:5]))
     return problems
@@ -257,6 +253,8 @@ class LoadedRun:
     hyper_parameters: dict[str, Any]
     datamodule_hyper_parameters: dict[str, Any]
     module_class: str
+    trained_digits: list[int] | None = None  # as the run decided them (train_digits: weakest)
+    global_step: int | None = None
 
     @property
     def adapted(self) -> bool:
@@ -302,7 +300,15 @@ def load_run(reference: str | Path, base_checkpoint: str | Path | None = None) -
     holder.load_state_dict(state, strict=True)
     module_class = checkpoint.get(trust.MODULE_CLASS_KEY) or "lightning_lora.module.LitClassifier"
     data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
-    return LoadedRun(net.eval(), path, base_path, dict(hparams), dict(data_hparams), str(module_class))
+    data_class = str(data_hparams.get("_class_path") or "MNISTDataModule").rsplit(".", 1)[-1]
+    data_state = checkpoint.get(data_class)  # Lightning stores a DataModule's state_dict() under its class name
+    digits = data_state.get("train_digits") if isinstance(data_state, dict) else None
+    trained = [int(d) for d in digits] if isinstance(digits, list) and all(isinstance(d, int) for d in digits) else None
+    step = checkpoint.get("global_step")
+    return LoadedRun(
+        net.eval(), path, base_path, dict(hparams), dict(data_hparams), str(module_class), trained,
+        step if isinstance(step, int) else None,
+    )  # fmt: skip
 
 
 def describe_run(path: Path) -> str:

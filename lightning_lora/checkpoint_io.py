@@ -14,14 +14,22 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_lora.files import atomic_file
+from lightning_lora.files import atomic_file, sweep_stale_temporaries
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` with atomic, fsynced local writes (remote paths keep Lightning's writer)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._swept: set[Path] = set()
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
+        folder = Path(path).parent
+        if folder not in self._swept:  # a killed run's temporaries, under any checkpoint's name
+            self._swept.add(folder)
+            sweep_stale_temporaries(folder)
         with atomic_file(path) as tmp:
             torch.save(checkpoint, tmp)

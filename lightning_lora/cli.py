@@ -110,6 +110,8 @@ def main(args: Sequence[str] | None = None) -> None:
     except SystemExit as err:
         if type(err).__name__ == "SIGTERMException" and not traceback_wanted:  # Lightning's is a SystemExit
             _fail(verb, _sigterm_report(), 143)  # 128 + SIGTERM, so a chain of commands stops here
+        if isinstance(err.__context__, KeyboardInterrupt) and not traceback_wanted:
+            _fail(verb, "interrupted", 130)  # Lightning turns Ctrl-C into exit code 1 after its clean shutdown
         raise
     except UsageError as err:
         if traceback_wanted:

@@ -129,9 +129,11 @@ def _merge_configs(paths: Sequence[str]) -> dict[str, Any]:
         if not Path(path).is_file():
             raise UsageError(f"config {path} does not exist")
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise UsageError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
+        except (UnicodeDecodeError, OSError) as err:
+            raise UsageError(f"config {path} cannot be read as UTF-8 text ({err})") from err
         if not isinstance(data, dict):
             raise UsageError(f"config {path} must be a YAML mapping")
         merge(merged, data)
@@ -179,7 +181,7 @@ def inspect_command(argv: Sequence[str]) -> int:
         raise UsageError("the config has no 'lora:' section or LoRAInjectionCallback: nothing would be injected")
     from lightning_lora.checkpoint_files import build_net
     from lightning_lora.inject import count_parameters, inject_lora, lora_layers
-    from lightning_lora.targets import plan_targets
+    from lightning_lora.targets import plan_targets, refuse_oversized
 
     names = set(LoRAConfig.field_names())
     try:
@@ -187,8 +189,12 @@ def inspect_command(argv: Sequence[str]) -> int:
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from err
     net = build_net(net_config, "model.net")
-    skipped = plan_targets(net, lora).describe_skipped()
-    inject_lora(net, lora)
+    try:  # a pattern that matches nothing, a layer that cannot be adapted: a usage error, as in fit
+        skipped = plan_targets(net, lora).describe_skipped()
+        refuse_oversized(net, lora, "these LoRA settings")
+        inject_lora(net, lora)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     rows = [
         (
             name,

@@ -154,6 +154,8 @@ def read_idx(path: Path, kind: str) -> torch.Tensor:
     if kind == "images" and dims[1:] != (28, 28):
         raise DataError(f"{path} holds {dims[1]}x{dims[2]} images; MNIST's are 28x28")
     expected = math.prod(dims)
+    if expected == 0:
+        raise DataError(f"{path} holds no {kind} (its header announces {' x '.join(map(str, dims))}); copy it again")
     if len(data) - header != expected:
         what = "truncated" if len(data) - header < expected else "followed by extra bytes"
         raise DataError(

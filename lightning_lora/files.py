@@ -78,20 +78,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_temporaries(parent: Path, name: str) -> list[Path]:
-    """Remove ``.<name>.<pid>.*`` entries beside ``name`` left by processes that no longer run."""
+def sweep_stale_temporaries(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove the temporaries of writers that no longer run: ``.<name>.<pid>.<random>.tmp`` (or ``.old``).
+
+    Only entries of that exact form whose process is gone are touched: for one output ``name``,
+    or, with ``name=None``, for every output in ``parent`` (a checkpoint folder).
+    """
     removed = []
     if not parent.is_dir():
         return removed
-    for entry in parent.glob(f".{name}.*"):
-        parts = entry.name[len(name) + 2 :].split(".", 1)
-        if len(parts) == 2 and parts[0].isdigit() and entry.suffix in (".tmp", ".old"):
-            if not _pid_alive(int(parts[0])):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                removed.append(entry)
+    for entry in parent.glob(f".{name}.*" if name else ".*"):
+        parts = entry.name[1:].rsplit(".", 3)  # name (may hold dots), pid, random, suffix
+        if len(parts) != 4 or (name is not None and parts[0] != name):
+            continue
+        _, pid, _, suffix = parts
+        if pid.isdigit() and suffix in ("tmp", "old") and not _pid_alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
     return removed
 
 
@@ -105,8 +111,15 @@ def disk_errors(path: Path) -> Iterator[None]:
             raise OSError(f"no space left on the device while writing {path}; free some space") from err
         raise
     except RuntimeError as err:  # torch and safetensors report a failed write as a RuntimeError
-        if "No space left" in str(err) or "error code: 28" in str(err):
+        text = str(err)
+        if "No space left" in text or "error code: 28" in text:
             raise OSError(f"no space left on the device while writing {path}; free some space") from err
+        if "inline_container" in text or "unexpected pos" in text or "write failed" in text.lower():
+            free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+            raise OSError(
+                f"writing {path} failed ({text.strip().splitlines()[0][:120]}); the device has {free:,} bytes "
+                "free, so it is most likely full: free some space"
+            ) from err
         raise
 
 

@@ -30,6 +30,7 @@ from lightning_lora.checkpoint_files import describe_resolution, read_checkpoint
 from lightning_lora.checkpoint_io import AtomicCheckpointIO
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import UsageError, root_cause
+from lightning_lora.files import sweep_stale_temporaries
 from lightning_lora.module import NetModule
 from lightning_lora.run_record import RunRecord
 
@@ -68,21 +69,62 @@ def sigterm_report() -> str:
 
 
 def short_parse_error(message: str) -> str:
-    """jsonargparse's nested union dump, cut to: the option, what it expects, the value given."""
+    """jsonargparse's nested union dump, cut to one line: the option, what it accepts, the value given."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
     option = ""
     for key in keys:
         option = key if not option or key.startswith(option + ".") else f"{option}.{key}"
-    expected = re.findall(r"Expected a (.+?)\. Got value: (.+)", message)
-    if option and expected:
-        kind, value = expected[-1]
-        kind = re.sub(r"<class '(\w+)'>", r"a \1", kind)
-        kind = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", kind)
-        return f"--{option}: expected {kind}, got {value.strip()!r}"
+    nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", message)
+    if nested and keys:  # a --group.sub.option given on the command line: name it as the user typed it
+        option = f"{keys[0]}.{nested.group(1)}"
+    value = nested.group(2) if nested else _given_value(message)
+    classes = re.findall(r"Problem with given class_path '([^']+)'", message)
+    unknown = re.search(r"Option '([^']+)' is not accepted", message)
+    if unknown and classes:
+        short = classes[-1].rsplit(".", 1)[-1]
+        group = (option.rsplit(".", 1)[0] if nested else option).replace(".init_args", "")
+        return f"--{group}.{unknown.group(1)}: {short} has no option '{unknown.group(1)}'; see --{group}.help {short}"
+    missing = re.search(r"module '([^']+)' has no attribute '([^']+)'", message)
+    if missing and classes:
+        return f"--{option}.class_path: {classes[-1]} does not exist ({missing.group(1)} has no {missing.group(2)})"
+    not_a_path = re.search(r"Expected a dot import path string: (\S+)", message)
+    kinds = _accepted_kinds(message)
+    if kinds and value is not None:
+        return f"--{option}: expected {' or '.join(kinds)}, got {value!r}"
+    if not_a_path:
+        return (
+            f"--{option}: {not_a_path.group(1)!r} is not a class; give a dotted import path "
+            "(e.g. lightning_lora.models.MLP) or the short name of a class lightning-lora knows"
+        )
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not option and message.startswith("Problems parsing config"):
         return " ".join(lines)  # a YAML error: its lines name the file, the line and the column
     return f"--{option}: {lines[-1]}" if option and lines else (lines[0] if lines else message)
+
+
+def _given_value(message: str) -> str | None:
+    got = re.findall(r"Got value: (.+)", message)
+    if got:
+        return got[-1].strip()
+    given = re.findall(r"Given value: (.+)", message)
+    return given[-1].split(". Got value:")[0].strip() if given else None
+
+
+def _accepted_kinds(message: str) -> list[str]:
+    """What the option accepts, from jsonargparse's 'Expected a ...' lines (None alternatives left out)."""
+    kinds: list[str] = []
+    literals: list[str] = []
+    for expected in re.findall(r"Expected a (<class '[\w.]+'>|typing\.Literal\[[^\]]*\])", message):
+        if expected == "<class 'NoneType'>":
+            continue
+        if expected.startswith("typing.Literal"):
+            literals += [v for v in expected[len("typing.Literal[") : -1].split(", ") if v not in literals]
+            continue
+        name = expected[len("<class '") : -2].rsplit(".", 1)[-1]
+        kind = ("an " if name[0] in "aeiou" else "a ") + name
+        if kind not in kinds:
+            kinds.append(kind)
+    return kinds + (["one of " + ", ".join(literals)] if literals else [])
 
 
 class ShortErrorParser(LightningArgumentParser):
@@ -91,7 +133,8 @@ class ShortErrorParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
         if not self.exit_on_error:  # jsonargparse probing an alternative: it catches this one itself
             return super().error(message, ex)
-        raise UsageError(short_parse_error(message) + "; see --help")
+        short = short_parse_error(message)
+        raise UsageError(short if "see --" in short else short + "; see --help")
 
 
 def _lora_help() -> str:
@@ -128,7 +171,32 @@ class LoRACLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
         _RUN.update(trainer=trainer, started=time.time())
+        _sweep_earlier_runs(trainer)
         return trainer
+
+    def before_fit(self) -> None:
+        """Refuse to write into a checkpoint folder that holds another run's checkpoints.
+
+        With a logger every run gets its own version folder; with ``--trainer.logger false`` or a
+        fixed ``dirpath`` two runs would overwrite each other's ``last.ckpt`` (Lightning only
+        warns). Resuming a run in its own folder is the one exception.
+        """
+        trainer = self.trainer
+        resumed = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        resumed_from = Path(str(resumed)).resolve().parent if resumed else None
+        for callback in trainer.checkpoint_callbacks:
+            dirpath = getattr(callback, "dirpath", None)
+            if dirpath is None and trainer.loggers:
+                continue  # Lightning puts it in the logger's new version folder
+            folder = Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"
+            taken = folder.is_dir() and any(folder.glob("*.ckpt"))
+            if taken and folder.resolve() != resumed_from:
+                raise UsageError(
+                    f"the checkpoint folder {folder} already holds another run's checkpoints, and this run would "
+                    "overwrite them (it has no version folder of its own). Keep the logger (each run then writes "
+                    "to runs/<name>/version_N), give a new --trainer.default_root_dir, or resume that run with "
+                    "--ckpt_path"
+                )
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` (weights-only, run folders resolved) and do *not* read model settings from it.
@@ -166,12 +234,35 @@ class LoRACLI(LightningCLI):
     @staticmethod
     def _latest_run(settings: Any) -> str:
         logger = settings.get("trainer", {}).get("logger")
-        init_args = getattr(logger, "init_args", None) or (logger or {}).get("init_args", {}) if logger else {}
+        if logger is False:
+            raise UsageError("--ckpt_path last needs the run folders a logger makes; pass the checkpoint file instead")
+        loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
+        found = [_init_args(entry) for entry in loggers if entry]
+        init_args = next((args for args in found if args.get("save_dir")), found[0] if found else {})
         save_dir, name = init_args.get("save_dir", "runs"), init_args.get("name", "lightning_lora")
         folder = Path(str(save_dir)) / str(name)
         if not folder.is_dir():
             raise UsageError(f"--ckpt_path last: there is no earlier run of this config in {folder} to resume")
         return str(folder)
+
+
+def _init_args(entry: Any) -> dict[str, Any]:
+    """A logger's init_args from the parsed config (a Namespace or a dict), or ``{}``."""
+    args = getattr(entry, "init_args", None)
+    if args is None and isinstance(entry, dict):
+        args = entry.get("init_args")
+    if args is not None and not isinstance(args, dict):
+        args = vars(args) if hasattr(args, "__dict__") else dict(args)
+    return dict(args or {})
+
+
+def _sweep_earlier_runs(trainer: pl.Trainer) -> None:
+    """Remove what killed runs of this name left half-written in their checkpoint folders (dead writers only)."""
+    logger = trainer.logger
+    save_dir, name = getattr(logger, "save_dir", None), getattr(logger, "name", None)
+    if trainer.is_global_zero and save_dir and name and (Path(save_dir) / name).is_dir():
+        for folder in (Path(save_dir) / name).glob("version_*/checkpoints"):
+            sweep_stale_temporaries(folder)
 
 
 def _check_config_files(args: Sequence[str]) -> None:
@@ -187,9 +278,11 @@ def _check_config_files(args: Sequence[str]) -> None:
         if not Path(path).is_file():
             raise UsageError(f"config {path} does not exist")
         try:
-            yaml.safe_load(Path(path).read_text())
+            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except yaml.YAMLError as err:
             raise UsageError(f"config {path} is not valid YAML: {' '.join(str(err).split())}") from err
+        except (UnicodeDecodeError, OSError) as err:
+            raise UsageError(f"config {path} cannot be read as UTF-8 text ({err})") from err
 
 
 def run_lightning(args: Sequence[str]) -> LightningCLI:

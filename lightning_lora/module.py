@@ -232,6 +232,8 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         mirrored here, in one place, and ``tests/test_module.py`` compares the two on a real run.
         """
         trainer = self.trainer
+        if trainer.log_every_n_steps == 0:  # Lightning's way to switch step logging off
+            return False
         return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.global_step == 0
 
     def on_train_start(self) -> None:

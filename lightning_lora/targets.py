@@ -225,6 +225,6 @@ def refuse_oversized(model: nn.Module, config: LoRAConfig, where: str) -> None:
     limit = max(sum(p.numel() for p in model.parameters()), 1 << 20)
     if size > limit:
         raise ValueError(
-            f"{where} would allocate about {size:,} numbers for its adapters, more than the whole model "
+            f"{where} would allocate about {size:,} numbers of adapter weights, more than the whole model "
             f"({limit:,}); its rank or targets do not fit this model"
         )

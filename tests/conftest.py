@@ -13,12 +13,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_known_warnings() -> None:
-    """A fixed seed for every test; the benign warnings of real runs silenced, as the CLI does.
+def _seed_and_known_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixed seed for every test (torch's and the run seed seed_everything would set); the benign
+    warnings of real runs silenced, as the CLI does.
 
     Every other warning fails the test (pyproject's filterwarnings): it must be looked at.
     """
     torch.manual_seed(0)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
     quiet.install()
 
 

@@ -41,6 +41,7 @@ DAMAGE = {
     ),
     "counts differ": (LABELS, lambda p: write_idx(p, torch.zeros(399, dtype=torch.uint8)), "400 images but"),
     "labels outside 0-9": (LABELS, lambda p: write_idx(p, torch.full((400,), 10, dtype=torch.uint8)), "outside 0-9"),
+    "no images": (IMAGES, lambda p: write_idx(p, torch.zeros(0, 28, 28, dtype=torch.uint8)), "holds no images"),
 }
 
 

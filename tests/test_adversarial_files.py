@@ -340,5 +340,7 @@ def test_checkpoints_load_from_file_objects_and_urls_and_deep_nesting_is_refused
     finally:
         sys.setrecursionlimit(limit)
     for action in (lambda: load_run(nested), lambda: LitClassifier.load_from_checkpoint(nested)):
-        with pytest.raises(ValueError, match="nested more than 64 levels deep|nested too deeply|not a readable checkpoint"):
+        with pytest.raises(
+            ValueError, match="nested more than 64 levels deep|nested too deeply|not a readable checkpoint"
+        ):
             action()

@@ -174,6 +174,32 @@ def test_temporaries_of_live_processes_are_left_alone(tmp_path):
     assert live.exists() and not dead.exists()
 
 
+def test_the_next_run_sweeps_what_a_killed_checkpoint_writer_left_in_any_version(tmp_path, monkeypatch, fake_mnist):
+    import sys
+
+    import torch
+    from helpers import write_base_checkpoint
+
+    from lightning_lora.models import RichBoyNet
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-lora"])
+    write_base_checkpoint(tmp_path / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
+    old = tmp_path / "runs/finetune_lora/version_0/checkpoints"
+    old.mkdir(parents=True)
+    dead = [old / ".last.ckpt.999999999.abc.tmp", old / ".step=2.ckpt.999999998.x_y.tmp"]
+    alive = old / f".last.ckpt.{os.getpid()}.abc.tmp"
+    mine = old / "notes.tmp"  # not of the writers' form: never touched
+    for path in (*dead, alive, mine):
+        path.write_bytes(b"partial")
+    config = str(Path(__file__).resolve().parents[1] / "configs/finetune_lora.yaml")
+    main_args = ["fit", "-c", config, "--data.data_dir", str(fake_mnist), "--trainer.max_steps", "1",
+                 "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "1.0"]  # fmt: skip
+    main(main_args)
+    assert not any(p.exists() for p in dead) and alive.exists() and mine.exists()
+    assert torch.load(tmp_path / "runs/finetune_lora/version_1/checkpoints/last.ckpt", weights_only=True)
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A 400 KB tmpfs: real ENOSPC (needs root and mount; skipped elsewhere)."""
@@ -224,6 +250,28 @@ def test_two_runs_never_share_a_checkpoint_folder(lora_run, fake_mnist, monkeypa
           "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     (new,) = set((root / "runs/finetune_lora").iterdir()) - versions
     assert (new / "checkpoints/last.ckpt").is_file() and first.read_bytes() == before
+
+
+def test_without_a_logger_a_second_run_may_not_overwrite_the_first(tmp_path, fake_mnist, monkeypatch, capsys):
+    import sys
+
+    from helpers import write_base_checkpoint
+
+    from lightning_lora.models import RichBoyNet
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-lora"])
+    write_base_checkpoint(tmp_path / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
+    args = ["fit", "-c", CONFIG, "--data.data_dir", str(fake_mnist), "--trainer.max_steps", "1",
+            "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger", "false"]  # fmt: skip
+    main(args)
+    first = (tmp_path / "checkpoints/last.ckpt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and "already holds another run's checkpoints" in capsys.readouterr().err
+    assert (tmp_path / "checkpoints/last.ckpt").read_bytes() == first
+    main([*args, "--trainer.max_steps", "2", "--ckpt_path", "checkpoints/last.ckpt"])  # resuming it is fine
 
 
 def test_a_callback_adapter_dir_of_someone_elses_is_refused_before_training(tmp_path, fake_mnist):

@@ -149,6 +149,20 @@ def test_sigterm_says_truthfully_whether_a_checkpoint_was_saved(tmp_path, fake_m
         assert "before any checkpoint of this run could be saved" in stderr
 
 
+def test_ctrl_c_exits_130_after_lightnings_clean_shutdown(tmp_path, fake_mnist):
+    args = [*prepared(tmp_path / "run", fake_mnist, slow=0.2), "--trainer.max_steps", "10000"]
+    process = subprocess.Popen(args, cwd=tmp_path / "run", env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 200
+    events = tmp_path / "run/runs/finetune_lora/version_0"
+    while time.monotonic() < deadline and not list(events.glob("events.out.tfevents.*")):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
 def test_a_nan_stops_before_any_bad_checkpoint_and_its_advice_works(tmp_path, fake_mnist):
     folder = tmp_path / "run"
     args = prepared(folder, fake_mnist, every=1, on_exception=True)
@@ -158,7 +172,7 @@ def test_a_nan_stops_before_any_bad_checkpoint_and_its_advice_works(tmp_path, fa
                             cwd=folder, env=environment(), capture_output=True, text=True, timeout=400)  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "the training loss became" in result.stderr and "--model.lr_on_resume <lower lr>" in result.stderr
-    advised = result.stderr.split("--ckpt_path ")[1].split(" ")[0]
+    advised = result.stderr.split(" --model.lr_on_resume <lower lr>")[0].rsplit("--ckpt_path ", 1)[1]
     assert torch.load(folder / advised, weights_only=True)["global_step"] == 3  # not step 4's diverged weights
     for path in (folder / "runs/finetune_lora").rglob("*.ckpt"):
         state = torch.load(path, weights_only=True)

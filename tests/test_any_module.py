@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import pickle
 
 import lightning.pytorch as pl
 import pytest
@@ -124,6 +126,11 @@ def test_fit_validate_test_on_a_user_module(tmp_path, fake_mnist, in_configure_m
     run.validate(model, data(fake_mnist), verbose=False)
     run.test(model, data(fake_mnist), verbose=False)
     assert [m for m in model.net.modules() if isinstance(m, LoRALayer)] == layers  # idempotent across stages
+    assert "configure_model" not in vars(model)  # the module is as it was: picklable and copyable
+    clone = pickle.loads(pickle.dumps(model))
+    assert lora_state_dict(clone.net).keys() == lora_state_dict(model.net).keys()
+    copied = copy.deepcopy(model)
+    run.test(copied, data(fake_mnist), verbose=False)
 
 
 def test_a_net_built_in_configure_model_is_adapted_after_that_hook(tmp_path, fake_mnist):
@@ -192,13 +199,33 @@ def test_resuming_with_other_lora_settings_is_refused(tmp_path, fake_mnist):
         )
 
 
-def test_without_the_mixin_checkpoints_stay_full_and_the_callback_says_how(tmp_path, fake_mnist, caplog):
+def test_without_the_mixin_checkpoints_stay_full_and_the_callback_says_how(tmp_path, fake_mnist, caplog, monkeypatch):
+    monkeypatch.setattr("lightning_lora.callbacks._TOLD", set())
     model = WithoutMixin()
     with caplog.at_level(logging.INFO):
         trainer(tmp_path, [lora(), checkpoints(tmp_path)], limit_val_batches=0).fit(model, data(fake_mnist))
-    assert "inherit lightning_lora.LoRACheckpointMixin" in caplog.text
+        trainer(tmp_path / "again", [lora()], limit_val_batches=0).fit(WithoutMixin(), data(fake_mnist))
+    assert caplog.text.count("inherit lightning_lora.LoRACheckpointMixin") == 1  # said once
     saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
     assert "net.1.weight" in saved["state_dict"] and "lightning_lora" not in saved
+    resumed = WithoutMixin()  # the callback injects before the restore: resume works without the mixin
+    trainer(tmp_path / "r", [lora()], max_steps=8, limit_val_batches=0).fit(
+        resumed, data(fake_mnist), ckpt_path=str(tmp_path / "ck" / "last.ckpt")
+    )
+    assert resumed.global_step == 8
+
+
+def test_one_callback_per_trainer_and_a_bare_layer_is_named(tmp_path, fake_mnist):
+    with pytest.raises(UsageError, match="more than one LoRAInjectionCallback"):
+        trainer(tmp_path, [lora(), lora(module_path="net")]).fit(UserModule(), data(fake_mnist))
+
+    class BareLayer(UserModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(784, 10)
+
+    with pytest.raises(UsageError, match=r"single Linear.*module_path=''.*target_modules=\['net'\]"):
+        trainer(tmp_path, [lora()]).fit(BareLayer(), data(fake_mnist))
 
 
 def test_module_path_reaches_a_nested_network_and_a_wrong_one_is_named(tmp_path, fake_mnist):
@@ -254,7 +281,8 @@ class ShuffledData(pl.LightningDataModule):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=8, shuffle=True)
 
 
-def test_a_plain_shuffled_loader_resumed_at_an_epoch_end_repeats_the_run(tmp_path):
+def test_a_plain_shuffled_loader_resumed_at_an_epoch_end_repeats_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything(7) sets: both runs share the seed
     straight = UserModule()
     trainer(tmp_path / "a", [lora(dropout=0.2)], max_steps=15, limit_val_batches=0).fit(straight, ShuffledData())
     interrupted = UserModule()
@@ -265,5 +293,35 @@ def test_a_plain_shuffled_loader_resumed_at_an_epoch_end_repeats_the_run(tmp_pat
     trainer(tmp_path / "c", [lora(dropout=0.2)], max_steps=15, limit_val_batches=0).fit(
         resumed, ShuffledData(), ckpt_path=last
     )
+    for key, value in lora_state_dict(straight.net).items():
+        assert torch.equal(lora_state_dict(resumed.net)[key], value), key
+
+
+class RecordNoise(pl.Callback):
+    """Records a random draw a user's training_step might make (augmentation, noise)."""
+
+    def __init__(self) -> None:
+        self.draws: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.draws.append(float(torch.rand(())))
+
+
+def test_unseeded_runs_differ_and_a_resumed_one_keeps_its_seed(tmp_path, fake_mnist, monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    draws = []
+    for i in range(2):
+        noise = RecordNoise()
+        trainer(tmp_path / str(i), [lora(), noise], max_steps=3).fit(UserModule(), data(fake_mnist))
+        draws.append(noise.draws)
+    assert draws[0] != draws[1], "two runs without seed_everything drew the same random numbers"
+    straight, noise = UserModule(), RecordNoise()
+    every_two = ModelCheckpoint(dirpath=tmp_path / "s/ck", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer(tmp_path / "s", [lora(dropout=0.3), every_two, noise], max_steps=4).fit(straight, data(fake_mnist))
+    resumed, later = UserModule(), RecordNoise()
+    trainer(tmp_path / "r", [lora(dropout=0.3), later], max_steps=4).fit(
+        resumed, data(fake_mnist), ckpt_path=str(tmp_path / "s/ck/step=2.ckpt")
+    )
+    assert later.draws == noise.draws[2:]
     for key, value in lora_state_dict(straight.net).items():
         assert torch.equal(lora_state_dict(resumed.net)[key], value), key

@@ -360,6 +360,7 @@ def test_bad_input_fails_with_one_clear_message(workdir, fake_mnist, capsys, ext
         ({"bias": "some"}, "--lora.bias: expected one of 'none', 'all', 'lora_only', got 'some'"),
         ({"target_modules": ["fc9"]}, "pattern 'fc9' matches no module. Adaptable layers in this model: ['linear1'"),
         ({"target_modules": ["relu"]}, "LoRA target 'relu' is a ReLU, which LoRA cannot adapt"),
+        ({"rank": 100_000_000}, "more than the whole model (2,807,010)"),
     ],
 )
 def test_bad_lora_settings_are_usage_errors(workdir, fake_mnist, capsys, init_args, message):

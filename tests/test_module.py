@@ -121,8 +121,8 @@ def test_checkpoints_hold_the_adapter_and_rebuild_on_the_modules_own_base():
         other.on_load_checkpoint(checkpoint)
 
 
-@pytest.mark.parametrize("accumulate", [1, 3])
-def test_the_logging_rule_mirrors_lightnings(tmp_path, fake_mnist, accumulate):
+@pytest.mark.parametrize(("accumulate", "every"), [(1, 4), (3, 4), (1, 0)])
+def test_the_logging_rule_mirrors_lightnings(tmp_path, fake_mnist, accumulate, every):
     """NetModule._logs_this_step copies Lightning's private should_update_logs rule: fail if they part."""
     import lightning.pytorch as pl
 
@@ -140,7 +140,7 @@ def test_the_logging_rule_mirrors_lightnings(tmp_path, fake_mnist, accumulate):
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         max_steps=9,
-        log_every_n_steps=4,
+        log_every_n_steps=every,
         accumulate_grad_batches=accumulate,
         logger=False,
         enable_progress_bar=False,

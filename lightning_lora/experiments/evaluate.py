@@ -24,10 +24,15 @@ def outputs(net: nn.Module, inputs: torch.Tensor, batch: int = EVAL_BATCH) -> to
     return torch.cat([net(chunk) for chunk in inputs.split(batch)])
 
 
-def digit_counts(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """Accuracy and the number of mistakes per true digit."""
+def digit_counts(preds: torch.Tensor, labels: torch.Tensor, trained: list[int] | None = None) -> dict[str, Any]:
+    """Accuracy, the number of mistakes per true digit, and accuracy on the digits not trained on."""
     wrong = [int(((preds != labels) & (labels == d)).sum()) for d in range(10)]
-    return {"accuracy": float((preds == labels).float().mean()), "wrong_per_digit": wrong}
+    counts: dict[str, Any] = {"accuracy": float((preds == labels).float().mean()), "wrong_per_digit": wrong}
+    if trained is not None:
+        retain = ~torch.isin(labels, torch.tensor(trained))
+        counts["retain_accuracy"] = float((preds[retain] == labels[retain]).float().mean()) if retain.any() else None
+        counts["target_wrong"] = sum(wrong[d] for d in trained)
+    return counts
 
 
 def confusion(preds: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
@@ -38,25 +43,31 @@ def confusion(preds: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
 
 
 def evaluate_classifier(
-    base: nn.Module, tuned: nn.Module, images: torch.Tensor, labels: torch.Tensor, merged: nn.Module | None = None
+    base: nn.Module,
+    tuned: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    merged: nn.Module | None = None,
+    trained: list[int] | None = None,
 ) -> dict[str, Any]:
     """Base, adapter on, adapter off (same model) and merged, on the same images.
 
     ``merged``, a model loaded from a ``lightning-lora merge`` file, takes raw images: it is
-    given ``images`` de-normalised back to pixels, as a user would pass them.
+    given ``images`` de-normalised back to pixels, as a user would pass them. ``trained``: the
+    digits fine-tuned on, for the accuracy on all the others (what was retained).
     """
     base_logits, on_logits = outputs(base, images), outputs(tuned, images)
     with disable_lora(tuned):
         off_logits = outputs(tuned, images)
     merged_logits = outputs(merge_and_unload(copy.deepcopy(tuned)), images)
     predictions = {"base": base_logits, "adapter_on": on_logits, "adapter_off": off_logits, "merged": merged_logits}
-    runs: dict[str, Any] = {name: digit_counts(logits.argmax(1), labels) for name, logits in predictions.items()}
+    runs: dict[str, Any] = {n: digit_counts(logits.argmax(1), labels, trained) for n, logits in predictions.items()}
     if merged is not None:
         from lightning_lora.data import MNIST_MEAN, MNIST_STD
 
         pixels = ((images * MNIST_STD + MNIST_MEAN) * 255).round().clamp(0, 255).to(torch.uint8)
         file_preds = torch.cat([merged.predict(chunk) for chunk in pixels.split(EVAL_BATCH)])
-        runs["merged_file"] = digit_counts(file_preds, labels)
+        runs["merged_file"] = digit_counts(file_preds, labels, trained)
         runs["merged_file_predictions_equal_unmerged"] = bool(torch.equal(file_preds, on_logits.argmax(1)))
     count = count_parameters(tuned)
     return {

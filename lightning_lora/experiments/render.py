@@ -17,14 +17,21 @@ def classification_markdown(s: dict[str, Any]) -> str:
     lines = [
         "# LoRA fine-tune: what the adapter changed",
         "",
-        f"Trained on digits {s['trained_digits']}; tested on all {s['test_samples']:,} test images.",
+        f"Trained on digits {s['trained_digits']} (in bold); tested on all {s['test_samples']:,} test images; "
+        "*other digits*: accuracy on the digits not trained on.",
         "",
-        "| model | accuracy | " + " | ".join(f"wrong {d}" for d in range(10)) + " |",
-        "|---|---|" + "---|" * 10,
+        "| model | accuracy | other digits | " + " | ".join(f"wrong {d}" for d in range(10)) + " |",
+        "|---|---|---|" + "---|" * 10,
     ]
     for title, key in rows:
-        wrong = " | ".join(str(w) for w in s[key]["wrong_per_digit"])
-        lines.append(f"| {title} | {_pct(s[key]['accuracy'])} | {wrong} |")
+        wrong = " | ".join(
+            f"**{w}**" if d in s["trained_digits"] and len(s["trained_digits"]) < 10 else str(w)
+            for d, w in enumerate(s[key]["wrong_per_digit"])
+        )
+        retain = s[key].get("retain_accuracy")
+        lines.append(
+            f"| {title} | {_pct(s[key]['accuracy'])} | {_pct(retain) if retain is not None else '-'} | {wrong} |"
+        )
     p = s["parameters"]
     lines += [
         "",

@@ -19,7 +19,8 @@ from lightning_lora.adapter_files import ADAPTER_WEIGHTS_NAME, save_adapter
 from lightning_lora.checkpoint_files import LoadedRun, build_net, describe_run, load_base_checkpoint, load_run
 from lightning_lora.errors import UsageError
 from lightning_lora.experiments import evaluate, render
-from lightning_lora.files import atomic_file, check_folder_kind
+from lightning_lora.experiments import figures as draw
+from lightning_lora.files import atomic_directory, atomic_file, check_folder_kind
 
 REPORT_FILES = frozenset({"summary.json", "summary.md", "adapter", "figures"})
 """What a report folder holds (and so what a report may replace)."""
@@ -60,9 +61,11 @@ def _classification(tuned: LoadedRun, base: nn.Module, data_dir: str | None, mer
     data = MNISTDataModule(**_data_args(tuned, data_dir))
     data.setup("test")
     merged = load_merged(merged_file) if merged_file else None
+    trained = tuned.trained_digits or data.target_digits or list(range(10))  # "weakest" as the run decided it
     _say(f"evaluating {len(data.test_set):,} test images: base, adapter on, adapter off, merged")
-    summary = evaluate.evaluate_classifier(base, tuned.net, data.test_set.inputs, data.test_set.targets, merged)
-    summary["trained_digits"] = data.train_digits or list(range(10))
+    test = data.test_set
+    summary = evaluate.evaluate_classifier(base, tuned.net, test.inputs, test.targets, merged, trained)
+    summary["trained_digits"] = trained
     return summary, render.classification_markdown
 
 
@@ -105,6 +108,35 @@ def report(
         **summary,
         **_sizes(tuned, out),
     }
-    _write(out, summary, markdown(summary))
+    text = markdown(summary)
+    _write(out, summary, text)
+    pictures = _figures(summary, out) if summary["kind"] == "classification" else []
+    _to_tensorboard(Path(describe_run(tuned.checkpoint)), text, pictures, tuned)
     _say(f"written to {out}")
     return summary, str(out / "summary.md")
+
+
+FIGURES = {"mistakes_per_digit.png": draw.mistakes_per_digit, "confusion_matrices.png": draw.confusion_pair}
+
+
+def _figures(summary: dict[str, Any], out: Path) -> list[Path]:
+    _say("drawing the figures")
+    with atomic_directory(out / "figures", FIGURES, "figures") as tmp:
+        for name, drawing in FIGURES.items():
+            drawing(summary, tmp / name)
+    return [out / "figures" / name for name in FIGURES]
+
+
+def _to_tensorboard(run_folder: Path, markdown: str, pictures: list[Path], tuned: LoadedRun) -> None:
+    """The report beside the run's curves: summary.md as text, the figures as images (TEXT and IMAGES tabs)."""
+    if not any(run_folder.glob("events.out.tfevents.*")):
+        return  # not a logged run folder (a bare .ckpt elsewhere): nothing to add to
+    import matplotlib.image
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = int(tuned.global_step or 0)
+    with SummaryWriter(log_dir=str(run_folder), filename_suffix=".report") as writer:
+        writer.add_text("report/summary", markdown, step)
+        for path in pictures:
+            image = matplotlib.image.imread(path)[..., :3]
+            writer.add_image(f"report/{path.stem}", image, step, dataformats="HWC")

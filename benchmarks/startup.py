@@ -1,0 +1,67 @@
+"""How long the command line takes to start, against importing Lightning: the target is well under half.
+
+    python benchmarks/startup.py --runs 7 --ckpt runs/finetune_lora
+
+Times whole processes from outside (start to exit, median of ``--runs`` after one warm-up):
+``import lightning.pytorch`` alone, then ``lightning-lora --help``, ``--version``, and the verbs that
+train nothing (``inspect``, ``export``, ``merge``; the last two need a fine-tuning run). Writes the
+table to ``benchmarks/results/startup.json``, from which the README states it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lightning_lora.experiments.pipeline import environment, write_record
+
+CLI = str(Path(sys.executable).parent / "lightning-lora")
+
+
+def commands(ckpt: str | None, out: Path) -> dict[str, list[str]]:
+    measured = {
+        "python -c 'import lightning.pytorch' (the yardstick)": [sys.executable, "-c", "import lightning.pytorch"],
+        "lightning-lora --help": [CLI, "--help"],
+        "lightning-lora --version": [CLI, "--version"],
+        "lightning-lora inspect -c configs/finetune_lora.yaml": [CLI, "inspect", "-c", "configs/finetune_lora.yaml"],
+    }
+    if ckpt:
+        measured[f"lightning-lora export --ckpt {ckpt}"] = [CLI, "export", "--ckpt", ckpt, "--out", str(out / "a")]
+        measured[f"lightning-lora merge --ckpt {ckpt}"] = [CLI, "merge", "--ckpt", ckpt, "--out", str(out / "m.st")]
+    return measured
+
+
+def median_seconds(command: list[str], runs: int) -> float:
+    times = []
+    for i in range(runs + 1):
+        began = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if i:  # the first run warms the file cache
+            times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--ckpt", help="a fine-tuning run for export and merge (e.g. runs/finetune_lora)")
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as out:
+        rows = [
+            {"command": name, "seconds": round(median_seconds(command, opts.runs), 2)}
+            for name, command in commands(opts.ckpt, Path(out)).items()
+        ]
+    yardstick = rows[0]["seconds"]
+    for row in rows:
+        row["ratio"] = round(row["seconds"] / yardstick, 2)
+        print(f"{row['seconds']:6.2f} s  {row['ratio']:5.2f}x  {row['command']}")
+    write_record("startup", {"experiment": "startup", "runs": opts.runs, "rows": rows, "environment": environment()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""``make demo-forgetting``: fixing one digit without breaking the others, by replay and distillation.
+
+On the demo's base and digit (the latest ``runs/pretrain``, digit 9), the demo's fine-tune is
+repeated with each setting below, each one ``lightning-lora fit -c configs/finetune_lora.yaml``
+plus a few options. For each: the target digit's test mistakes, overall and retained (other
+digits') test accuracy, and the fit's wall time; a table and the trade-off plot (overall accuracy
+against target mistakes) go into the record that the README is generated from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning_lora.experiments import figures
+from lightning_lora.experiments.evaluate import digit_counts
+from lightning_lora.experiments.pipeline import RESULTS, duration, environment, write_record
+from lightning_lora.experiments.sweep import ensure_base, fit, predictions, say, shown
+
+NAME = "demo-forgetting"
+DIGIT = 9  # the demo's: configs/finetune_lora.yaml trains on it
+FINETUNE = ["-c", "configs/finetune_lora.yaml"]
+SETTINGS: list[tuple[str, list[str]]] = [
+    ("plain (the demo)", []),
+    ("replay 0.1", ["--data.replay_fraction", "0.1"]),
+    ("replay 0.25", ["--data.replay_fraction", "0.25"]),
+    ("replay 0.5", ["--data.replay_fraction", "0.5"]),
+    ("distill 1", ["--model.distill_weight", "1", "--model.distill_on", "all"]),
+    ("distill 4", ["--model.distill_weight", "4", "--model.distill_on", "all"]),
+    ("replay 0.25 + distill 1", ["--data.replay_fraction", "0.25", "--model.distill_weight", "1"]),
+    ("replay 0.5 + distill 1", ["--data.replay_fraction", "0.5", "--model.distill_weight", "1"]),
+    ("replay 0.5 + distill 1, 300 steps",
+     ["--data.replay_fraction", "0.5", "--model.distill_weight", "1", "--trainer.max_steps", "300"]),
+]  # fmt: skip
+"""(label, the options added to the demo's fine-tune). Distillation without replay has no other
+digits in its batches, so it distils on every sample (``distill_on: all``); with replay, on the
+replayed ones (the default, ``retain``)."""
+
+
+def run(data_dir: str, results: Path = RESULTS) -> Path:
+    from lightning_lora.checkpoint_files import build_net, load_base_checkpoint, load_run
+    from lightning_lora.data import MNISTDataModule
+
+    started = time.perf_counter()
+    base_path = ensure_base(NAME, data_dir)
+    test = MNISTDataModule(data_dir=data_dir)
+    test.setup("test")
+    images, labels = test.test_set.inputs, test.test_set.targets
+    base_run = load_run(base_path)
+    base_net = build_net(base_run.hyper_parameters["net"], "the base's net")
+    load_base_checkpoint(base_net, base_path)
+    base = digit_counts(predictions(base_net, images), labels, [DIGIT])
+    say(NAME, f"base {base_path}: {100 * base['accuracy']:.2f}%, digit {DIGIT}: {base['target_wrong']} wrong")
+    rows = []
+    for i, (label, options) in enumerate(SETTINGS, 1):
+        args = [*FINETUNE, "--data.data_dir", data_dir, "--model.base_checkpoint", str(base_path),
+                "--trainer.logger.init_args.name", "forgetting", *options]  # fmt: skip
+        say(NAME, f"[{i}/{len(SETTINGS)}] {label}: {shown(['fit', *args])}")
+        cli, seconds = fit(args)
+        counts = digit_counts(predictions(cli.model.net, images), labels, [DIGIT])
+        rows.append({"label": label, "options": options, "seconds": round(seconds, 1),
+                     "run": str(Path(cli.trainer.log_dir)), **counts})  # fmt: skip
+        say(
+            NAME,
+            f"[{i}/{len(SETTINGS)}] {label}: digit {DIGIT} {counts['target_wrong']} wrong, overall "
+            f"{100 * counts['accuracy']:.2f}%, other digits {100 * counts['retain_accuracy']:.2f}% "
+            f"({duration(seconds)})",
+        )
+    figure = figures.tradeoff(
+        [{"label": r["label"], "accuracy": r["accuracy"], "target_wrong": r["target_wrong"]} for r in rows],
+        {"accuracy": base["accuracy"], "target_wrong": base["target_wrong"]},
+        results / f"{NAME}.png",
+        f"Fine-tuning on digit {DIGIT}: learning it vs keeping the rest",
+    )
+    record: dict[str, Any] = {
+        "experiment": NAME,
+        "digit": DIGIT,
+        "base": {"checkpoint": str(base_path), **base},
+        "settings": rows,
+        "figure": str(figure),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "environment": environment(),
+    }
+    path = write_record(NAME, record, results)
+    say(NAME, f"done in {duration(record['total_seconds'])}; record {path}, figure {figure}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lightning_lora.experiments.forgetting", description=__doc__)
+    parser.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: %(default)s)")
+    parser.add_argument("--results", default=str(RESULTS), help="where the record goes (default: %(default)s)")
+    opts = parser.parse_args(argv)
+    run(opts.data_dir, Path(opts.results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""``make demo-rank-sweep``: "LoRA learns less and forgets less" (Biderman et al., 2024), on MNIST.
+
+The pretrained RichBoyNet (the latest ``runs/pretrain``) is fine-tuned on all ten digits rotated
+by 45 degrees, a new task for the same network: with LoRA at ranks 1, 2, 4, 8, 16 and 64 and with
+full fine-tuning, the same number of steps each and a learning rate tuned for each (the best of a
+small grid on the rotated validation split). For each: rotated test accuracy (what was learned),
+upright test accuracy (what was kept), trainable parameters and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning_lora.experiments import figures
+from lightning_lora.experiments.pipeline import RESULTS, duration, environment, write_record
+from lightning_lora.experiments.sweep import ensure_base, fit, predictions, say, shown
+
+NAME = "demo-rank-sweep"
+ROTATION = 45.0
+STEPS = 300
+BATCH = 64
+RANKS = (1, 2, 4, 8, 16, 64)
+LORA_RATES = (1e-3, 3e-3, 1e-2)
+FULL_RATES = (1e-4, 3e-4, 1e-3)
+COMMON = [
+    "--data.train_digits", "null", "--data.rotation", str(ROTATION), "--data.batch_size", str(BATCH),
+    "--trainer.max_steps", str(STEPS), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
+    "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+    "--trainer.logger.init_args.name", "rank_sweep",
+]  # fmt: skip
+"""Every setting: rotated digits, the same steps and batch, no validation or checkpoints during the
+fit (the learning rate is chosen on the validation split afterwards)."""
+
+
+def settings(base: Path) -> list[tuple[str, list[str], tuple[float, ...]]]:
+    """(label, fit options, learning rates to try) for each rank and for full fine-tuning."""
+    lora = [
+        (f"r={r}", ["-c", "configs/finetune_lora.yaml", "--lora.rank", str(r), "--lora.alpha", str(2 * r)], LORA_RATES)
+        for r in RANKS
+    ]
+    full = ("full", ["-c", "configs/pretrain.yaml", "--model.base_checkpoint", str(base)], FULL_RATES)
+    return [*lora, full]
+
+
+def _accuracy(net, data) -> float:
+    return float((predictions(net, data.inputs) == data.targets).float().mean())
+
+
+def run(data_dir: str, results: Path = RESULTS) -> Path:
+    from lightning_lora.checkpoint_files import build_net, load_base_checkpoint, load_run
+    from lightning_lora.data import MNISTDataModule
+    from lightning_lora.inject import count_parameters
+
+    started = time.perf_counter()
+    base_path = ensure_base(NAME, data_dir)
+    rotated, upright = MNISTDataModule(data_dir=data_dir, rotation=ROTATION), MNISTDataModule(data_dir=data_dir)
+    for data in (rotated, upright):
+        data.setup("fit")
+        data.setup("test")
+    base_net = build_net(load_run(base_path).hyper_parameters["net"], "the base's net")
+    load_base_checkpoint(base_net, base_path)
+    base = {
+        "rotated_accuracy": _accuracy(base_net, rotated.test_set),
+        "upright_accuracy": _accuracy(base_net, upright.test_set),
+    }
+    say(
+        NAME,
+        f"base {base_path}: upright {100 * base['upright_accuracy']:.2f}%, "
+        f"rotated {100 * base['rotated_accuracy']:.2f}%",
+    )
+    rows = []
+    for label, options, rates in settings(base_path):
+        tried = []
+        for rate in rates:
+            args = [*options, "--data.data_dir", data_dir, "--model.base_checkpoint", str(base_path), *COMMON,
+                    "--model.optimizer.init_args.lr", f"{rate:g}"]  # fmt: skip
+            cli, seconds = fit(args)
+            net = cli.model.net
+            tried.append({
+                "lr": rate,
+                "seconds": round(seconds, 1),
+                "rotated_val_accuracy": _accuracy(net, rotated.val_set),
+                "rotated_accuracy": _accuracy(net, rotated.test_set),
+                "upright_accuracy": _accuracy(net, upright.test_set),
+                "trainable": count_parameters(net).trainable,
+                "command": shown(["fit", *args]),
+            })  # fmt: skip
+            say(NAME, f"{label}, lr {rate:g}: rotated validation {100 * tried[-1]['rotated_val_accuracy']:.2f}% "
+                      f"({duration(seconds)})")  # fmt: skip
+        best = max(tried, key=lambda t: t["rotated_val_accuracy"])
+        rows.append({"label": label, **best, "learning_rates_tried": [t["lr"] for t in tried]})
+        say(NAME, f"{label}: lr {best['lr']:g} -> rotated {100 * best['rotated_accuracy']:.2f}%, upright "
+                  f"{100 * best['upright_accuracy']:.2f}% ({best['trainable']:,} trainable)")  # fmt: skip
+    figure = figures.learning_vs_forgetting(
+        rows, base, results / f"{NAME}.png", f"Learning {ROTATION:g}-degree digits vs forgetting upright ones"
+    )
+    record: dict[str, Any] = {
+        "experiment": NAME,
+        "rotation": ROTATION,
+        "steps": STEPS,
+        "batch_size": BATCH,
+        "base": {"checkpoint": str(base_path), **base},
+        "settings": rows,
+        "figure": str(figure),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "environment": environment(),
+    }
+    path = write_record(NAME, record, results)
+    say(NAME, f"done in {duration(record['total_seconds'])}; record {path}, figure {figure}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lightning_lora.experiments.rank_sweep", description=__doc__)
+    parser.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: %(default)s)")
+    parser.add_argument("--results", default=str(RESULTS), help="where the record goes (default: %(default)s)")
+    opts = parser.parse_args(argv)
+    run(opts.data_dir, Path(opts.results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""The README's results, generated from the experiments' records (``benchmarks/results/*.json``).
+
+``make results`` (``python -m lightning_lora.experiments.readme``) rewrites every block of the
+README between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` from the record it names;
+``--check`` only says whether the README is up to date (``tests/test_readme.py`` runs it). The
+numbers are never typed: rerun an experiment, then ``make results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lightning_lora.experiments.pipeline import RESULTS, duration
+from lightning_lora.files import atomic_file
+
+README = Path("README.md")
+BLOCK = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(<!-- /results:\2 -->)", re.DOTALL)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _stages(record: dict[str, Any]) -> list[str]:
+    lines = ["", "| stage | wall time |", "|---|---|"]
+    lines += [f"| `{s['command']}` | {duration(s['seconds'])} |" for s in record["stages"]]
+    return lines
+
+
+def environment(records: dict[str, dict[str, Any]]) -> str:
+    env = records["demo"]["environment"]
+    tests = records.get("test-suite")
+    suite = f" The test suite (`make test`) took {duration(tests['total_seconds'])}." if tests else ""
+    return (
+        f"Measured on {env['cpu']} ({env['cores']} cores{', ' + env['gpu'] if env['gpu'] else ', CPU only'}), "
+        f"Python {env['python']}, torch {env['torch']}, Lightning {env['lightning']}, seed 42, on {env['date']}."
+        f"{suite} Wall times include each command's start-up."
+    )
+
+
+def demo(record: dict[str, Any]) -> str:
+    s = record["summary"]
+    trained = s["trained_digits"]
+    (digit,) = trained
+    rows = [("pretrained base", "base"), ("adapter on", "adapter_on"), ("adapter off (same run)", "adapter_off"),
+            ("merged", "merged")]  # fmt: skip
+    lines = [
+        "| model | test accuracy | other digits | " + " | ".join(f"wrong {d}" for d in range(10)) + " |",
+        "|---|---|---|" + "---|" * 10,
+    ]
+    for title, key in rows:
+        wrong = " | ".join(f"**{w}**" if d == digit else str(w) for d, w in enumerate(s[key]["wrong_per_digit"]))
+        lines.append(f"| {title} | {_pct(s[key]['accuracy'])} | {_pct(s[key]['retain_accuracy'])} | {wrong} |")
+    before, after = s["base"]["wrong_per_digit"], s["adapter_on"]["wrong_per_digit"]
+    others = [d for d in range(10) if d != digit]
+    extra = sum(after[d] - before[d] for d in others)
+    worst = sorted(others, key=lambda d: after[d] - before[d], reverse=True)[:2]
+    weakest = max(range(10), key=lambda d: before[d])
+    p = s["parameters"]
+    lines += [
+        "",
+        f"- Digit {digit}'s mistakes drop from {before[digit]} to {after[digit]} "
+        f"({(before[digit] - after[digit]) / before[digit]:.0%} fewer). The other digits pay: {extra:+d} mistakes "
+        f"in total, most on {worst[0]} ({before[worst[0]]} -> {after[worst[0]]}) and {worst[1]} "
+        f"({before[worst[1]]} -> {after[worst[1]]}); overall accuracy {_pct(s['base']['accuracy'])} -> "
+        f"{_pct(s['adapter_on']['accuracy'])}. That cost, and how to avoid it, is experiment 4.",
+        "- With the adapter off, all "
+        + f"{s['test_samples']:,} outputs are "
+        + ("the pretrained model's, bit for bit." if s["adapter_off_identical_to_base"] else "NOT the base's.")
+        + f" Merged: {'the same predictions' if s['merged_predictions_equal_unmerged'] else 'other predictions'}"
+        f" (largest logit difference {s['merged_max_abs_logit_difference']:.1e}).",
+        f"- Adapter: {p['trainable']:,} trainable parameters ({p['trainable_percent']:.2f}%); its folder is "
+        f"{s['adapter_bytes'] / 1000:.1f} KB and the run's adapter-only checkpoint "
+        f"{s['checkpoint_bytes'] / 1000:.1f} KB "
+        f"({s['checkpoint_bytes'] / s['model_bytes']:.2%} of the {s['model_bytes'] / 1e6:.1f} MB model).",
+        f"- The base's weakest digit in this run is {weakest} ({before[weakest]} mistakes); the classic set-up "
+        f"fine-tunes on {digit}, and `--data.train_digits weakest` picks the weakest one instead.",
+        *_stages(record),
+        "",
+        f"Total: {duration(record['total_seconds'])}.",
+    ]
+    return "\n".join(lines)
+
+
+def demo_mlp(record: dict[str, Any]) -> str:
+    s = record["summary"]
+    lines = [
+        "| model | test accuracy |",
+        "|---|---|",
+        f"| pretrained base | {_pct(s['base']['accuracy'])} |",
+        f"| adapter on | {_pct(s['adapter_on']['accuracy'])} |",
+        f"| merged in memory (`merge_and_unload`) | {_pct(s['merged']['accuracy'])}, "
+        f"{'same predictions' if s['merged_predictions_equal_unmerged'] else 'other predictions'} "
+        f"(largest logit difference {s['merged_max_abs_logit_difference']:.1e}) |",
+    ]
+    if "merged_file" in s:
+        same = "same predictions" if s["merged_file_predictions_equal_unmerged"] else "other predictions"
+        lines.append(
+            f"| merged file (`lightning-lora merge`, loaded with `load_merged`, given uint8 images) | "
+            f"{_pct(s['merged_file']['accuracy'])}, {same} |"
+        )
+    p = s["parameters"]
+    lines += ["", f"Adapter: {p['trainable']:,} trainable parameters ({p['trainable_percent']:.2f}%)."]
+    return "\n".join([*lines, *_stages(record), "", f"Total: {duration(record['total_seconds'])}."])
+
+
+def demo_shift(record: dict[str, Any]) -> str:
+    s = record["summary"]
+    lines = [
+        "| | value |",
+        "|---|---|",
+        f"| learned delta, mean (target {s['shift']:g}) | {s['delta_mean']:.6f} |",
+        f"| learned delta, std | {s['delta_std']:.1e} |",
+        f"| learned delta, max abs deviation from {s['shift']:g} | {s['delta_max_abs_deviation']:.1e} |",
+        f"| MSE of the base on the new data | {s['mse_base_on_new_data']:.4g} |",
+        f"| MSE with the adapter | {s['mse_finetuned']:.1e} |",
+        f"| MSE of the merged plain model (no adapter left) | {s['mse_merged_plain_model']:.1e} |",
+    ]
+    return "\n".join([*lines, *_stages(record), "", f"Total: {duration(record['total_seconds'])}."])
+
+
+def demo_forgetting(record: dict[str, Any]) -> str:
+    base, digit = record["base"], record["digit"]
+    lines = [
+        f"| setting | digit {digit} mistakes | overall accuracy | other digits | fit time |",
+        "|---|---|---|---|---|",
+        f"| base (no fine-tuning) | {base['target_wrong']} | {_pct(base['accuracy'])} | "
+        f"{_pct(base['retain_accuracy'])} | - |",
+    ]
+    for row in record["settings"]:
+        lines.append(
+            f"| {row['label']} | {row['target_wrong']} ({1 - row['target_wrong'] / base['target_wrong']:.0%} fewer) "
+            f"| {_pct(row['accuracy'])} ({100 * (row['accuracy'] - base['accuracy']):+.2f}) | "
+            f"{_pct(row['retain_accuracy'])} | {duration(row['seconds'])} |"
+        )
+    goal = [
+        r
+        for r in record["settings"]
+        if r["target_wrong"] <= 0.2 * base["target_wrong"] and r["accuracy"] >= base["accuracy"] - 0.003
+    ]
+    closest = max(record["settings"], key=lambda r: (r["accuracy"] - base["accuracy"], -r["target_wrong"]))
+    verdict = (
+        f"The goal (at least 80% fewer mistakes on {digit}, overall accuracy within 0.3 points of the base) is met "
+        f"by: {', '.join(r['label'] for r in goal)}."
+        if goal
+        else f"No setting meets the goal (at least 80% fewer mistakes on {digit}, overall accuracy within 0.3 points "
+        f"of the base); the closest on accuracy is {closest['label']}."
+    )
+    return "\n".join(
+        [
+            *lines,
+            "",
+            verdict,
+            "",
+            f"![trade-off](benchmarks/results/{Path(record['figure']).name})",
+            "",
+            f"Total: {duration(record['total_seconds'])}.",
+        ]
+    )
+
+
+def demo_rank_sweep(record: dict[str, Any]) -> str:
+    base = record["base"]
+    lines = [
+        "| fine-tuning | trainable parameters | learning rate | rotated test (learned) | upright test (kept) | "
+        "fit time |",
+        "|---|---|---|---|---|---|",
+        f"| none (the base) | - | - | {_pct(base['rotated_accuracy'])} | {_pct(base['upright_accuracy'])} | - |",
+    ]
+    for row in record["settings"]:
+        name = "full fine-tuning" if row["label"] == "full" else f"LoRA {row['label']}"
+        lines.append(
+            f"| {name} | {row['trainable']:,} | {row['lr']:g} | {_pct(row['rotated_accuracy'])} | "
+            f"{_pct(row['upright_accuracy'])} | {duration(row['seconds'])} |"
+        )
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"{record['steps']} steps of batch {record['batch_size']} each, digits rotated by {record['rotation']:g} "
+            "degrees; each learning rate is the best of three on the rotated validation split.",
+            "",
+            f"![learning vs forgetting](benchmarks/results/{Path(record['figure']).name})",
+            "",
+            f"Total: {duration(record['total_seconds'])}.",
+        ]
+    )
+
+
+def startup(record: dict[str, Any]) -> str:
+    lines = ["| command | wall time (median) | vs importing Lightning |", "|---|---|---|"]
+    lines += [f"| `{r['command']}` | {r['seconds']:.2f} s | {r['ratio']:.2f}x |" for r in record["rows"]]
+    return "\n".join([*lines, "", f"Measured by `benchmarks/startup.py` (median of {record['runs']} runs)."])
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "startup": startup,
+    "demo": demo,
+    "demo-mlp": demo_mlp,
+    "demo-shift": demo_shift,
+    "demo-forgetting": demo_forgetting,
+    "demo-rank-sweep": demo_rank_sweep,
+}
+
+
+def load_records(results: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(results.glob("*.json"))}
+
+
+def render(readme: str, records: dict[str, dict[str, Any]]) -> str:
+    """``readme`` with every results block regenerated from ``records``.
+
+    Raises:
+        KeyError: a block names a record that does not exist (run its experiment first).
+    """
+
+    def block(match: re.Match) -> str:
+        name = match.group(2)
+        if name == "environment":
+            body = environment(records)
+        elif name not in records:
+            raise KeyError(f"the README's results:{name} block has no record {RESULTS / (name + '.json')}")
+        else:
+            body = RENDERERS[name](records[name])
+        return f"{match.group(1)}{body}\n{match.group(4)}"
+
+    return BLOCK.sub(block, readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lightning_lora.experiments.readme", description=__doc__)
+    parser.add_argument("--check", action="store_true", help="only report whether the README is up to date")
+    opts = parser.parse_args(argv)
+    current = README.read_text()
+    fresh = render(current, load_records())
+    if opts.check:
+        print("README results are up to date" if fresh == current else "README results differ from the records")
+        return 0 if fresh == current else 1
+    with atomic_file(README) as tmp:
+        tmp.write_text(fresh)
+    print("README results regenerated from", RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""What the sweeps share: one ``lightning-lora fit`` per setting, run in this process, timed; test predictions.
+
+Each setting is exactly a command line (printed, recorded), run through the same LightningCLI
+as ``lightning-lora fit``, so a sweep's row can be reproduced by hand. Running them in one process
+saves the start-up of each (several seconds here).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lora.experiments.evaluate import outputs
+
+PRETRAIN = ["fit", "-c", "configs/pretrain.yaml"]
+
+
+def say(experiment: str, message: str) -> None:
+    print(f"{experiment}: {message}", flush=True)
+
+
+@contextmanager
+def _quiet_stdout():
+    """Lightning's per-run banners, summaries and tables, sent to /dev/null: the sweep prints its own lines."""
+    saved = os.dup(1)
+    with open(os.devnull, "w") as null:
+        sys.stdout.flush()
+        os.dup2(null.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def fit(args: list[str]) -> tuple[Any, float]:
+    """Run ``lightning-lora fit`` with ``args`` in this process; the LightningCLI object and the seconds it took."""
+    from lightning_lora import quiet
+    from lightning_lora.lightning_cli import run_lightning
+
+    quiet.install()
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # its per-run notices; warnings still show
+    began = time.perf_counter()
+    try:
+        with _quiet_stdout():
+            cli = run_lightning(["fit", *args, "--trainer.enable_progress_bar", "false"])
+    finally:
+        lightning_log.setLevel(level)
+    return cli, time.perf_counter() - began
+
+
+def ensure_base(experiment: str, data_dir: str) -> Path:
+    """The latest pretraining run's checkpoint; pretrained now (as ``make demo`` does) when there is none."""
+    from lightning_lora.checkpoint_files import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint("runs/pretrain", "the base")
+    except FileNotFoundError:
+        command = [*PRETRAIN, "--data.data_dir", data_dir]
+        say(experiment, f"no pretraining run yet; running lightning-lora {' '.join(command)}")
+        fit(command[1:])
+        return resolve_checkpoint("runs/pretrain", "the base")
+
+
+def predictions(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The predicted digits of ``net`` for ``images`` (eval mode, large batches)."""
+    return outputs(net, images).argmax(dim=1)
+
+
+def shown(args: list[str]) -> str:
+    return "lightning-lora " + " ".join(args)
