@@ -2,7 +2,8 @@
 
     python benchmarks/startup.py --runs 7 --ckpt runs/finetune_lora
 
-Times whole processes from outside (start to exit, median of ``--runs`` after one warm-up):
+Times whole processes from outside (start to exit, median of ``--runs`` rounds after one warm-up,
+interleaved):
 ``import lightning.pytorch`` alone, then ``lightning-lora --help``, ``--version``, and the verbs that
 train nothing (``inspect``, ``export``, ``merge``; the last two need a fine-tuning run). Writes the
 table to ``benchmarks/results/startup.json``, from which the README states it.
@@ -11,14 +12,16 @@ table to ``benchmarks/results/startup.json``, from which the README states it.
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from lightning_lora.experiments.pipeline import environment, write_record
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import interleaved  # noqa: E402
+
+from lightning_lora.experiments.pipeline import environment, write_record  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "lightning-lora")
 
@@ -36,26 +39,20 @@ def commands(ckpt: str | None, out: Path) -> dict[str, list[str]]:
     return measured
 
 
-def median_seconds(command: list[str], runs: int) -> float:
-    times = []
-    for i in range(runs + 1):
-        began = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if i:  # the first run warms the file cache
-            times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--ckpt", help="a fine-tuning run for export and merge (e.g. runs/finetune_lora)")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
-        rows = [
-            {"command": name, "seconds": round(median_seconds(command, opts.runs), 2)}
-            for name, command in commands(opts.ckpt, Path(out)).items()
-        ]
+        measured = commands(opts.ckpt, Path(out))
+        medians = interleaved(  # round by round, so a drifting machine moves every command alike
+            {name: (lambda c=c: subprocess.run(c, check=True, capture_output=True)) for name, c in measured.items()},
+            rounds=opts.runs,
+            sample_seconds=0,
+            warmup=1,
+        )
+        rows = [{"command": name, "seconds": round(medians[name], 2)} for name in measured]
     yardstick = rows[0]["seconds"]
     for row in rows:
         row["ratio"] = round(row["seconds"] / yardstick, 2)

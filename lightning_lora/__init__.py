@@ -52,6 +52,7 @@ _LAZY = {
     "LitClassifier": "lightning_lora.module",
     "LoRAInjectionCallback": "lightning_lora.callbacks",
     "MNISTDataModule": "lightning_lora.data",
+    "RunRecord": "lightning_lora.run_record",
 }
 
 

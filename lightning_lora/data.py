@@ -281,6 +281,9 @@ class MNISTDataModule(pl.LightningDataModule):
         batch_size: Samples per training batch.
         eval_batch_size: Samples per batch for validation, test and predict: evaluation keeps
             no activations for a backward pass, so large batches are much faster.
+        val_per_digit: Validate during training on at most this many images of each digit (the
+            same ones every time): a frequent live curve at a fraction of the cost. ``None``: all
+            of the validation part. Deciding ``"weakest"`` always uses all of it.
         replay_fraction: Share of every training batch drawn from the other digits (replay of
             the old task, against forgetting); 0 turns replay off. Needs ``train_digits``.
         rotation: Rotate every image (all splits) by this many degrees, counter-clockwise: the
@@ -299,6 +302,7 @@ class MNISTDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         batch_size: int = 64,
         eval_batch_size: int = 1000,
+        val_per_digit: int | None = None,
         replay_fraction: float = 0.0,
         rotation: float = 0.0,
         seed: int = 42,
@@ -308,8 +312,11 @@ class MNISTDataModule(pl.LightningDataModule):
         self.train_digits = _validate_digits(train_digits)
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        sizes = (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("val_per_digit", val_per_digit))
+        for name, value in sizes:
+            if (value is not None or name != "val_per_digit") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         not_a_number = isinstance(replay_fraction, bool) or not isinstance(replay_fraction, (int, float))
         if not_a_number or not 0 <= replay_fraction < 1:
@@ -328,7 +335,7 @@ class MNISTDataModule(pl.LightningDataModule):
             raise ValueError(f"data_dir {data_dir!r} is a file; pass the folder that holds MNIST/raw/")
         self.data_dir = str(data_dir)
         self.val_fraction = float(val_fraction)
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.batch_size, self.eval_batch_size, self.val_per_digit = batch_size, eval_batch_size, val_per_digit
         self.replay_fraction, self.rotation = float(replay_fraction), float(rotation)
         self.seed = seed
         self.download = download
@@ -351,7 +358,7 @@ class MNISTDataModule(pl.LightningDataModule):
     def val_set_names(self) -> list[str] | None:
         """Names of the validation sets, in the order of :meth:`val_dataloader` (``None``: one set)."""
         parts = self._val_parts()
-        return None if parts is None else list(parts)
+        return None if parts is None or self.target_digits is None else list(parts)
 
     def _missing_files(self) -> list[str]:
         return [name for name in MNIST_FILES if not (self.raw_folder / name).is_file()]
@@ -460,17 +467,26 @@ class MNISTDataModule(pl.LightningDataModule):
         return (inside if target else ~inside).nonzero().flatten()
 
     def _val_parts(self) -> dict[str, TensorBatchDataset] | None:
-        """The validation sets ``target`` and ``retain`` (each when not empty), or ``None``: one set."""
-        if self.target_digits is None or self.val_set is None:
+        """The validation sets: ``target`` and ``retain`` (each when not empty), or ``{"all": ...}`` for
+        a run on every digit; each capped at ``val_per_digit`` images of a digit."""
+        if self.val_set is None:
             return None
-        key = (id(self.val_set), tuple(self.target_digits))
+        key = (id(self.val_set), tuple(self.target_digits or ()), self.val_per_digit)
         if self._parts_cache[0] != key:
-            inside = torch.isin(self.val_set.targets, torch.tensor(self.target_digits))
-            parts = {
-                name: TensorBatchDataset(self.val_set.inputs[keep], self.val_set.targets[keep])
-                for name, keep in (("target", inside), ("retain", ~inside))
-                if keep.any()
-            }
+            labels = self.val_set.targets
+            keep = torch.ones_like(labels, dtype=torch.bool)
+            if self.val_per_digit is not None:  # the first ones of each digit in the (random) validation order
+                rank = torch.zeros_like(labels)
+                for digit in range(self.num_classes):
+                    where = (labels == digit).nonzero().flatten()
+                    rank[where] = torch.arange(len(where))
+                keep = rank < self.val_per_digit
+            if self.target_digits is None:
+                sets = {"all": keep}
+            else:
+                inside = torch.isin(labels, torch.tensor(self.target_digits))
+                sets = {"target": keep & inside, "retain": keep & ~inside}
+            parts = {name: TensorBatchDataset(self.val_set.inputs[m], labels[m]) for name, m in sets.items() if m.any()}
             self._parts_cache = (key, parts)
         return self._parts_cache[1]
 
@@ -495,7 +511,9 @@ class MNISTDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         parts = self._val_parts()
         if parts is None:
-            return self._eval_loader(self.val_set)
+            return self._eval_loader(None)
+        if self.target_digits is None:
+            return self._eval_loader(parts["all"])
         return [self._eval_loader(part) for part in parts.values()]
 
     def test_dataloader(self) -> DataLoader:

@@ -80,6 +80,11 @@ NOTICES = (
         Warning,
         "Lightning 2.6 advertises its cloud logger at every run; runs here log to TensorBoard.",
     ),
+    Benign(
+        re.escape("💡 Tip: For seamless cloud uploads and versioning"),
+        Warning,
+        "Lightning 2.6 advertises its cloud model registry with checkpoints; checkpoints here stay local.",
+    ),
 )
 """Info-level log lines (not warnings) from Lightning that are advertising, not information."""
 

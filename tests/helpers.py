@@ -159,3 +159,30 @@ def require(module: str):
     if os.environ.get("LIGHTNING_LORA_REQUIRE_EXTRAS") == "1":
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=f"needs {module} (pip install -e '.[test]')")
+
+
+class RecordingLogger(pl.loggers.Logger):
+    """Keeps every logged scalar in memory: ``metrics[name] == [(step, value), ...]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, list[tuple[int | None, float]]] = {}
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def experiment(self) -> None:
+        return None  # nothing to draw images or layouts into
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, []).append((step, float(value)))

@@ -120,21 +120,27 @@ def test_two_process_ddp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp
     assert_same(adapter(straight, "version_0"), adapter(folder, "version_1"))
 
 
+def signalled(args: list[str], folder: Path, sig: int) -> tuple[subprocess.Popen, str]:
+    """Start a fit, send ``sig`` once it is training, and return the process and its stderr."""
+    process = subprocess.Popen(args, cwd=folder, env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 200
+    events = folder / "runs/finetune_lora/version_0"
+    while time.monotonic() < deadline and not list(events.glob("events.out.tfevents.*")):
+        time.sleep(0.1)
+    time.sleep(1.5)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    return process, stderr
+
+
 @pytest.mark.parametrize("checkpointing", ["at the signal", "every step only", "none"])
 def test_sigterm_says_truthfully_whether_a_checkpoint_was_saved(tmp_path, fake_mnist, checkpointing):
     args = [*prepared(tmp_path / "run", fake_mnist, slow=0.2, on_exception=checkpointing == "at the signal")]
     args += ["--trainer.max_steps", "10000"]
     if checkpointing == "none":
         args += ["--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
-    process = subprocess.Popen(args, cwd=tmp_path / "run", env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 200
-    events = tmp_path / "run/runs/finetune_lora/version_0"
-    while time.monotonic() < deadline and not list(events.glob("events.out.tfevents.*")):
-        time.sleep(0.1)
-    time.sleep(1.5)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    process, stderr = signalled(args, tmp_path / "run", signal.SIGTERM)
     assert process.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
     stopped = int(stderr.split("stopped by SIGTERM at step ")[1].split(";")[0]) if checkpointing != "none" else 0
     if checkpointing == "at the signal" or "a checkpoint of that step was saved" in stderr:
@@ -151,15 +157,7 @@ def test_sigterm_says_truthfully_whether_a_checkpoint_was_saved(tmp_path, fake_m
 
 def test_ctrl_c_exits_130_after_lightnings_clean_shutdown(tmp_path, fake_mnist):
     args = [*prepared(tmp_path / "run", fake_mnist, slow=0.2), "--trainer.max_steps", "10000"]
-    process = subprocess.Popen(args, cwd=tmp_path / "run", env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 200
-    events = tmp_path / "run/runs/finetune_lora/version_0"
-    while time.monotonic() < deadline and not list(events.glob("events.out.tfevents.*")):
-        time.sleep(0.1)
-    time.sleep(1.0)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    process, stderr = signalled(args, tmp_path / "run", signal.SIGINT)
     assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr[-2000:]
 
 

@@ -167,7 +167,7 @@ def test_the_module_logs_the_base_models_numbers_beside_the_adapters(tmp_path, f
     assert {"val/target/acc_base", "val/target/loss_base", "val/target/wrong_digit_3_base"} <= set(
         trainer.callback_metrics
     )
-    assert {"val/retain/acc", "val/retain/acc_base", "val/retain/wrong_digit_4"} <= set(trainer.callback_metrics)
+    assert {"val/retain/acc", "val/retain/acc_base"} <= set(trainer.callback_metrics)
     results = trainer.test(model, data(fake_mnist), verbose=False)[0]
     base_trainer = make_trainer(tmp_path, [])
     base_results = base_trainer.test(make_model(base_ckpt), data(fake_mnist), verbose=False)[0]

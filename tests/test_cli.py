@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -220,7 +221,6 @@ def test_tensorboard_event_files_hold_scalars_and_images(trained_run):
     expected |= {f"test/{kind}_digit_{d}{sfx}" for kind in ("acc", "wrong") for d in range(10) for sfx in ("", "_base")}
     assert expected <= tags["scalars"], expected - tags["scalars"]
     images = {
-        "val/mistakes_per_digit",
         "test/mistakes_per_digit",
         "test/confusion_matrix",
         "test/confusion_matrix_base",
@@ -435,3 +435,37 @@ def test_lightningcli_still_calls_the_ckpt_path_hook_we_override(workdir, fake_m
     common = [*config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
     main(["fit", *common, "--trainer.fast_dev_run", "1"])
     assert calls == ["fit"]
+
+
+def test_short_class_names_help_and_lora_options_are_discoverable(capsys):
+    for args, expected in (
+        (["fit", "--data.help", "MNISTDataModule"], "--data.eval_batch_size"),
+        (["fit", "--model.help", "LitClassifier"], "--model.distill_weight"),
+        (["fit", "--help"], "--lora.rank, --lora.alpha"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 0 and expected in capsys.readouterr().out, args
+    with pytest.raises(SystemExit):
+        main(["fit", *config_args(["finetune_lora.yaml"]), "--lora.rank", "4", "--data.train_digits", "7",
+              "--print_config"])  # fmt: skip
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["lora"]["init_args"]["rank"] == 4 and printed["data"]["init_args"]["train_digits"] == 7
+
+
+def test_a_run_prints_no_known_benign_warning_and_no_advertising(workdir, fake_mnist):
+    """lightning_lora.quiet silences exactly its list; what it lists must not reach a user's terminal."""
+    from lightning_lora import quiet
+
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # every warning shown once, as a user's terminal would
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lightning-lora"), "fit", *config_args(["finetune_lora.yaml"]),
+         "--data.data_dir", str(fake_mnist), "--trainer.max_steps", "2", "--trainer.val_check_interval", "1.0",
+         "--trainer.enable_progress_bar", "false"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    for benign in (*quiet.WARNINGS, *quiet.NOTICES):
+        assert not re.search(benign.message, output), benign.message
+    assert "Warning" not in output, output[-3000:]

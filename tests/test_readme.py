@@ -30,3 +30,21 @@ def test_every_guarantee_names_a_test():
     bullets = re.split(r"\n- ", guarantees())[1:]
     unchecked = [b.split("\n")[0] for b in bullets if "::" not in b]
     assert not unchecked, f"guarantees without a test: {unchecked}"
+
+
+def test_the_results_tables_are_generated_from_the_committed_records():
+    """The README's numbers are never typed: every results block equals its record, rendered."""
+    import os
+
+    from lightning_lora.experiments import readme
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        records = readme.load_records()
+        blocks = readme.BLOCK.findall(README)
+        assert {name for _, name, _, _ in blocks} >= {"environment", "demo", "demo-mlp", "demo-shift",
+                                                        "demo-forgetting", "demo-rank-sweep", "startup"}  # fmt: skip
+        assert readme.render(README, records) == README, "run `make results` (the README differs from the records)"
+    finally:
+        os.chdir(cwd)

@@ -9,19 +9,21 @@ against target mistakes) go into the record that the README is generated from.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
 
 from lightning_lora.experiments import figures
 from lightning_lora.experiments.evaluate import digit_counts
-from lightning_lora.experiments.pipeline import RESULTS, duration, environment, write_record
-from lightning_lora.experiments.sweep import ensure_base, fit, predictions, say, shown
+from lightning_lora.experiments.pipeline import RESULTS, duration
+from lightning_lora.experiments.sweep import command_line, ensure_base, finish, fit, predictions, say, shown
 
 NAME = "demo-forgetting"
 DIGIT = 9  # the demo's: configs/finetune_lora.yaml trains on it
 FINETUNE = ["-c", "configs/finetune_lora.yaml"]
+LONGER = {500: ["--trainer.max_steps", "500", "--trainer.val_check_interval", "50"],
+          1000: ["--trainer.max_steps", "1000", "--trainer.val_check_interval", "100"]}  # fmt: skip
+"""More steps, validated 10 times as the demo is."""
 SETTINGS: list[tuple[str, list[str]]] = [
     ("plain (the demo)", []),
     ("replay 0.1", ["--data.replay_fraction", "0.1"]),
@@ -31,8 +33,12 @@ SETTINGS: list[tuple[str, list[str]]] = [
     ("distill 4", ["--model.distill_weight", "4", "--model.distill_on", "all"]),
     ("replay 0.25 + distill 1", ["--data.replay_fraction", "0.25", "--model.distill_weight", "1"]),
     ("replay 0.5 + distill 1", ["--data.replay_fraction", "0.5", "--model.distill_weight", "1"]),
-    ("replay 0.5 + distill 1, 300 steps",
-     ["--data.replay_fraction", "0.5", "--model.distill_weight", "1", "--trainer.max_steps", "300"]),
+    ("plain, 1000 steps", LONGER[1000]),
+    ("replay 0.25 + distill 1, 500 steps", ["--data.replay_fraction", "0.25", "--model.distill_weight", "1",
+                                            *LONGER[500]]),
+    ("replay 0.5, 1000 steps", ["--data.replay_fraction", "0.5", *LONGER[1000]]),
+    ("replay 0.5 + distill 1, 1000 steps", ["--data.replay_fraction", "0.5", "--model.distill_weight", "1",
+                                            *LONGER[1000]]),
 ]  # fmt: skip
 """(label, the options added to the demo's fine-tune). Distillation without replay has no other
 digits in its batches, so it distils on every sample (``distill_on: all``); with replay, on the
@@ -75,26 +81,14 @@ def run(data_dir: str, results: Path = RESULTS) -> Path:
         f"Fine-tuning on digit {DIGIT}: learning it vs keeping the rest",
     )
     record: dict[str, Any] = {
-        "experiment": NAME,
         "digit": DIGIT,
         "base": {"checkpoint": str(base_path), **base},
         "settings": rows,
-        "figure": str(figure),
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "environment": environment(),
     }
-    path = write_record(NAME, record, results)
-    say(NAME, f"done in {duration(record['total_seconds'])}; record {path}, figure {figure}")
-    return path
+    return finish(NAME, record, started, figure, results)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_lora.experiments.forgetting", description=__doc__)
-    parser.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: %(default)s)")
-    parser.add_argument("--results", default=str(RESULTS), help="where the record goes (default: %(default)s)")
-    opts = parser.parse_args(argv)
-    run(opts.data_dir, Path(opts.results))
-    return 0
+main = command_line("lightning_lora.experiments.forgetting", __doc__, run)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ saves the start-up of each (several seconds here).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,3 +82,29 @@ def predictions(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def shown(args: list[str]) -> str:
     return "lightning-lora " + " ".join(args)
+
+
+def finish(name: str, record: dict[str, Any], started: float, figure: Path, results: Path) -> Path:
+    """Write a sweep's record (with its figure, total time and machine) and say where it went."""
+    from lightning_lora.experiments.pipeline import duration, environment, write_record
+
+    record = {"experiment": name, **record, "figure": str(figure)}
+    record.update(total_seconds=round(time.perf_counter() - started, 1), environment=environment())
+    path = write_record(name, record, results)
+    say(name, f"done in {duration(record['total_seconds'])}; record {path}, figure {figure}")
+    return path
+
+
+def command_line(module: str, doc: str | None, run: Callable[[str, Path], Path]) -> Callable[..., int]:
+    """The ``python -m`` entry point of a sweep: ``--data-dir`` and ``--results``."""
+    from lightning_lora.experiments.pipeline import RESULTS
+
+    def main(argv: list[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc)
+        parser.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: %(default)s)")
+        parser.add_argument("--results", default=str(RESULTS), help="where the record goes (default: %(default)s)")
+        opts = parser.parse_args(argv)
+        run(opts.data_dir, Path(opts.results))
+        return 0
+
+    return main
