@@ -10,28 +10,47 @@ import statistics
 import time
 from collections.abc import Callable
 
+import torch
+
+
+def synchronizer(device: torch.device | str) -> Callable[[], None]:
+    """What to call before reading the clock: a CUDA device runs its kernels asynchronously."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
 
 def interleaved(
-    candidates: dict[str, Callable[[], object]], rounds: int = 15, sample_seconds: float = 0.03, warmup: int = 3
+    candidates: dict[str, Callable[[], object]],
+    rounds: int = 15,
+    sample_seconds: float = 0.03,
+    warmup: int = 3,
+    sync: Callable[[], None] = lambda: None,
 ):
     """Median seconds per call for each candidate, measured round-robin.
 
     Each sample repeats a candidate enough times to last about ``sample_seconds`` (as judged
-    from the warm-up), so fast and slow candidates are timed with similar precision.
+    from the warm-up), so fast and slow candidates are timed with similar precision. ``sync``
+    (see :func:`synchronizer`) runs before each clock reading.
     """
     repeats = {}
     for name, fn in candidates.items():
+        sync()
         start = time.perf_counter()
         for _ in range(warmup):
             fn()
+        sync()
         per_call = (time.perf_counter() - start) / warmup
-        repeats[name] = max(1, min(50, round(sample_seconds / max(per_call, 1e-9))))
+        repeats[name] = max(1, min(200, round(sample_seconds / max(per_call, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
+            sync()
             start = time.perf_counter()
             for _ in range(repeats[name]):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - start) / repeats[name])
     return {name: statistics.median(values) for name, values in samples.items()}
 

@@ -2,6 +2,7 @@
 
     python benchmarks/train.py --data-dir data            # batch sizes 10 and 64
     python benchmarks/train.py --data-dir data --quick
+    python benchmarks/train.py --data-dir data --epoch --device cuda   # whole epochs on a GPU (below)
 
 - ``tutorial loop``: torchvision ``MNIST`` + ``ToTensor`` + ``Normalize``, a ``DataLoader``, a
   plain PyTorch loop, and the tutorial's LoRA (a ``parametrize``-d weight ``W + B@A*scale``).
@@ -14,6 +15,15 @@
 
 Each candidate runs ``--steps`` optimizer steps after ``--warmup`` untimed ones; rounds are
 interleaved and the median is reported.
+
+``--epoch`` times whole epochs instead, on ``--device``: RichBoyNet pretraining (every weight
+trains) and LoRA fine-tuning (rank 1, all three layers) on all of MNIST's training split
+(59,999 images: one is held out, the data module needs a validation part), through
+``lightning.Trainer`` with the data module served from the host or kept on the device
+(``device_resident``), per batch size and precision; and the same epoch as a bare PyTorch loop
+over the device-resident loader, the floor that Lightning's per-step overhead is measured
+against. One short warm-up fit per precision runs first (CUDA context, kernels, allocator);
+every epoch is timed from its first batch to its last, synchronised.
 """
 
 from __future__ import annotations
@@ -125,9 +135,114 @@ def trainer_run(data_dir: str, batch: int, steps: int, warmup: int, lora: bool) 
     return meter.rate()
 
 
+class EpochTimer(pl.Callback):
+    """Wall time of each training epoch, synchronised with the device."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        _sync(pl_module.device)
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        _sync(pl_module.device)
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_trainer(device: str, precision: str, timer: pl.Callback, lora: bool, **limits) -> pl.Trainer:
+    export = os.path.join(tempfile.mkdtemp(), "adapter")
+    callbacks = [timer] + ([LoRAInjectionCallback(rank=RANK, alpha=ALPHA, adapter_dir=export)] if lora else [])
+    return pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        **limits,
+    )
+
+
+def fused_adam_classifier() -> LitClassifier:
+    return LitClassifier(RichBoyNet(), optimizer=functools.partial(torch.optim.Adam, lr=LR, fused=True))
+
+
+def trainer_epoch(data: MNISTDataModule, device: str, precision: str, batch: int, lora: bool) -> float:
+    """Seconds of one whole training epoch through the Trainer."""
+    data.batch_size = batch
+    timer = EpochTimer()
+    epoch_trainer(device, precision, timer, lora, max_epochs=1).fit(fused_adam_classifier(), data)
+    return timer.seconds[0]
+
+
+def bare_epoch(data: MNISTDataModule, device: str, precision: str, batch: int) -> float:
+    """Seconds of the same LoRA epoch as a plain loop over the device-resident loader: the floor."""
+    data.batch_size = batch
+    net = lora_net().to(device)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=LR, fused=True)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else None
+    _sync(torch.device(device))
+    start = time.perf_counter()
+    for x, y in data.train_dataloader():
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _sync(torch.device(device))
+    return time.perf_counter() - start
+
+
+def run_epochs(opts: argparse.Namespace) -> None:
+    pl.seed_everything(0, verbose=False)
+    host = MNISTDataModule(data_dir=opts.data_dir, val_fraction=1 / 60000)
+    resident = MNISTDataModule(data_dir=opts.data_dir, val_fraction=1 / 60000, device_resident=True)
+    rows = []
+    for precision in opts.precisions:
+        epoch_trainer(opts.device, precision, EpochTimer(), True, max_steps=30).fit(fused_adam_classifier(), resident)
+        images = len(resident.train_set)
+        for batch in opts.batches:
+            if precision != "32-true" and batch < 64:
+                continue  # mixed precision does not pay at tiny batches; not worth the minutes
+            steps = math.ceil(images / batch)
+            floor = bare_epoch(resident, opts.device, precision, batch)
+            cases = [("bare loop, LoRA", "device", floor)]
+            for lora in (False, True):
+                for where, data in (("host", host), ("device", resident)):
+                    seconds = trainer_epoch(data, opts.device, precision, batch, lora)
+                    cases.append((f"Trainer, {'LoRA fine-tune' if lora else 'pretrain'}", where, seconds))
+            for name, where, seconds in cases:
+                compared = name == "Trainer, LoRA fine-tune"  # the same computation as the bare loop
+                overhead = f"{1e3 * (seconds - floor) / steps:+.2f}" if compared else ""
+                rows.append([precision, batch, name, where, f"{seconds:.3f}", f"{images / seconds:,.0f}", overhead])
+                print(rows[-1], flush=True)
+    where = torch.cuda.get_device_name() if opts.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print()
+    print(f"torch {torch.__version__}, lightning {pl.__version__}, {where}; one epoch of {images:,} MNIST images")
+    header = ["precision", "batch", "run", "data on", "epoch (s)", "samples/s", "over the bare loop (ms/step)"]
+    print(table(header, rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--epoch", action="store_true", help="time whole epochs on --device (see above)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (--epoch)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[10, 256, 1024], help="batch sizes (--epoch)")
+    parser.add_argument(
+        "--precisions", nargs="+", default=["32-true", "bf16-mixed"], help="Trainer precisions (--epoch)"
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
@@ -135,6 +250,8 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.quick:
         opts.steps, opts.rounds = 100, 1
+    if opts.epoch:
+        return run_epochs(opts)
     pl.seed_everything(0, verbose=False)
     tv = datasets.MNIST(
         opts.data_dir,

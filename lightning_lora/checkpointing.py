@@ -109,6 +109,22 @@ class LoRACheckpointMixin:
     Without adapters (pretraining) checkpoints stay full.
     """
 
+    @property
+    def strict_loading(self) -> bool:
+        """Lightning's flag, except while an FSDP strategy restores a module that holds adapters.
+
+        FSDP loads a checkpoint's state in the strategy's ``load_checkpoint``, before
+        ``on_load_checkpoint`` can fill in the frozen base that an adapter-only checkpoint leaves
+        out (the base is in the module already). That load is therefore not strict; right after
+        it ``on_load_checkpoint`` checks that the saved keys are exactly the adapter's and that
+        the base matches its fingerprint, which is what a strict load would have ensured.
+        """
+        return super().strict_loading and not _loads_state_before_hooks(self)
+
+    @strict_loading.setter
+    def strict_loading(self, value: bool) -> None:
+        super(LoRACheckpointMixin, type(self)).strict_loading.__set__(self, value)
+
     def base_hint(self) -> str:
         """How to give the module the base the adapters were trained on (for the mismatch error)."""
         return f"Build {type(self).__name__} with the base weights the adapters were trained on."
@@ -169,13 +185,23 @@ class LoRACheckpointMixin:
         return super().load_from_checkpoint(buffer, *args, **kwargs)
 
 
+def _loads_state_before_hooks(module: nn.Module) -> bool:
+    """Whether ``module``'s Trainer restores it in an FSDP strategy while it holds adapters."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = getattr(module, "_trainer", None)
+    return isinstance(getattr(trainer, "strategy", None), FSDPStrategy) and adapted_submodule(module) is not None
+
+
 def restore_adapters(root: nn.Module, checkpoint: dict[str, Any], base_hint: str) -> None:
     """Prepare ``root`` (and the checkpoint) so that a strict ``load_state_dict`` restores the run.
 
     Adapter-only checkpoints: re-inject, check the base against the fingerprint, check the saved
     keys are exactly the adapter's, and fill the checkpoint's state with the base tensors from
-    ``root`` itself. Full checkpoints: inject from a first-release config if there is one, and
-    refuse a pretraining checkpoint for a model that already holds adapters.
+    ``root`` itself. Where the strategy has taken the state out and loaded it already (FSDP),
+    the keys the checkpoint recorded are checked, and the loaded adapter values. Full checkpoints:
+    inject from a first-release config if there is one, and refuse a pretraining checkpoint for a
+    model that already holds adapters.
     """
     meta = checkpoint.get(CHECKPOINT_KEY)
     if meta is None:
@@ -191,23 +217,28 @@ def restore_adapters(root: nn.Module, checkpoint: dict[str, Any], base_hint: str
         raise UsageError(
             f"this base model is not the one the checkpoint's adapters were trained on: {problem}. {base_hint}"
         )
-    state = checkpoint["state_dict"]
+    state = checkpoint.get("state_dict")
     frozen = set(_frozen_parameter_keys(root))
-    expected = {k for k in root.state_dict() if k not in frozen}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    live = root.state_dict()
+    expected = {k for k in live if k not in frozen}
+    if state is None:  # an FSDP strategy has loaded it into the module already (see strict_loading)
+        saved, values = set(meta["saved_keys"]), {k: live[k] for k in expected}
+    else:
+        saved, values = set(state), state
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
     if missing or unexpected:
         raise ValueError(
             f"the checkpoint's saved tensors do not match this model's adapters: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]}. Resume with the same module and LoRA settings."
         )
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in values.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(
             f"the checkpoint holds NaN or infinite values in {', '.join(bad[:5])}: it was damaged after it was "
             "written (lightning-lora never writes such a checkpoint); use another checkpoint of the run"
         )
-    full = root.state_dict()
-    state.update({k: full[k] for k in frozen if k in full})
+    if state is not None:
+        state.update({k: live[k] for k in frozen if k in live})
 
 
 def _restore_full(root: nn.Module, checkpoint: dict[str, Any]) -> None:

@@ -31,7 +31,6 @@ from lightning_lora.checkpoint_io import AtomicCheckpointIO
 from lightning_lora.config import LoRAConfig
 from lightning_lora.errors import UsageError, root_cause
 from lightning_lora.files import sweep_stale_temporaries
-from lightning_lora.module import NetModule
 from lightning_lora.run_record import RunRecord
 
 LORA_GROUP = "lora"
@@ -288,13 +287,14 @@ def _check_config_files(args: Sequence[str]) -> None:
 def run_lightning(args: Sequence[str]) -> LightningCLI:
     """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``).
 
-    Model and data are chosen by ``class_path`` (any :class:`NetModule` and any
-    ``LightningDataModule``), so the classifier and the regression experiment share one command.
+    Model and data are chosen by ``class_path`` (any ``LightningModule``: this package's
+    :class:`NetModule` classes or the user's own, and any ``LightningDataModule``), so the
+    classifier, the regression experiment and a user's module share one command.
     """
     _check_config_files(args)
     sys.argv = [sys.argv[0], *args]  # LightningCLI parses sys.argv when not given args
     return LoRACLI(
-        NetModule,
+        pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -33,6 +33,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """The CPU, and a CUDA GPU where there is one (the core invariants run on both).
+
+    On the GPU, TF32 is off (cuDNN turns it on for convolutions by default), so fp32 tolerances
+    test fp32 arithmetic: with TF32 the base layer itself is only accurate to about 1e-3.
+    """
+    if request.param == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="session")
 def fake_mnist(tmp_path_factory: pytest.TempPathFactory):
     """A folder holding a tiny synthetic MNIST (400 train / 100 test images) in torchvision's layout."""

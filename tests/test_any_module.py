@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_lora import LoRACheckpointMixin, LoRALayer, get_lora_config, load_adapter, lora_state_dict, save_adapter
+from lightning_lora import (
+    LoRACheckpointMixin,
+    LoRAConfig,
+    LoRALayer,
+    get_lora_config,
+    inject_lora,
+    load_adapter,
+    lora_state_dict,
+    save_adapter,
+)
 from lightning_lora.callbacks import LoRAInjectionCallback
 from lightning_lora.data import MNISTDataModule
 from lightning_lora.errors import UsageError
@@ -180,6 +189,50 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, fake_mnist):
         assert torch.equal(lora_state_dict(resumed.net)[key], value), key
 
 
+def test_loading_is_strict_except_where_fsdp_loads_before_the_hooks(monkeypatch):
+    """FSDP restores the state before on_load_checkpoint can add the base: only then is the load not strict."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    model = UserModule()
+    assert model.strict_loading
+    model.strict_loading = False  # the user's own choice is kept
+    assert not model.strict_loading and not pl.LightningModule.strict_loading.fget(model)
+    model.strict_loading = True
+    monkeypatch.setattr(model, "_trainer", SimpleNamespace(strategy=FSDPStrategy()), raising=False)
+    assert model.strict_loading  # no adapters yet: a full checkpoint, loaded strictly
+    inject_lora(model.net, LoRAConfig(rank=2))
+    assert not model.strict_loading
+    monkeypatch.setattr(model, "_trainer", SimpleNamespace(strategy=DDPStrategy()), raising=False)
+    assert model.strict_loading
+
+
+def test_a_checkpoint_whose_state_the_strategy_loaded_already_is_checked_all_the_same(tmp_path, fake_mnist):
+    """FSDP pops the state and loads it (not strictly) before on_load_checkpoint: the recorded keys are checked."""
+    trainer(tmp_path, [lora(), checkpoints(tmp_path)]).fit(UserModule(), data(fake_mnist))
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+
+    def restored_as_fsdp_does(checkpoint):
+        model = UserModule()
+        inject_lora(model.net, LoRAConfig(rank=2, alpha=4))
+        model.load_state_dict(checkpoint.pop("state_dict"), strict=False)
+        model.on_load_checkpoint(checkpoint)
+        return model
+
+    model = restored_as_fsdp_does(copy.deepcopy(saved))
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value)
+    fewer = copy.deepcopy(saved)
+    fewer["lightning_lora"]["saved_keys"] = fewer["lightning_lora"]["saved_keys"][1:]
+    with pytest.raises(ValueError, match="do not match this model's adapters: missing"):
+        restored_as_fsdp_does(fewer)
+    broken = copy.deepcopy(saved)
+    next(v for k, v in broken["state_dict"].items() if "lora_B" in k).fill_(float("nan"))
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        restored_as_fsdp_does(broken)
+
+
 def test_a_different_base_is_refused_naming_the_first_differing_tensor(tmp_path, fake_mnist):
     trainer(tmp_path, [lora(), checkpoints(tmp_path)]).fit(UserModule(), data(fake_mnist))
     last = tmp_path / "ck" / "last.ckpt"
@@ -325,3 +378,18 @@ def test_unseeded_runs_differ_and_a_resumed_one_keeps_its_seed(tmp_path, fake_mn
     assert later.draws == noise.draws[2:]
     for key, value in lora_state_dict(straight.net).items():
         assert torch.equal(lora_state_dict(resumed.net)[key], value), key
+
+
+def test_each_step_seeds_only_the_generators_it_draws_from(tmp_path, fake_mnist, monkeypatch):
+    """torch.manual_seed would also queue a seeding of every backend not initialised, with a stack trace each
+    step; the callback seeds the CPU's generator (and the module's GPU's) directly, with the same effect."""
+
+    def refuse(seed):
+        raise AssertionError("torch.manual_seed called in a training step")
+
+    noise = RecordNoise()
+    trainer(tmp_path / "a", [lora(dropout=0.3), noise], max_steps=3).fit(UserModule(), data(fake_mnist))
+    model, again = UserModule(), RecordNoise()
+    monkeypatch.setattr(torch, "manual_seed", refuse)
+    trainer(tmp_path / "b", [lora(dropout=0.3), again], max_steps=3).fit(model, data(fake_mnist))
+    assert again.draws == noise.draws

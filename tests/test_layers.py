@@ -19,8 +19,10 @@ from lightning_lora import (
     LoRALinear,
     disable_lora,
     inject_lora,
+    load_adapter,
     merge_and_unload,
     merge_lora,
+    save_adapter,
     unmerge_lora,
 )
 from lightning_lora.layers.fast_path import low_rank_update
@@ -28,8 +30,9 @@ from lightning_lora.layers.fast_path import low_rank_update
 KINDS = list(LAYER_ZOO)
 
 
-def adapted(kind: str, **config) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+def adapted(kind: str, device: torch.device | str = "cpu", **config) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     base, x = zoo_model(kind)
+    base, x = base.to(device), x.to(device)
     model = inject_lora(
         copy.deepcopy(base), LoRAConfig(**{"rank": 2, "alpha": 4, "target_modules": ["layer"], **config})
     )
@@ -44,10 +47,10 @@ def outputs(model: nn.Module, x: torch.Tensor, grad: bool = True) -> torch.Tenso
 class TestEveryLayerType:
     @pytest.mark.parametrize("kind", KINDS)
     @pytest.mark.parametrize("use_dora", [False, True])
-    def test_equals_base_at_init_bit_for_bit(self, kind, use_dora):
+    def test_equals_base_at_init_bit_for_bit(self, kind, use_dora, device):
         if use_dora and kind not in DORA_KINDS:
             pytest.skip("DoRA is not defined for this layer type")
-        base, model, x = adapted(kind, use_dora=use_dora)
+        base, model, x = adapted(kind, device, use_dora=use_dora)
         assert torch.equal(outputs(model, x, grad=False), outputs(base, x, grad=False))
         if not kind.startswith("attention"):
             # With autograd on as well. (Attention is exact under no_grad; with grad torch picks its
@@ -55,8 +58,8 @@ class TestEveryLayerType:
             assert torch.equal(outputs(model, x), outputs(base, x))
 
     @pytest.mark.parametrize("kind", KINDS)
-    def test_only_adapters_get_gradients_and_the_base_stays_put(self, kind):
-        base, model, x = adapted(kind)
+    def test_only_adapters_get_gradients_and_the_base_stays_put(self, kind, device):
+        base, model, x = adapted(kind, device)
         before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
         train_steps(model, x)
         with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -66,8 +69,8 @@ class TestEveryLayerType:
 
     @pytest.mark.parametrize("kind", KINDS)
     @pytest.mark.parametrize("mode", ["train", "eval"])
-    def test_disabled_is_the_base_bit_for_bit_after_training_and_when_merged(self, kind, mode):
-        base, model, x = adapted(kind)
+    def test_disabled_is_the_base_bit_for_bit_after_training_and_when_merged(self, kind, mode, device):
+        base, model, x = adapted(kind, device)
         train_steps(model, x)
         getattr(model, mode)(), getattr(base, mode)()
         for grad in (False, True):
@@ -79,10 +82,10 @@ class TestEveryLayerType:
 
     @pytest.mark.parametrize("kind", KINDS)
     @pytest.mark.parametrize("use_dora", [False, True])
-    def test_merged_equals_unmerged_and_unmerge_is_exact(self, kind, use_dora):
+    def test_merged_equals_unmerged_and_unmerge_is_exact(self, kind, use_dora, device):
         if use_dora and kind not in DORA_KINDS:
             pytest.skip("DoRA is not defined for this layer type")
-        _, model, x = adapted(kind, use_dora=use_dora)
+        _, model, x = adapted(kind, device, use_dora=use_dora)
         train_steps(model, x)
         model.eval()
         layer = model.layer
@@ -101,8 +104,8 @@ class TestEveryLayerType:
         assert torch.equal(outputs(model, x, False), unmerged)
 
     @pytest.mark.parametrize("kind", KINDS)
-    def test_merge_and_unload_gives_back_the_original_layer_type(self, kind):
-        base, model, x = adapted(kind)
+    def test_merge_and_unload_gives_back_the_original_layer_type(self, kind, device):
+        base, model, x = adapted(kind, device)
         train_steps(model, x)
         model.eval()
         expected = outputs(model, x, False)
@@ -113,16 +116,31 @@ class TestEveryLayerType:
         torch.testing.assert_close(outputs(plain, x, False), expected, atol=1e-5, rtol=1e-5)
 
     @pytest.mark.parametrize("kind", KINDS)
-    def test_adapters_stay_fp32_and_merge_is_fp32_under_bf16_autocast(self, kind):
-        _, model, x = adapted(kind)
-        train_steps(model, x)
+    @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16-mixed", "16-mixed"])
+    def test_adapters_stay_fp32_and_merge_is_fp32_under_autocast(self, kind, half, device):
+        _, model, x = adapted(kind, device)
+        with torch.autocast(device.type, dtype=half):
+            train_steps(model, x)  # as a mixed-precision run trains
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+        assert all(p.grad.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
         model.eval()
         expected = outputs(model, x, False)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=half):
             merge_lora(model)
         assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+        assert model.layer.base_weight().dtype == torch.float32
         error = (outputs(model, x, False) - expected).abs().max() / (1 + expected.abs().max())
         assert error <= 1e-5
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_save_and_load_round_trip_on_the_device(self, kind, device, tmp_path):
+        base, model, x = adapted(kind, device)
+        train_steps(model, x)
+        model.eval()
+        save_adapter(model, tmp_path / "adapter")
+        loaded = load_adapter(copy.deepcopy(base), tmp_path / "adapter").eval()
+        assert all(p.device.type == device.type for p in loaded.parameters())
+        assert torch.equal(outputs(loaded, x, False), outputs(model, x, False))
 
 
 class TestDoRA:

@@ -46,5 +46,8 @@ def test_the_results_tables_are_generated_from_the_committed_records():
         assert {name for _, name, _, _ in blocks} >= {"environment", "demo", "demo-mlp", "demo-shift",
                                                         "demo-forgetting", "demo-rank-sweep", "startup"}  # fmt: skip
         assert readme.render(README, records) == README, "run `make results` (the README differs from the records)"
+        results_md = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+        assert "gpu-details" in {name for _, name, _, _ in readme.BLOCK.findall(results_md)}
+        assert readme.render(results_md, records) == results_md, "run `make results` (RESULTS.md differs)"
     finally:
         os.chdir(cwd)

@@ -104,4 +104,7 @@ def add_low_rank_update(
     """``out + scale * B (A x)`` for a fresh 2-D ``out``, accumulated in place where that is faster."""
     if use_fast_path(x, lora_A.shape[0], out, lora_A, lora_B):
         return _AddLowRankUpdate.apply(out, x, lora_A, lora_B, scale)
-    return out + F.linear(F.linear(x.to(lora_A.dtype), lora_A) * scale, lora_B).to(out.dtype)
+    if x.dtype != lora_A.dtype:  # (casts only where needed: each op costs host time on a GPU)
+        x = x.to(lora_A.dtype)
+    update = F.linear(F.linear(x, lora_A) * scale, lora_B)
+    return out + (update if update.dtype == out.dtype else update.to(out.dtype))

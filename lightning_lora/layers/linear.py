@@ -45,7 +45,10 @@ class LoRALinear(LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enabled and not self.merged and not self.config.use_dora:
-            # The base output of a 2-D view is a fresh tensor the update can be accumulated into.
+            # The base output (of a 2-D view) is a fresh tensor the update can be accumulated into.
+            if x.dim() == 2:  # no view ops: on a GPU these small layers are bound by per-op host time
+                out = F.linear(x, self.weight, self.bias)
+                return add_low_rank_update(out, self.lora_dropout(x), self.lora_A, self.lora_B, self.scale)
             flat = x.reshape(-1, self.in_features)
             out = add_low_rank_update(
                 F.linear(flat, self.weight, self.bias), self.lora_dropout(flat), self.lora_A, self.lora_B, self.scale
