@@ -52,12 +52,20 @@ def demo_metrics(text: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"│\s+(test/[\w/]+)\s+│\s+([-\d.e]+)\s+│", text)}
 
 
+class IncompleteLog(ValueError):
+    """A log that lacks what the record needs (a killed or failed part)."""
+
+
 def environment(text: str) -> dict[str, str]:
     lines = [line for line in text.splitlines() if line.strip()]
-    versions = next(line for line in lines if " torch " in line).split()
+    found = [line for line in lines if " torch " in line and len(line.split()) >= 7]
+    if not lines or not found:
+        raise IncompleteLog("env.log holds no 'python torch ... lightning ...' version line")
+    versions = found[0].split()
+    gpus = [line for line in lines if "MiB" in line and not line.startswith("name")]
     return {
         "date": lines[0],
-        "gpu": next(line for line in lines if "MiB" in line and not line.startswith("name")).split(",")[0],
+        "gpu": gpus[0].split(",")[0] if gpus else "no GPU (a CPU dry run)",
         "python": versions[0],
         "torch": versions[2],
         "lightning": versions[4],
@@ -65,24 +73,43 @@ def environment(text: str) -> dict[str, str]:
     }
 
 
+def command_of(text: str) -> str | None:
+    """The command a part ran (the ``$ ...`` line gpu_session.sh writes first), if the log has it."""
+    first = text.splitlines()[0] if text else ""
+    return first[2:] if first.startswith("$ ") else None
+
+
+def failed_parts(logs: dict[str, str]) -> list[str]:
+    """The parts whose closing line says they failed or ran out of time."""
+    return [m[1] for text in logs.values() for m in re.finditer(r"^== (\S+): exit (?!0 )", text, re.MULTILINE)]
+
+
+def tables_of(logs: dict[str, str], name: str, wanted: int = 1) -> list[dict[str, Any]]:
+    found = markdown_tables(logs[name])
+    if len(found) < wanted:
+        raise IncompleteLog(f"{name} holds {len(found)} result table(s), {wanted} expected: the part did not finish")
+    for table in found:
+        table["source"], table["command"] = name, command_of(logs[name])
+    return found
+
+
 def build(logs: dict[str, str]) -> dict[str, Any]:
+    failed = [part for part in failed_parts(logs) if part != "gpu-tests"]  # failed tests are part of the record
+    if failed:
+        raise IncompleteLog(f"these parts failed or ran out of time: {', '.join(failed)} (see their logs)")
     record: dict[str, Any] = {"environment": environment(logs["env.log"]), "command": "bash benchmarks/gpu_session.sh"}
-    record["epochs"] = markdown_tables(logs["train.log"])[-1]
-    record["layer"] = [
-        t for name in ("layer.log", "layer-fp32.log") if name in logs for t in markdown_tables(logs[name])
-    ]
-    for table, source in zip(record["layer"], _sources(logs, ("layer.log", "layer-fp32.log")), strict=True):
-        table["source"] = source
-    record["inference"] = markdown_tables(logs["inference.log"])
+    record["epochs"] = tables_of(logs, "train.log")[-1]
+    record["layer"] = [t for name in ("layer.log", "layer-fp32.log") if name in logs for t in tables_of(logs, name)]
+    if not any("bf16" in t["caption"] for t in record["layer"]):
+        raise IncompleteLog("the layer logs hold no bf16-mixed table: layer.log did not finish")
+    record["inference"] = tables_of(logs, "inference.log", 2)
     record["tests"] = {
-        name: test_summaries(text) for name, text in sorted(logs.items()) if name.startswith("gpu-tests")
+        name: {**test_summaries(text), "command": command_of(text)}
+        for name, text in sorted(logs.items())
+        if name.startswith("gpu-tests")
     }
     record["demo"] = demo_metrics(logs.get("cli.log", ""))
     return record
-
-
-def _sources(logs: dict[str, str], names: tuple[str, ...]) -> list[str]:
-    return [name for name in names if name in logs for _ in markdown_tables(logs[name])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,11 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the session folders hold no {', '.join(sorted(missing))}", file=sys.stderr)
         return 1
     logs = {name: path.read_text(encoding="utf-8", errors="replace") for name, path in paths.items()}
-    record = build(logs)
+    try:
+        record = build(logs)
+    except IncompleteLog as err:
+        print(f"error: {err}; nothing written", file=sys.stderr)
+        return 1
     copies = opts.out.parent / opts.out.stem
+    if copies.exists() and any(path.parent.resolve() != copies.resolve() for path in paths.values()):
+        shutil.rmtree(copies)  # the logs of the record being replaced
     copies.mkdir(parents=True, exist_ok=True)
     for name, path in paths.items():
-        shutil.copyfile(path, copies / name)
+        if path.resolve() != (copies / name).resolve():
+            shutil.copyfile(path, copies / name)
     opts.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {opts.out} and the logs in {copies}/")
     return 0

@@ -16,11 +16,13 @@
 # A machine without the package's dependencies gets them from ./.gpu/whl (jsonargparse & co),
 # and MNIST from ./.gpu/mnist.tgz when DATA_DIR holds none.
 # DEVICE=cpu runs the same parts on the CPU (a dry run of this script; the tests then skip).
+# Exits 1 if any part failed or ran out of time (each part's log ends with its exit code).
 set -u
 OUT=${1:?usage: gpu_session.sh OUT_DIR [DATA_DIR]}
 DATA=${2:-data}
 DEV=${DEVICE:-cuda}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 PY=${PYTHON:-python3}
 
@@ -34,6 +36,7 @@ if [ ! -e "$DATA/MNIST/raw/train-images-idx3-ubyte" ] && [ -f .gpu/mnist.tgz ]; 
   mkdir -p /tmp/mnist && tar xzf .gpu/mnist.tgz -C /tmp/mnist && DATA=/tmp/mnist
 fi
 
+FAILED=0
 part() {  # part NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log, note the time
   local name=$1 limit=$2
   shift 2
@@ -41,6 +44,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log,
   echo "\$ $*" >"$OUT/$name.log"
   timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$OUT/$name.log" 2>&1
   local rc=$?
+  [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
   echo "== $name: exit $rc after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/$name.log"
 }
 
@@ -61,10 +65,16 @@ part layer "${LAYER_LIMIT:-90}" bash -c "$PY benchmarks/layer.py --device $DEV -
   $PY benchmarks/layer.py --device $DEV --quick --precision bf16-mixed"
 part inference "${INFERENCE_LIMIT:-40}" bash -c "$PY benchmarks/inference.py --device $DEV --rounds 7 && \
   $PY benchmarks/inference.py --device $DEV --rounds 7 --precision bf16-mixed"
-if [ "$DEV" = cuda ]; then OVERLAY=(-c configs/gpu.yaml); else OVERLAY=(--trainer.accelerator cpu); fi
-GPU_RUN=("${OVERLAY[@]}" -c configs/bf16.yaml --data.device_resident true --data.data_dir "$DATA"
+# The demo runs in a folder of its own under OUT (never the repository's runs/); real MNIST needed.
+REPO=$PWD
+DATA=$(cd "$DATA" && pwd)
+if [ "$DEV" = cuda ]; then OVERLAY=(-c "$REPO/configs/gpu.yaml"); else OVERLAY=(--trainer.accelerator cpu); fi
+GPU_RUN=("${OVERLAY[@]}" -c "$REPO/configs/bf16.yaml" --data.device_resident true --data.data_dir "$DATA"
   --trainer.enable_progress_bar false)
-part cli "${CLI_LIMIT:-90}" bash -c "set -e; rm -rf runs; \
-  time $PY -m lightning_lora.cli fit -c configs/pretrain.yaml ${GPU_RUN[*]}; \
-  time $PY -m lightning_lora.cli fit -c configs/finetune_lora.yaml ${GPU_RUN[*]}; \
-  time $PY -m lightning_lora.cli test -c configs/finetune_lora.yaml ${GPU_RUN[*]} --ckpt_path runs/finetune_lora"
+mkdir -p "$OUT/demo"
+part cli "${CLI_LIMIT:-90}" bash -c "set -e; cd '$OUT/demo'; \
+  time $PY -m lightning_lora.cli fit -c $REPO/configs/pretrain.yaml ${GPU_RUN[*]}; \
+  time $PY -m lightning_lora.cli fit -c $REPO/configs/finetune_lora.yaml ${GPU_RUN[*]}; \
+  time $PY -m lightning_lora.cli test -c $REPO/configs/finetune_lora.yaml ${GPU_RUN[*]} --ckpt_path runs/finetune_lora"
+rm -rf "$OUT/demo"  # its checkpoints would not come back from a lent machine anyway
+[ "$FAILED" = 0 ] || { echo "$FAILED part(s) failed or ran out of time: see their logs" >&2; exit 1; }

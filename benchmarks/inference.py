@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import interleaved, synchronizer, table  # noqa: E402
+from timing import checked_device, interleaved, synchronizer, table  # noqa: E402
 
 from lightning_lora import LoRAConfig, inject_lora, merge_and_unload  # noqa: E402
 from lightning_lora.models import RichBoyNet  # noqa: E402
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", choices=["fp32", "bf16-mixed"], default="fp32")
     opts = parser.parse_args()
-    device = torch.device(opts.device)
+    device = checked_device(parser, opts.device)
     amp = opts.precision == "bf16-mixed"
     torch.manual_seed(0)
     base = RichBoyNet().eval().to(device)

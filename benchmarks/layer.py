@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import interleaved, synchronizer, table  # noqa: E402
+from timing import checked_device, interleaved, synchronizer, table  # noqa: E402
 
 from lightning_lora import LoRAConfig, inject_lora  # noqa: E402
 from lightning_lora.layers import fast_path  # noqa: E402
@@ -205,7 +205,7 @@ def main() -> None:
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     global DEVICE, AUTOCAST
-    DEVICE = torch.device(opts.device)
+    DEVICE = checked_device(parser, opts.device)
     AUTOCAST = torch.bfloat16 if opts.precision == "bf16-mixed" else None
     rounds = 5 if opts.quick else 15
     if opts.only != "conv":

@@ -13,6 +13,19 @@ from collections.abc import Callable
 import torch
 
 
+def checked_device(parser, name: str) -> torch.device:
+    """``--device`` as a torch device that exists here, or the parser's one-line error (exit 2)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r} is not a device; use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name!r}: these benchmarks run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    return device
+
+
 def synchronizer(device: torch.device | str) -> Callable[[], None]:
     """What to call before reading the clock: a CUDA device runs its kernels asynchronously."""
     device = torch.device(device)

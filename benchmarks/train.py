@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import table  # noqa: E402
+from timing import checked_device, table  # noqa: E402
 
 from lightning_lora import LitClassifier, LoRAConfig, LoRAInjectionCallback, MNISTDataModule, inject_lora  # noqa: E402
 from lightning_lora.models import RichBoyNet  # noqa: E402
@@ -214,6 +214,7 @@ def run_epochs(opts: argparse.Namespace) -> None:
         images = len(resident.train_set)
         for batch in opts.batches:
             if precision != "32-true" and batch < 64:
+                print(f"skipped: {precision} at batch {batch} (mixed precision only from batch 64)", flush=True)
                 continue  # mixed precision does not pay at tiny batches; not worth the minutes
             steps = math.ceil(images / batch)
             floor = bare_epoch(resident, opts.device, precision, batch)
@@ -241,7 +242,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (--epoch)")
     parser.add_argument("--batches", type=int, nargs="+", default=[10, 256, 1024], help="batch sizes (--epoch)")
     parser.add_argument(
-        "--precisions", nargs="+", default=["32-true", "bf16-mixed"], help="Trainer precisions (--epoch)"
+        "--precisions",
+        nargs="+",
+        default=["32-true", "bf16-mixed"],
+        choices=["32-true", "bf16-mixed", "16-mixed"],
+        help="Trainer precisions (--epoch); mixed precision runs only at batches >= 64",
     )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
@@ -251,6 +256,9 @@ def main() -> None:
     if opts.quick:
         opts.steps, opts.rounds = 100, 1
     if opts.epoch:
+        checked_device(parser, opts.device)
+        if min(opts.batches) < 1:
+            parser.error(f"--batches must be sizes >= 1, got {opts.batches}")
         return run_epochs(opts)
     pl.seed_everything(0, verbose=False)
     tv = datasets.MNIST(

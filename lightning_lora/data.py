@@ -258,6 +258,12 @@ def _validate_digits(digits: Any) -> list[int] | str | None:
     return sorted(digits)
 
 
+def replay_count(fraction: float, batch_size: int) -> int:
+    """Samples of a batch replayed from the other digits: ``fraction * batch_size`` rounded to the nearest
+    (halves to even, as Python rounds: 0.25 of 10 is 2)."""
+    return round(fraction * batch_size)
+
+
 DigitChoice = int | list[int] | Literal["weakest"] | None
 """How ``train_digits`` may be given: a digit, a list of digits, ``"weakest"``, or ``None`` (all)."""
 
@@ -328,7 +334,7 @@ class MNISTDataModule(pl.LightningDataModule):
             raise ValueError(f"replay_fraction must be a number in [0, 1), got {replay_fraction!r}")
         if replay_fraction and self.train_digits is None:
             raise ValueError("replay_fraction needs train_digits: replay mixes the other digits into their batches")
-        self.replay_per_batch = round(replay_fraction * batch_size)
+        self.replay_per_batch = replay_count(replay_fraction, batch_size)
         if replay_fraction and not 1 <= self.replay_per_batch < batch_size:
             raise ValueError(
                 f"replay_fraction {replay_fraction} of a batch of {batch_size} is {replay_fraction * batch_size:g} "
@@ -429,6 +435,11 @@ class MNISTDataModule(pl.LightningDataModule):
         if stage == "fit" and self.target_digits is not None:
             if not len(self._train_indices(target=True)):
                 raise ValueError(f"the training part holds no images of digits {self.target_digits}")
+            if self.replay_fraction:
+                rank_zero_info(
+                    f"replay_fraction {self.replay_fraction:g}: {self.replay_per_batch} of every {self.batch_size} "
+                    f"samples ({self.replay_per_batch / self.batch_size:.0%}) come from the other digits"
+                )
             if self.replay_fraction and not len(self._train_indices(target=False)):
                 raise ValueError(f"replay_fraction needs other digits than {self.target_digits} in the training part")
         if stage in ("test", "predict") and self.test_set is None:

@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_lora.data  # noqa: F401  (imported so short class names such as MNISTDataModule resolve)
+import lightning_lora.models  # noqa: F401
 import lightning_lora.module  # noqa: F401
 from lightning_lora.callbacks import LoRAInjectionCallback
 from lightning_lora.checkpoint_files import describe_resolution, read_checkpoint_state, resolve_checkpoint
@@ -86,6 +87,15 @@ def short_parse_error(message: str) -> str:
     missing = re.search(r"module '([^']+)' has no attribute '([^']+)'", message)
     if missing and classes:
         return f"--{option}.class_path: {classes[-1]} does not exist ({missing.group(1)} has no {missing.group(2)})"
+    ambiguous = re.search(r"Multiple subclasses with name (\w+)\. [^:]*: (.+?)\.?$", message, re.MULTILINE)
+    if ambiguous:
+        return (
+            f"--{option}: the short name {ambiguous.group(1)!r} could mean {ambiguous.group(2)}; "
+            "give the full class path, e.g. --model.net lightning_lora.models.MLP"
+        )
+    no_module = re.search(r"No module named '([^']+)'", message)
+    if no_module and classes:
+        return f"--{option}: cannot import {classes[-1]!r} (no module named {no_module.group(1)!r}); check the path"
     not_a_path = re.search(r"Expected a dot import path string: (\S+)", message)
     kinds = _accepted_kinds(message)
     if kinds and value is not None:
@@ -98,7 +108,13 @@ def short_parse_error(message: str) -> str:
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not option and message.startswith("Problems parsing config"):
         return " ".join(lines)  # a YAML error: its lines name the file, the line and the column
-    return f"--{option}: {lines[-1]}" if option and lines else (lines[0] if lines else message)
+    reasons = [
+        line[2:]
+        for line in lines
+        if line.startswith("- ") and not re.match(r"- (Expected a <class 'NoneType'>|Problem)", line)
+    ]
+    last = reasons[-1] if reasons and lines and lines[-1].startswith("Given value") else (lines[-1] if lines else "")
+    return f"--{option}: {last}" if option and lines else (lines[0] if lines else message)
 
 
 def _given_value(message: str) -> str | None:

@@ -75,19 +75,21 @@ class MergedClassifier(nn.Module):
             raise ValueError(
                 f"expected images shaped (N, {side}, {side}) or (N, 1, {side}, {side}), got {tuple(images.shape)}"
             )
+        dtype = self._dtype()
         if images.dtype == torch.uint8:
-            images = images.float() / 255
+            images = images.to(dtype) / 255
         elif images.is_floating_point():
-            low, high = float(images.min()), float(images.max())
-            if low < 0 or high > 1:
-                raise ValueError(
-                    f"float images must hold pixels in [0, 1]; these range from {low:.3g} to {high:.3g}, so they "
-                    "look normalised already: pass raw pixels (uint8 0-255, or floats 0-1)"
-                )
-            images = images.float()
+            if images.numel():
+                _check_pixel_range(images)
+            images = images.to(dtype)
         else:
             raise ValueError(f"expected uint8 or float images, got {images.dtype}")
         return (images - self.contract.mean) / self.contract.std
+
+    def _dtype(self) -> torch.dtype:
+        """The network's own floating dtype (after ``.half()`` or ``.double()``, say), else float32."""
+        first = next((p for p in self.net.parameters() if p.is_floating_point()), None)
+        return first.dtype if first is not None else torch.float32
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self.prepare(images))
@@ -96,6 +98,22 @@ class MergedClassifier(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The predicted digit of each image."""
         return self(images).argmax(dim=-1)
+
+
+def _check_pixel_range(images: torch.Tensor) -> None:
+    """Float images must be raw pixels in [0, 1]; say what they look like otherwise."""
+    if not torch.isfinite(images).all():
+        raise ValueError("the images hold NaN or infinite values; pass raw pixels (uint8 0-255, or floats 0-1)")
+    low, high = float(images.min()), float(images.max())
+    if 0 <= low and high <= 1:
+        return
+    if low >= 0 and high <= 255:
+        hint = "they look like 0-255 pixels stored as floats: divide by 255, or pass them as uint8"
+    elif low < 0:
+        hint = "values below 0 look normalised already (the network normalises itself): pass the raw pixels"
+    else:
+        hint = "pass raw pixels (uint8 0-255, or floats 0-1)"
+    raise ValueError(f"float images must hold pixels in [0, 1]; these range from {low!r} to {high!r}: {hint}")
 
 
 def is_merged_file(path: Path) -> bool:

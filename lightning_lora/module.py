@@ -374,6 +374,8 @@ class LitClassifier(NetModule):
         self.num_classes = num_classes
         if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) or not distill_weight >= 0:
             raise ValueError(f"distill_weight must be a number >= 0, got {distill_weight!r}")
+        if not distill_weight <= 1e6:  # beyond this the loss overflows float32 (inf, too, lands here)
+            raise ValueError(f"distill_weight {distill_weight!r} is too large: use at most 1e6 (1-3 is typical)")
         if distill_on not in ("retain", "all"):
             raise ValueError(f"distill_on must be 'retain' or 'all', got {distill_on!r}")
         self.distill_weight, self.distill_on = float(distill_weight), distill_on

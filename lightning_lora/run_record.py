@@ -81,7 +81,9 @@ class RunRecord(pl.Callback):
             metrics.update(self.headline_metrics(trainer, prefix))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab: settings beside final numbers
-                logger.log_hyperparams(settings, metrics=metrics or None, step=trainer.global_step)
+                # The tab shows only what this call passes: the module's and data's arguments too.
+                logger.hparams.update(settings)
+                logger.log_hyperparams(dict(logger.hparams), metrics=metrics or None, step=trainer.global_step)
                 hparams_file = Path(logger.log_dir) / logger.NAME_HPARAMS_FILE
                 if hparams_file.is_file():  # the logger writes it once, maybe before these settings existed
                     save_hparams_to_yaml(hparams_file, logger.hparams)

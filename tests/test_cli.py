@@ -186,8 +186,17 @@ def test_merge_writes_a_safe_file_with_its_input_contract(trained_run, tmp_path)
     assert torch.equal(merged.predict(pixels.unsqueeze(1)), expected.argmax(-1))
     with pytest.raises(ValueError, match="look normalised already"):
         merged(normalised)
+    with pytest.raises(ValueError, match="0-255 pixels stored as floats: divide by 255"):
+        merged(pixels.float())
+    for bad in (float("nan"), float("inf")):
+        spoiled = pixels.float() / 255
+        spoiled[0, 0, 0] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            merged(spoiled)
     with pytest.raises(ValueError, match=r"expected images shaped \(N, 28, 28\)"):
         merged(torch.zeros(2, 3, 28, 28, dtype=torch.uint8))
+    assert merged(torch.zeros(0, 1, 28, 28)).shape == (0, 10)  # an empty batch, as for uint8
+    assert torch.equal(merged.double().predict(pixels), expected.argmax(-1))  # images follow the net's dtype
     plain = RichBoyNet()  # without lightning_lora's loader: plain safetensors, the class you know
     plain.load_state_dict(load_file(tmp_path / "merged.safetensors"))
     torch.testing.assert_close(plain(normalised), expected, atol=1e-5, rtol=1e-5)
@@ -247,6 +256,9 @@ def test_every_run_records_its_settings_and_final_numbers_for_the_hparams_tab(tr
         content = events.summary_metadata["_hparams_/session_start_info"].plugin_data.content
         start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
         assert start.hparams["lora/rank"].number_value == 1 and start.hparams["optimizer/lr"].number_value == 0.001
+        # the module's and the data's own arguments too, so runs compare by them
+        assert start.hparams["batch_size"].number_value == 10 and start.hparams["val_per_digit"].number_value == 50
+        assert start.hparams["distill_weight"].number_value == 0
         experiment = plugin_data_pb2.HParamsPluginData.FromString(
             events.summary_metadata["_hparams_/experiment"].plugin_data.content
         ).experiment

@@ -144,7 +144,7 @@ def test_loaders_serve_whole_batches_through_getitems(fake_mnist):
     assert single[1][1] == 1 and torch.equal(single.__getitems__([2, 0])[1], torch.tensor([2, 0]))
 
 
-def _resident_fit(fake_mnist, accelerator: str, device_resident: bool, **data):
+def _resident_fit(fake_mnist, tmp_path, accelerator: str, device_resident: bool, **data):
     """A short LoRA fine-tune on digits [3, 9] with replay; the data module, the adapters, the batches' devices."""
     import lightning.pytorch as pl
     from torch import nn
@@ -157,34 +157,35 @@ def _resident_fit(fake_mnist, accelerator: str, device_resident: bool, **data):
         data_dir=str(fake_mnist), train_digits=[3, 9], replay_fraction=0.25, batch_size=8, val_per_digit=4,
         device_resident=device_resident, **data,
     )  # fmt: skip
+    adapter_dir = str(tmp_path / f"adapter_{device_resident}")
     seen: set[str] = set()  # where the loader served each batch, before Lightning moved it to the model
     dm.on_before_batch_transfer = lambda batch, index: seen.add(str(batch[0].device.type)) or batch
     trainer = pl.Trainer(
         accelerator=accelerator, devices=1, max_steps=6, val_check_interval=3, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[LoRAInjectionCallback(rank=2, alpha=4)],
+        num_sanity_val_steps=0, callbacks=[LoRAInjectionCallback(rank=2, alpha=4, adapter_dir=adapter_dir)],
     )  # fmt: skip
     model = LitClassifier(net)
     trainer.fit(model, dm)
     return dm, {k: v.cpu() for k, v in lora_state_dict(model.net).items()}, seen
 
 
-def test_device_resident_is_a_no_op_on_the_cpu(fake_mnist):
-    dm, resident, seen = _resident_fit(fake_mnist, "cpu", device_resident=True)
+def test_device_resident_is_a_no_op_on_the_cpu(fake_mnist, tmp_path):
+    dm, resident, seen = _resident_fit(fake_mnist, tmp_path, "cpu", device_resident=True)
     assert dm.train_set.inputs.device.type == "cpu" and seen == {"cpu"}
-    _, plain, _ = _resident_fit(fake_mnist, "cpu", device_resident=False)
+    _, plain, _ = _resident_fit(fake_mnist, tmp_path, "cpu", device_resident=False)
     assert all(torch.equal(resident[k], plain[k]) for k in plain)
 
 
 @pytest.mark.gpu
-def test_device_resident_keeps_every_split_on_the_gpu_and_trains_the_same(fake_mnist):
-    dm, resident, seen = _resident_fit(fake_mnist, "gpu", device_resident=True)
+def test_device_resident_keeps_every_split_on_the_gpu_and_trains_the_same(fake_mnist, tmp_path):
+    dm, resident, seen = _resident_fit(fake_mnist, tmp_path, "gpu", device_resident=True)
     assert seen == {"cuda"}
     parts = [dm.train_set, dm.val_set, *dm._val_parts().values()]
     assert all(p.inputs.is_cuda and p.targets.is_cuda for p in parts)
     dm.setup("test")
     assert dm.test_set.inputs.is_cuda
-    _, plain, seen_plain = _resident_fit(fake_mnist, "gpu", device_resident=False)
+    _, plain, seen_plain = _resident_fit(fake_mnist, tmp_path, "gpu", device_resident=False)
     assert seen_plain == {"cpu"}  # served from the host, copied by Lightning
     for key, value in plain.items():
         torch.testing.assert_close(resident[key], value, rtol=1e-5, atol=1e-6)

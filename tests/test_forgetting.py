@@ -150,6 +150,8 @@ def test_distill_on_all_needs_no_replay(tmp_path, fake_mnist, base_ckpt):
 
 BAD_DISTILLATION = [
     ({"distill_weight": -1}, "distill_weight must be a number >= 0"),
+    ({"distill_weight": float("inf")}, "too large: use at most 1e6"),
+    ({"distill_weight": 1e39}, "too large: use at most 1e6"),
     ({"distill_on": "others"}, "distill_on must be 'retain' or 'all'"),
 ]
 

@@ -3,8 +3,9 @@
 Each run is a separate process (DDP and FSDP set up a process group), fine-tunes a few steps on
 the synthetic MNIST, and is then resumed from its adapter-only checkpoint. A run passes when the
 adapters trained and stayed fp32, the checkpoint holds only them, the frozen base it
-fingerprinted while training is bit for bit the base it started from, and the resumed run
-continues from the checkpoint's step to its own ``max_steps``. The ``cpu`` variants run the same
+fingerprinted while training is bit for bit the base it started from, the resumed run starts
+training from exactly the checkpoint's adapters (a probe callback saves them at train start)
+and continues from the checkpoint's step to its own ``max_steps``. The ``cpu`` variants run the same
 checks everywhere, so this file is exercised without a GPU too.
 """
 
@@ -71,6 +72,23 @@ LATE_MODULE = textwrap.dedent(
 )
 
 
+# Saves the adapters as the resumed run starts training (restored from the checkpoint by then).
+PROBE = textwrap.dedent(
+    """
+    import os
+
+    import lightning.pytorch as pl
+    import torch
+
+
+    class AdaptersAtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            state = {k: v.detach().float().cpu() for k, v in pl_module.state_dict().items() if ".lora_" in k}
+            torch.save(state, os.environ["LORA_PROBE_FILE"])
+    """
+)
+
+
 def late_config(data_dir: Path, strategy: str, accelerator: str, precision: str) -> str:
     return textwrap.dedent(
         f"""
@@ -111,6 +129,7 @@ def needs_gpu(on_gpu: bool):
 
 def run_cli(cwd: Path, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env["LORA_PROBE_FILE"] = str(cwd / "adapters_at_start.pt")
     code = "import sys; from lightning_lora.cli import main; main(sys.argv[1:])"
     done = subprocess.run(
         [sys.executable, "-c", code, "fit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
@@ -122,6 +141,18 @@ def newest_last_checkpoint(root: Path) -> Path:
     found = sorted(root.glob("runs/*/version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     assert found, f"no last.ckpt under {root / 'runs'}"
     return found[-1]
+
+
+def resume_with_probe(cwd: Path, *args: str) -> None:
+    """Resume, and check that training started from exactly the checkpoint's adapters."""
+    (cwd / "lora_probe.py").write_text(PROBE)
+    run_cli(cwd, *args, "--trainer.callbacks+=lora_probe.AdaptersAtStart")
+    checkpoint = Path(args[args.index("--ckpt_path") + 1])
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    at_start = torch.load(cwd / "adapters_at_start.pt", weights_only=True)
+    assert set(at_start) == set(saved)
+    for key, value in saved.items():
+        assert torch.equal(at_start[key], value.float()), f"{key} was not restored from the checkpoint"
 
 
 def check_adapter_only_checkpoint(path: Path, base: torch.nn.Module) -> int:
@@ -148,7 +179,7 @@ def test_finetune_trains_only_adapters_and_resumes(tmp_path, fake_mnist, variant
     run_cli(tmp_path, *common, "--trainer.max_steps", "4")
     first = newest_last_checkpoint(tmp_path)
     assert check_adapter_only_checkpoint(first, base) == 4
-    run_cli(tmp_path, *common, "--trainer.max_steps", "7", "--ckpt_path", str(first))
+    resume_with_probe(tmp_path, *common, "--trainer.max_steps", "7", "--ckpt_path", str(first))
     resumed = newest_last_checkpoint(tmp_path)
     assert resumed != first and check_adapter_only_checkpoint(resumed, base) == 7
 
@@ -169,6 +200,6 @@ def test_a_net_built_in_configure_model_trains_and_resumes(tmp_path, fake_mnist,
     run_cli(tmp_path, "-c", "late.yaml")
     first = newest_last_checkpoint(tmp_path)
     assert check_adapter_only_checkpoint(first, make_net(0)) == 4
-    run_cli(tmp_path, "-c", "late.yaml", "--trainer.max_steps", "6", "--ckpt_path", str(first))
+    resume_with_probe(tmp_path, "-c", "late.yaml", "--trainer.max_steps", "6", "--ckpt_path", str(first))
     resumed = newest_last_checkpoint(tmp_path)
     assert resumed != first and check_adapter_only_checkpoint(resumed, make_net(0)) == 6

@@ -17,6 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from lightning_lora.data import replay_count
 from lightning_lora.experiments.pipeline import RESULTS, duration
 from lightning_lora.files import atomic_file
 
@@ -89,8 +92,9 @@ def demo(record: dict[str, Any]) -> str:
         f"{s['adapter_bytes'] / 1000:.1f} KB and the run's adapter-only checkpoint "
         f"{s['checkpoint_bytes'] / 1000:.1f} KB "
         f"({s['checkpoint_bytes'] / s['model_bytes']:.2%} of the {s['model_bytes'] / 1e6:.1f} MB model).",
-        f"- The base's weakest digit in this run is {weakest} ({before[weakest]} mistakes); the classic set-up "
-        f"fine-tunes on {digit}, and `--data.train_digits weakest` picks the weakest one instead.",
+        f"- On the test set the base gets digit {weakest} wrong most ({before[weakest]} mistakes); the classic "
+        f"set-up fine-tunes on {digit}. `--data.train_digits weakest` decides on the validation split instead "
+        "(never the test set), so it may pick another digit; the run prints its choice.",
     ]
     return _with_stages(lines, record)
 
@@ -152,6 +156,10 @@ def demo_forgetting(record: dict[str, Any]) -> str:
         if r["target_wrong"] <= 0.2 * base["target_wrong"] and r["accuracy"] >= base["accuracy"] - 0.003
     ]
     closest = max(record["settings"], key=lambda r: (r["accuracy"] - base["accuracy"], -r["target_wrong"]))
+    batch = yaml.safe_load(Path("configs/finetune_lora.yaml").read_text())["data"]["init_args"]["batch_size"]
+    fractions = sorted({float(r["options"][r["options"].index("--data.replay_fraction") + 1])
+                        for r in record["settings"] if "--data.replay_fraction" in r["options"]})  # fmt: skip
+    shares = ", ".join(f"{f:g} is {replay_count(f, batch)}" for f in fractions)
     meeting = " and ".join(f"*{r['label']}*" for r in goal)
     verdict = (
         f"The goal (at least 80% fewer mistakes on {digit}, overall accuracy within 0.3 points of the base) is met "
@@ -163,6 +171,9 @@ def demo_forgetting(record: dict[str, Any]) -> str:
     return "\n".join(
         [
             *lines,
+            "",
+            f"Replay shares are of the config's batch of {batch}, rounded to whole samples: {shares} "
+            f"of every {batch} (`data.replay_count`; the run prints its share).",
             "",
             verdict,
             "",
@@ -285,6 +296,8 @@ def gpu(record: dict[str, Any]) -> str:
     )
     linear = [t for t in record["layer"] if "fp32" in t["caption"] and "LoRA / PEFT" in t["header"]][-1]
     custom = [float(r["custom Function"]) / float(r["LoRALinear"]) for r in linear["rows"]]
+    faster = sum(ratio < 0.95 for ratio in custom)
+    slower = sum(ratio > 1.05 for ratio in custom)
     bf16 = next(t for t in record["layer"] if "bf16" in t["caption"] and "LoRALinear" in t["header"])
     merged = [float(r["merged"]) for t in record["inference"] for r in t["rows"]]
     tests = "; ".join(
@@ -293,12 +306,14 @@ def gpu(record: dict[str, Any]) -> str:
     )
     demo = record["demo"]
     lines += [
-        f"The epoch is {target}. Lightning's own cost is the last column: per step, over the same epoch in a "
-        "plain PyTorch loop over the same device-resident loader.",
+        f"The epoch is {target}. The last column is what the Trainer, `LitClassifier` and the callback add per "
+        "step over the same epoch in a plain PyTorch loop over the same device-resident loader. Each epoch "
+        "was timed once (a single sample); bf16-mixed was not run at batch 10.",
         f"One adapted layer's training step (`benchmarks/layer.py`, three shapes, ranks 4 and 64): LoRA / PEFT "
         f"{_span([float(r['LoRA / PEFT']) for r in linear['rows']])} in fp32 and "
         f"{_span([float(r['LoRA / PEFT']) for r in bf16['rows']])} under bf16 autocast; the CPU's hand-written "
-        f"backward forced on would take {_span(custom)} the plain ops' time, so it stays off on CUDA. Merged "
+        f"backward forced on would take {_span(custom)} the plain ops' time (more than 5% faster in {faster} "
+        f"of {len(custom)} cases, slower in {slower}), so it stays off on CUDA. Merged "
         f"inference runs in {min(merged):.2f}-{max(merged):.2f}x the base's time.",
         f"The demo on the GPU (bf16-mixed, data on the GPU): base {_pct(demo['test/acc_base'])}, adapter "
         f"{_pct(demo['test/acc'])}; digit 9 {_pct(demo['test/acc_digit_9_base'])} -> {_pct(demo['test/acc_digit_9'])}.",
@@ -318,11 +333,10 @@ def gpu_details(record: dict[str, Any]) -> str:
     """Every table of the GPU session, as the benchmarks printed them (``benchmarks/RESULTS.md``)."""
     parts = [f"`python benchmarks/train.py --epoch --device cuda` ({record['epochs']['caption']}):"]
     parts.append(_markdown(record["epochs"]))
-    for table in record["layer"]:
-        rounds = "5 rounds (--quick)" if table["source"] == "layer.log" else "15 rounds"
-        parts += [f"`benchmarks/layer.py --device cuda`, {rounds} ({table['caption']}):", _markdown(table)]
-    for table in record["inference"]:
-        parts += [f"`benchmarks/inference.py --device cuda --rounds 7` ({table['caption']}):", _markdown(table)]
+    for table in record["layer"] + record["inference"]:
+        command = table.get("command")
+        how = f"`{command}`" if command else f"`{table['source']}` (the log does not hold its command)"
+        parts += [f"{how} ({table['caption']}):", _markdown(table)]
     return "\n\n".join(parts)
 
 
