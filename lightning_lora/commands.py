@@ -215,21 +215,23 @@ def inspect_command(argv: Sequence[str]) -> int:
 
 
 def _lora_overrides(rest: list[str]) -> list[tuple[str, str]]:
-    """``--lora.rank 4`` style options, as fit takes them."""
-    from lightning_lora.config import LoRAConfig
+    """``--lora.rank 4`` style options, as fit takes them (the callback-only ones change nothing here)."""
+    from lightning_lora.config import CALLBACK_ONLY_OPTIONS, LoRAConfig
 
+    accepted = (*LoRAConfig.field_names(), *CALLBACK_ONLY_OPTIONS)
     overrides, i = [], 0
     while i < len(rest):
         option = rest[i]
-        key, _, inline = option.partition("=")
-        if not key.startswith("--lora.") or key[len("--lora.") :] not in LoRAConfig.field_names():
+        key, equals, value = option.partition("=")
+        if not key.startswith("--lora.") or key[len("--lora.") :] not in accepted:
             raise UsageError(f"unrecognised option {option!r}; inspect takes -c CONFIG and --lora.<field> VALUE")
-        if inline:
-            overrides.append((key[len("--lora.") :], inline))
-            i += 1
-        elif i + 1 < len(rest):
-            overrides.append((key[len("--lora.") :], rest[i + 1]))
-            i += 2
-        else:
-            raise UsageError(f"{option} needs a value")
+        if not equals:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise UsageError(f"{key} needs a value")
+            value, i = rest[i + 1], i + 1
+        i += 1
+        if not value.strip():
+            raise UsageError(f"{key} needs a value, got {value!r}")
+        if key[len("--lora.") :] in LoRAConfig.field_names():  # the others change where or when, not what
+            overrides.append((key[len("--lora.") :], value))
     return overrides

@@ -21,6 +21,11 @@ INITS = ("kaiming", "gaussian")
 BIAS_POLICIES = ("none", "all", "lora_only")
 
 
+CALLBACK_ONLY_OPTIONS = ("module_path", "adapter_dir", "merge_on_fit_end")
+"""``LoRAInjectionCallback``'s settings beyond ``LoRAConfig``'s fields: where the adapters go and what
+happens at fit end, not what they are (the command line's ``--lora.`` group takes both)."""
+
+
 def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
@@ -38,7 +43,11 @@ def matches(name: str, pattern: str) -> bool:
 
 def _string_list(name: str, value: Any) -> list[str]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise ValueError(f"LoRAConfig.{name} must be a list of module-name patterns, got {value!r}")
+        example = f"[{value}]" if isinstance(value, str) and value else "[linear1, linear2]"
+        accepted = " or 'all-linear'" if name == "target_modules" else ""
+        raise ValueError(
+            f"LoRAConfig.{name} must be a list of module-name patterns (e.g. {example}){accepted}, got {value!r}"
+        )
     bad = [v for v in value if not isinstance(v, str) or not v]
     if bad:
         raise ValueError(f"LoRAConfig.{name} must hold non-empty strings, got {bad!r} in {value!r}")

@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -29,9 +30,10 @@ import lightning_lora.module  # noqa: F401
 from lightning_lora.callbacks import LoRAInjectionCallback
 from lightning_lora.checkpoint_files import describe_resolution, read_checkpoint_state, resolve_checkpoint
 from lightning_lora.checkpoint_io import AtomicCheckpointIO
-from lightning_lora.config import LoRAConfig
+from lightning_lora.config import CALLBACK_ONLY_OPTIONS, LoRAConfig
 from lightning_lora.errors import UsageError, root_cause
 from lightning_lora.files import sweep_stale_temporaries
+from lightning_lora.progress import LineProgress
 from lightning_lora.run_record import RunRecord
 
 LORA_GROUP = "lora"
@@ -156,7 +158,7 @@ def _lora_help() -> str:
     fields = ", ".join(f"--{LORA_GROUP}.{name}" for name in LoRAConfig.field_names())
     return (
         "LoRA fine-tuning: adds a LoRAInjectionCallback with these settings (or a 'lora:' section in a config). "
-        f"Options: {fields}, --{LORA_GROUP}.module_path, --{LORA_GROUP}.adapter_dir, --{LORA_GROUP}.merge_on_fit_end. "
+        f"Options: {fields}, {', '.join(f'--{LORA_GROUP}.{name}' for name in CALLBACK_ONLY_OPTIONS)}. "
         f"Details: --{LORA_GROUP}.help LoRAInjectionCallback"
     )
 
@@ -180,6 +182,9 @@ class LoRACLI(LightningCLI):
             callbacks.append(config[LORA_GROUP])
         if not any(isinstance(c, RunRecord) for c in callbacks):
             callbacks.append(RunRecord())
+        bar_wanted = config["trainer"].get("enable_progress_bar") is not False
+        if bar_wanted and not sys.stderr.isatty() and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(LineProgress())  # a redrawn bar shows nothing in a log file until the epoch ends
         plugins = config["trainer"].get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):

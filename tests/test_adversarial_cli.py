@@ -55,6 +55,9 @@ def fails(args: list[str], capsys, code: int) -> str:
         (["fit", "-c", FINETUNE, "--data.class_path", "Nope"], 2, "'Nope' is not a class; give a dotted import path"),
         (["inspect", "-c", FINETUNE, "--lora.rank", "100000000"], 2, "more than the whole model"),
         (["inspect", "-c", FINETUNE, "--lora.target_modules", "[nothing]"], 2, "'nothing' matches no module"),
+        (["inspect", "-c", FINETUNE, "--lora.alpha", ""], 2, "--lora.alpha needs a value, got ''"),
+        (["inspect", "-c", FINETUNE, "--lora.alpha=", "--lora.rank", "4"], 2, "--lora.alpha needs a value"),
+        (["inspect", "-c", FINETUNE, "--lora.target_modules", "linear1"], 2, "(e.g. [linear1]) or 'all-linear'"),
         (["fit", "-c", FINETUNE, "--model.net", "MLP"], 2, "the short name 'MLP' could mean torchvision.ops.MLP"),
         (["fit", "-c", FINETUNE, "--model", "torch.nn.Linear"], 2, "does not correspond to a subclass of LightningMod"),
         (

@@ -107,6 +107,13 @@ def test_inspect_takes_the_same_lora_overrides_as_fit(workdir, capsys):
     assert "linear2 (not targeted)" in out  # the info line: what the config leaves alone
 
 
+def test_inspect_takes_the_callbacks_own_options_too(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "-c", str(CONFIGS / "finetune_lora.yaml"), "--lora.module_path", "net",
+              "--lora.merge_on_fit_end", "true", "--lora.rank", "2"])  # fmt: skip
+    assert exit_info.value.code == 0 and "rank=2" in capsys.readouterr().out
+
+
 def test_inspect_of_a_config_without_lora(workdir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", "-c", str(CONFIGS / "pretrain.yaml")])
@@ -481,3 +488,18 @@ def test_a_run_prints_no_known_benign_warning_and_no_advertising(workdir, fake_m
     for benign in (*quiet.WARNINGS, *quiet.NOTICES):
         assert not re.search(benign.message, output), benign.message
     assert "Warning" not in output, output[-3000:]
+
+
+def test_output_that_is_not_a_terminal_gets_progress_lines(workdir, fake_mnist, capsys, monkeypatch):
+    """A redrawn progress bar shows nothing in a log file until the epoch ends: plain lines instead."""
+    from lightning_lora.progress import LineProgress
+
+    monkeypatch.setattr(LineProgress, "default_every_seconds", 0.0)  # a line after every batch
+    main(["fit", "-c", str(CONFIGS / "pretrain.yaml"), "--data.data_dir", str(fake_mnist), "--trainer.max_steps", "3"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 0:")]
+    assert [line.split(",")[0] for line in lines] == [
+        "epoch 0: 1/36 batches training",
+        "epoch 0: 2/36 batches training",
+        "epoch 0: 3/36 batches training",
+        "epoch 0: 3/36 batches done",
+    ]

@@ -7,6 +7,7 @@ import inspect
 import pytest
 
 from lightning_lora import LoRAConfig
+from lightning_lora.config import CALLBACK_ONLY_OPTIONS
 
 
 @pytest.mark.parametrize(
@@ -24,7 +25,7 @@ from lightning_lora import LoRAConfig
         ({"init": "xavier"}, "init must be one of .*got 'xavier'"),
         ({"bias": "some"}, "bias must be one of .*got 'some'"),
         ({"target_modules": []}, "target_modules is empty"),
-        ({"target_modules": "fc1"}, "target_modules must be a list of module-name patterns, got 'fc1'"),
+        ({"target_modules": "fc1"}, r"target_modules must be a list of module-name patterns \(e.g. \[fc1\]\)"),
         ({"target_modules": ["fc1", ""]}, "target_modules must hold non-empty strings"),
         ({"exclude_modules": "fc1"}, "exclude_modules must be a list"),
         ({"modules_to_save": [3]}, "modules_to_save must hold non-empty strings"),
@@ -63,6 +64,7 @@ def test_the_callback_signature_mirrors_the_config_fields():
     parameters = list(inspect.signature(LoRAInjectionCallback).parameters.values())
     names = LoRAConfig.field_names()
     assert [p.name for p in parameters[: len(names)]] == names
+    assert tuple(p.name for p in parameters[len(names) :]) == CALLBACK_ONLY_OPTIONS
     defaults = LoRAConfig()
     for parameter in parameters[: len(names)]:
         default = parameter.default
