@@ -70,10 +70,29 @@ def export_command(argv: Sequence[str]) -> int:
     from lightning_lora.adapter_files import save_adapter
 
     run = _load_adapted(opts, "export")
+    _refuse_another_runs_folder(Path(opts.out), Path(run.checkpoint))
     path = save_adapter(run.net, opts.out)
     size = sum(f.stat().st_size for f in path.iterdir())
     print(f"adapter written to {path} ({size:,} bytes); PEFT loads it with PeftModel.from_pretrained(base, path)")
     return 0
+
+
+def _run_folder_of(path: Path) -> Path | None:
+    """The run folder (``runs/<name>/version_N``: it holds ``checkpoints/`` or ``hparams.yaml``) ``path`` is in."""
+    for folder in [path.resolve(), *path.resolve().parents]:
+        if (folder / "checkpoints").is_dir() or (folder / "hparams.yaml").is_file():
+            return folder
+    return None
+
+
+def _refuse_another_runs_folder(out: Path, checkpoint: Path) -> None:
+    """An adapter written into another run's folder would pass for that run's own (its callback writes one there)."""
+    target, source = _run_folder_of(out.parent), _run_folder_of(checkpoint)
+    if target is not None and target != source:
+        raise UsageError(
+            f"--out {out} is inside another run's folder ({target}), not the exported run's ({source}): its "
+            "adapter would pass for that run's own. Write it elsewhere, e.g. --out adapters/<name>"
+        )
 
 
 def _image_contract(run) -> Any:

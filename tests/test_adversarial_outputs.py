@@ -71,6 +71,23 @@ def test_hidden_files_a_readme_or_a_folder_under_an_output_name_are_someone_else
     assert contents(folder) == before
 
 
+def test_export_into_another_runs_folder_refuses_but_its_own_is_fine(lora_run, tmp_path, capsys):
+    root, checkpoint = lora_run
+    other = tmp_path / "runs" / "other" / "version_0"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "adapter").mkdir()
+    (other / "adapter" / "adapter_config.json").write_text("{}")  # that run's own adapter
+    before = contents(other)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(checkpoint), "--out", str(other / "adapter")])
+    assert exit_info.value.code == 2 and "is inside another run's folder" in capsys.readouterr().err
+    assert contents(other) == before
+    own = checkpoint.parent.parent / "exported"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(checkpoint), "--out", str(own)])
+    assert exit_info.value.code == 0 and (own / "adapter_config.json").is_file()
+
+
 def test_merge_onto_a_file_it_did_not_write_refuses(lora_run, project, capsys):
     _, checkpoint = lora_run
     with pytest.raises(SystemExit) as exit_info:
