@@ -54,6 +54,22 @@ def test_classification_report_on_synthetic_digits(workdir, fake_mnist):
     text = Path(markdown).read_text()
     assert "| adapter off |" in text and "bit for bit" in text and "Digit 3 (trained)" in text
     assert (workdir / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "replayed" not in text and "distilled" not in text and "rotated" not in text
+
+
+def test_the_report_says_how_the_run_was_trained(workdir, fake_mnist):
+    torch.manual_seed(0)
+    data = ["--data.data_dir", str(fake_mnist), "--data.batch_size", "16", "--data.rotation", "30"]
+    net = ["--model.net.class_path", "lightning_lora.models.MLP", "--model.net.init_args.hidden_sizes", "[32]"]
+    fit("-c", str(CONFIGS / "mlp_pretrain.yaml"), *data, *net, "--trainer.max_steps", "5")
+    fit("-c", str(CONFIGS / "mlp_finetune_lora.yaml"), *data, *net, "--data.train_digits", "[3]",
+        "--data.replay_fraction", "0.25", "--model.distill_weight", "2", "--trainer.max_steps", "5")  # fmt: skip
+    summary, markdown = report("runs/mlp_finetune_lora", workdir / "out")
+    assert summary["training"]["replay_per_batch"] == 4 and summary["training"]["rotation"] == 30
+    text = Path(markdown).read_text()
+    assert "4 of every 16 samples replayed from the other digits" in text, text.splitlines()[2]
+    assert "distilled to the base (weight 2, on retain)" in text and "rotated 30 degrees" in text
+    assert " alone " not in text
 
 
 def test_report_refuses_checkpoints_it_cannot_compare(workdir, fake_mnist, capsys):

@@ -9,6 +9,22 @@ def _pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _how_trained(training: dict[str, Any]) -> str:
+    """What besides the digits shaped the fine-tune: replay of the others, distillation to the base."""
+    parts = []
+    if training.get("replay_per_batch"):
+        parts.append(
+            f"{training['replay_per_batch']} of every {training['batch_size']} samples replayed from the other digits"
+        )
+    if training.get("distill_weight"):
+        parts.append(f"distilled to the base (weight {training['distill_weight']:g}, on {training['distill_on']})")
+    return f", with {' and '.join(parts)}" if parts else ""
+
+
+def _rotated(training: dict[str, Any]) -> str:
+    return f", rotated {training['rotation']:g} degrees as in training" if training.get("rotation") else ""
+
+
 def classification_markdown(s: dict[str, Any]) -> str:
     rows = [("pretrained base", "base"), ("adapter on", "adapter_on"), ("adapter off", "adapter_off")]
     rows.append(("merged", "merged"))
@@ -17,8 +33,9 @@ def classification_markdown(s: dict[str, Any]) -> str:
     lines = [
         "# LoRA fine-tune: what the adapter changed",
         "",
-        f"Trained on digits {s['trained_digits']} (in bold); tested on all {s['test_samples']:,} test images; "
-        "*other digits*: accuracy on the digits not trained on.",
+        f"Trained on digits {s['trained_digits']} (in bold){_how_trained(s.get('training') or {})}; tested on all "
+        f"{s['test_samples']:,} test images{_rotated(s.get('training') or {})}; *other digits*: accuracy on the "
+        "digits not trained on.",
         "",
         "| model | accuracy | other digits | " + " | ".join(f"wrong {d}" for d in range(10)) + " |",
         "|---|---|---|" + "---|" * 10,
@@ -79,7 +96,7 @@ def _effect_lines(s: dict[str, Any]) -> list[str]:
     delta = s["adapter_on"]["accuracy"] - s["base"]["accuracy"]
     if delta < 0 and others:
         lines.append(
-            f"- The trade-off: fine-tuning on digits {trained} alone cost {_pct(-delta)} of overall accuracy "
+            f"- The trade-off: fine-tuning on digits {trained} cost {100 * -delta:.2f} points of overall accuracy "
             f"({_pct(s['base']['accuracy'])} -> {_pct(s['adapter_on']['accuracy'])}): the adapter learned to "
             "favour the trained digits, and digits that resemble them pay for it."
         )

@@ -66,6 +66,13 @@ def _classification(tuned: LoadedRun, base: nn.Module, data_dir: str | None, mer
     test = data.test_set
     summary = evaluate.evaluate_classifier(base, tuned.net, test.inputs, test.targets, merged, trained)
     summary["trained_digits"] = trained
+    summary["training"] = {
+        "batch_size": data.batch_size,
+        "replay_per_batch": data.replay_per_batch if data.replay_fraction else 0,
+        "distill_weight": float(tuned.hyper_parameters.get("distill_weight") or 0.0),
+        "distill_on": tuned.hyper_parameters.get("distill_on"),
+        "rotation": data.rotation,
+    }
     return summary, render.classification_markdown
 
 
