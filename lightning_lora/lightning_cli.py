@@ -103,8 +103,9 @@ def short_parse_error(message: str) -> str:
     if kinds and value is not None:
         return f"--{option}: expected {' or '.join(kinds)}, got {value!r}"
     if not_a_path:
+        where = f"--{option}: " if option else ""  # (a --*.help CLASS names no option in the message)
         return (
-            f"--{option}: {not_a_path.group(1)!r} is not a class; give a dotted import path "
+            f"{where}{not_a_path.group(1)!r} is not a class; give a dotted import path "
             "(e.g. lightning_lora.models.MLP) or the short name of a class lightning-lora knows"
         )
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]

@@ -58,6 +58,7 @@ def fails(args: list[str], capsys, code: int) -> str:
         (["inspect", "-c", FINETUNE, "--lora.alpha", ""], 2, "--lora.alpha needs a value, got ''"),
         (["inspect", "-c", FINETUNE, "--lora.alpha=", "--lora.rank", "4"], 2, "--lora.alpha needs a value"),
         (["inspect", "-c", FINETUNE, "--lora.target_modules", "linear1"], 2, "(e.g. [linear1]) or 'all-linear'"),
+        (["fit", "--model.help", "Bogus"], 2, "error: 'Bogus' is not a class; give a dotted import path"),
         (["fit", "-c", FINETUNE, "--model.net", "MLP"], 2, "the short name 'MLP' could mean torchvision.ops.MLP"),
         (["fit", "-c", FINETUNE, "--model", "torch.nn.Linear"], 2, "does not correspond to a subclass of LightningMod"),
         (
