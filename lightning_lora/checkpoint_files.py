@@ -110,6 +110,11 @@ def read_checkpoint_state(path: str | Path | IO[bytes], what: str = "checkpoint"
     except RecursionError as err:
         raise ValueError(f"{what} {name} is nested too deeply to be a checkpoint; it was refused unread") from err
     except Exception as err:  # truncated zip, a pickle with code, plain garbage: all refused
+        if isinstance(path, (str, Path)) and not _looks_like_a_checkpoint(Path(path)):
+            raise ValueError(
+                f"{what} {name} is not a PyTorch checkpoint at all (neither a zip archive nor a pickle: a text "
+                "file?); pass a .ckpt file written by Lightning"
+            ) from err
         raise ValueError(
             f"{what} {name} is not a readable checkpoint ({_reason(err)}). It may be truncated or not a Lightning "
             ".ckpt; only weights-only checkpoints are loaded (tensors and plain values, never code)."
@@ -122,6 +127,13 @@ def read_checkpoint_state(path: str | Path | IO[bytes], what: str = "checkpoint"
     if bad:
         raise ValueError(f"{what} {name} has a damaged 'state_dict' (entries that are not tensors: {bad[:5]})")
     return checkpoint
+
+
+def _looks_like_a_checkpoint(path: Path) -> bool:
+    """Whether the file starts as torch.save's output does: a zip archive, or a pickle (protocol 2 or later)."""
+    with path.open("rb") as file:
+        head = file.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def _reason(err: Exception) -> str:

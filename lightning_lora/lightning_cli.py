@@ -98,8 +98,10 @@ def short_parse_error(message: str) -> str:
     no_module = re.search(r"No module named '([^']+)'", message)
     if no_module and classes:
         return f"--{option}: cannot import {classes[-1]!r} (no module named {no_module.group(1)!r}); check the path"
-    not_a_path = re.search(r"Expected a dot import path string: (\S+)", message)
+    not_a_path = re.search(r"Expected a dot import path string: ?(\S*)", message)
     kinds = _accepted_kinds(message)
+    if option and (value == "" or (not_a_path and not not_a_path.group(1))):
+        return f"--{option}: needs a value (an empty string was given)"
     if kinds and value is not None:
         return f"--{option}: expected {' or '.join(kinds)}, got {value!r}"
     if not_a_path:

@@ -336,7 +336,10 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
                 "nothing to train: every parameter is frozen. Add a LoRAInjectionCallback "
                 "(trainer.callbacks) or unfreeze part of the net."
             )
-        return self.optimizer(trainable)
+        try:
+            return self.optimizer(trainable)
+        except ValueError as err:  # torch's own check, e.g. "Invalid learning rate: -1.0"
+            raise UsageError(f"model.optimizer: {err}; fix its setting (e.g. --model.optimizer.init_args.lr)") from err
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

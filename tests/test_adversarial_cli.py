@@ -58,6 +58,7 @@ def fails(args: list[str], capsys, code: int) -> str:
         (["inspect", "-c", FINETUNE, "--lora.alpha", ""], 2, "--lora.alpha needs a value, got ''"),
         (["inspect", "-c", FINETUNE, "--lora.alpha=", "--lora.rank", "4"], 2, "--lora.alpha needs a value"),
         (["inspect", "-c", FINETUNE, "--lora.target_modules", "linear1"], 2, "(e.g. [linear1]) or 'all-linear'"),
+        (["fit", "-c", FINETUNE, "--lora", ""], 2, "--lora: needs a value (an empty string was given)"),
         (["fit", "--model.help", "Bogus"], 2, "error: 'Bogus' is not a class; give a dotted import path"),
         (["fit", "-c", FINETUNE, "--model.net", "MLP"], 2, "the short name 'MLP' could mean torchvision.ops.MLP"),
         (["fit", "-c", FINETUNE, "--model", "torch.nn.Linear"], 2, "does not correspond to a subclass of LightningMod"),
@@ -70,6 +71,11 @@ def fails(args: list[str], capsys, code: int) -> str:
 )
 def test_usage_errors(here, capsys, args, code, message):
     assert message in fails(args, capsys, code)
+
+
+def test_an_optimizer_setting_torch_refuses_is_named(here, fake_mnist, capsys):
+    args = ["fit", "-c", FINETUNE, "--data.data_dir", str(fake_mnist), "--model.optimizer.init_args.lr", "-1"]
+    assert "model.optimizer: Invalid learning rate: -1.0" in fails(args, capsys, 2)
 
 
 def test_a_class_path_typo_in_a_yaml_names_the_class(here, tmp_path, capsys):

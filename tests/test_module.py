@@ -44,7 +44,7 @@ class TestBaseCheckpointErrors:
 
     def test_not_a_checkpoint(self, tmp_path):
         (tmp_path / "x.ckpt").write_text("hello")
-        with pytest.raises(ValueError, match="is not a readable checkpoint"):
+        with pytest.raises(ValueError, match="is not a PyTorch checkpoint at all .* a text file"):
             LitClassifier(MLP(), base_checkpoint=str(tmp_path / "x.ckpt"))
 
     def test_truncated(self, tmp_path):
