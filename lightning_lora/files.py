@@ -140,9 +140,12 @@ def atomic_file(path: str | os.PathLike, replaceable: Callable[[Path], bool] | N
         raise OutputInTheWay(f"{path} is a folder; pass a file name")
     if path.exists() and replaceable is not None and not replaceable(path):
         raise OutputInTheWay(f"{path} exists and was not written by this command; choose another name or move it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temporaries(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temporaries(path.parent, path.name)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
+    except OSError as err:  # name the file asked for, not the temporary one beside it
+        raise OSError(err.errno, f"cannot write {path} there ({err.strerror})") from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:

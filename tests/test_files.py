@@ -81,3 +81,11 @@ def test_tensor_hash_is_dtype_and_layout_independent_for_equal_values():
     assert tensor_sha256(t) != tensor_sha256(t + 1)
     b = t.to(torch.bfloat16)
     assert tensor_sha256(b) == tensor_sha256(b.float())
+
+
+def test_a_folder_that_cannot_hold_files_is_named_as_given():
+    target = "/proc/lightning_lora_test.safetensors"  # /proc accepts no new files, even for root
+    with pytest.raises(OSError, match=f"cannot write {target} there") as caught:
+        with atomic_file(target):
+            pass
+    assert ".tmp" not in str(caught.value)
