@@ -33,6 +33,7 @@ from lightning_lora.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.errors import UsageError
 from lightning_lora.files import ADAPTER_FILES, OutputInTheWay, check_folder_kind
 from lightning_lora.inject import count_parameters, get_lora_config, inject_lora, merge_lora
+from lightning_lora.loop_state import as_batch_end_checkpoint
 from lightning_lora.targets import refuse_oversized
 
 _TOLD: set[type] = set()  # module classes already told how to get adapter-only checkpoints
@@ -226,6 +227,9 @@ class LoRAInjectionCallback(pl.Callback):
     def state_key(self) -> str:
         """Keyed by the adapted module, so a second callback reaches :meth:`setup`'s clear refusal."""
         return self._generate_state_key(module_path=self.module_path)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]):
+        as_batch_end_checkpoint(trainer, checkpoint)  # an epoch-end checkpoint then resumes exactly too
 
     def state_dict(self) -> dict[str, Any]:
         return {
