@@ -12,6 +12,11 @@ epoch, so it is not the longer uninterrupted run. That is the checkpoint a run l
 last batch's end hooks holds at the same step (the state Lightning restores exactly; the tests
 compare the two field by field). Lightning offers no public hook for this; if its loop state
 changes shape, the rewrite leaves the checkpoint alone and ``tests/test_loop_state.py`` fails.
+
+Not handled: after a resume from a checkpoint at an epoch's last batch, Lightning counts the
+epoch processed without counting it started, so that run's epoch counters are off by one and
+its end-of-run checkpoint is left as written (not exact); and a checkpoint of a run that counted
+epochs (``max_epochs``) is not rewritten, though a resume may count steps.
 """
 
 from __future__ import annotations
