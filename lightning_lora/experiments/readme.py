@@ -305,7 +305,7 @@ def gpu(record: dict[str, Any]) -> str:
         for name, t in record["tests"].items()
     )
     demo = record["demo"]
-    lines += [
+    findings = [
         f"The epoch is {target}. The last column is what the Trainer, `LitClassifier` and the callback add per "
         "step over the same epoch in a plain PyTorch loop over the same device-resident loader. Each epoch "
         "was timed once (a single sample); bf16-mixed was not run at batch 10.",
@@ -319,8 +319,7 @@ def gpu(record: dict[str, Any]) -> str:
         f"{_pct(demo['test/acc'])}; digit 9 {_pct(demo['test/acc_digit_9_base'])} -> {_pct(demo['test/acc_digit_9'])}.",
         f"Tests marked `gpu` (`pytest -m gpu`), in order: {tests}.",
     ]
-    table_end = len(lines) - 4  # the table, then one paragraph per finding
-    return "\n".join(lines[:table_end]) + "\n\n" + "\n\n".join(lines[table_end:])
+    return "\n".join(lines) + "\n\n" + "\n\n".join(findings)  # the table, then one paragraph per finding
 
 
 def _markdown(table: dict[str, Any]) -> str:
