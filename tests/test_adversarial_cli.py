@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,6 +141,17 @@ def test_help_lists_every_command_and_version_works(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("lightning-lora 0.")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["inspect", "-c", FINETUNE]], ids=" ".join)
+def test_commands_that_train_nothing_never_import_lightning(args):
+    """What keeps --help, --version and inspect fast (benchmarks/startup.py measures it): no Lightning import."""
+    code = (
+        "import sys\nfrom lightning_lora.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('lightning.pytorch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
 
 
 def test_a_checkpoint_of_another_network_is_named_not_a_traceback(here, capsys, fake_mnist):

@@ -55,6 +55,8 @@ def test_classification_report_on_synthetic_digits(workdir, fake_mnist):
     assert "| adapter off |" in text and "bit for bit" in text and "Digit 3 (trained)" in text
     assert (workdir / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert "replayed" not in text and "distilled" not in text and "rotated" not in text
+    for figure in ("mistakes_per_digit.png", "confusion_matrices.png"):  # the report's pictures, real PNGs
+        assert (workdir / "out" / "figures" / figure).read_bytes().startswith(b"\x89PNG"), figure
 
 
 def test_the_report_says_how_the_run_was_trained(workdir, fake_mnist):
