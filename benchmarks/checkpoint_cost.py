@@ -24,8 +24,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import table  # noqa: E402
 
-from lightning_lora.lightning_cli import LoRACLI  # noqa: E402
-from lightning_lora.module import NetModule  # noqa: E402
+from lightning_lora.demo.net_module import NetModule  # noqa: E402
+from lightning_lora.integration.lora_cli import LoRACLI  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["pretrain", "finetune_lora", "finetune_dora", "mlp_pretrain", "mlp_finetune_lora", "shift_pretrain",

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import checked_device, interleaved, synchronizer, table  # noqa: E402
 
 from lightning_lora import LoRAConfig, inject_lora, merge_and_unload  # noqa: E402
-from lightning_lora.models import RichBoyNet  # noqa: E402
+from lightning_lora.demo.nets import RichBoyNet  # noqa: E402
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import checked_device, interleaved, synchronizer, table  # noqa: E402
 
 from lightning_lora import LoRAConfig, inject_lora  # noqa: E402
-from lightning_lora.layers import fast_path  # noqa: E402
+from lightning_lora.core.layers import fast_path  # noqa: E402
 
 DEVICE = torch.device("cpu")
 AUTOCAST: torch.dtype | None = None  # bf16 under --precision bf16-mixed

@@ -23,7 +23,7 @@ from timing import table  # noqa: E402
 CHILD = r"""
 import json, resource, sys, torch, torch.nn.functional as F
 from lightning_lora import LoRAConfig, inject_lora
-from lightning_lora.models import RichBoyNet
+from lightning_lora.demo.nets import RichBoyNet
 mode, rank = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
 net = RichBoyNet()
@@ -54,7 +54,7 @@ def file_sizes(rank: int) -> dict:
     import torch
 
     from lightning_lora import LitClassifier, LoRAConfig, inject_lora, save_adapter
-    from lightning_lora.models import RichBoyNet
+    from lightning_lora.demo.nets import RichBoyNet
 
     with tempfile.TemporaryDirectory() as tmp:
         model = LitClassifier(RichBoyNet())

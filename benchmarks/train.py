@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import checked_device, table  # noqa: E402
 
 from lightning_lora import LitClassifier, LoRAConfig, LoRAInjectionCallback, MNISTDataModule, inject_lora  # noqa: E402
-from lightning_lora.models import RichBoyNet  # noqa: E402
+from lightning_lora.demo.nets import RichBoyNet  # noqa: E402
 
 RANK, ALPHA, LR = 1, 1.0, 1e-3
 

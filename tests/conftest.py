@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_lora import quiet
+from lightning_lora.integration import benign_warnings as quiet
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -65,7 +65,7 @@ def lora_run(tmp_path_factory, fake_mnist):
     from helpers import write_base_checkpoint
 
     from lightning_lora.cli import main
-    from lightning_lora.models import RichBoyNet
+    from lightning_lora.demo.nets import RichBoyNet
 
     root = tmp_path_factory.mktemp("lora_run")
     with pytest.MonkeyPatch.context() as patch:

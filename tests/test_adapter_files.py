@@ -24,8 +24,8 @@ from lightning_lora import (
     merge_lora,
     save_adapter,
 )
-from lightning_lora.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, METADATA_KEY
-from lightning_lora.files import read_safetensors
+from lightning_lora.core.adapter_folder import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, METADATA_KEY
+from lightning_lora.core.safe_io import read_safetensors
 
 
 class Net(nn.Module):

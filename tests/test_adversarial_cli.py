@@ -10,7 +10,7 @@ import pytest
 from helpers import write_base_checkpoint
 
 from lightning_lora.cli import main
-from lightning_lora.models import MLP
+from lightning_lora.demo.nets import MLP
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FINETUNE = str(CONFIGS / "finetune_lora.yaml")
@@ -36,7 +36,7 @@ def fails(args: list[str], capsys, code: int) -> str:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["fit", "-c", FINETUNE, "--model.net.class_path", "lightning_lora.models.RichBoyNt"], 2, "RichBoyNt"),
+        (["fit", "-c", FINETUNE, "--model.net.class_path", "lightning_lora.demo.nets.RichBoyNt"], 2, "RichBoyNt"),
         (["fit", "-c", FINETUNE, "--model.net.init_args.hiden", "3"], 2, "hiden"),
         (["fit", "-c", FINETUNE, "--data.batch_size", "ten"], 2, "--data.batch_size: expected"),
         (["fit", "-c", FINETUNE, "--lora.alpha", "big"], 2, "--lora.alpha: expected a float, got 'big'"),
@@ -81,9 +81,9 @@ def test_an_optimizer_setting_torch_refuses_is_named(here, fake_mnist, capsys):
 
 def test_a_class_path_typo_in_a_yaml_names_the_class(here, tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
-    typo.write_text("model:\n  init_args:\n    net:\n      class_path: lightning_lora.models.RichBoyNett\n")
+    typo.write_text("model:\n  init_args:\n    net:\n      class_path: lightning_lora.demo.nets.RichBoyNett\n")
     err = fails(["fit", "-c", FINETUNE, "-c", str(typo)], capsys, 2)
-    assert "--model.net.class_path: lightning_lora.models.RichBoyNett does not exist" in err
+    assert "--model.net.class_path: lightning_lora.demo.nets.RichBoyNett does not exist" in err
     assert "NestedArg" not in err and "Given value" not in err
 
 
@@ -122,7 +122,7 @@ def test_an_unexpected_error_says_it_is_a_bug_and_how_to_see_more(here, capsys, 
     def broken(argv):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("lightning_lora.commands.export_command", broken)
+    monkeypatch.setattr("lightning_lora.cli.file_verbs.export_command", broken)
     err = fails(["export", "--ckpt", "x", "--out", "y"], capsys, 1)
     assert "unexpected ZeroDivisionError: division by zero" in err and "LIGHTNING_LORA_TRACEBACK=1" in err
     monkeypatch.setenv("LIGHTNING_LORA_TRACEBACK", "1")

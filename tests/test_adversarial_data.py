@@ -12,7 +12,7 @@ import torch
 from helpers import write_idx
 
 from lightning_lora.cli import main
-from lightning_lora.data import MNISTDataModule
+from lightning_lora.demo.mnist_datamodule import MNISTDataModule
 from lightning_lora.errors import DataError
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml")

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lightning_lora import LitClassifier, load_merged
-from lightning_lora.checkpoint_files import load_run
 from lightning_lora.cli import main
-from lightning_lora.merged import METADATA_KEY
-from lightning_lora.trust import UntrustedClassError
+from lightning_lora.demo.merged_model import METADATA_KEY
+from lightning_lora.integration.checkpoint_reader import load_run
+from lightning_lora.integration.class_allowlist import UntrustedClassError
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune_lora.yaml")
 EVIL = "evil_payload.Evil"
@@ -150,7 +150,7 @@ def test_a_dotted_string_anywhere_in_the_stored_settings_imports_nothing(
 
 
 def test_a_huge_rank_in_a_checkpoint_is_refused_before_allocating(lora_run, tmp_path, monkeypatch, capsys):
-    from lightning_lora.layers.base import LoRALayer
+    from lightning_lora.core.layers.base import LoRALayer
 
     root, good = lora_run
     monkeypatch.chdir(root)
@@ -193,7 +193,7 @@ def test_a_users_own_class_loads_once_allowed(lora_run, tmp_path, monkeypatch):
     root, good = lora_run
     monkeypatch.chdir(root)
     (tmp_path / "my_nets.py").write_text(
-        "from lightning_lora.models import RichBoyNet\nclass MyNet(RichBoyNet):\n    pass\n"
+        "from lightning_lora.demo.nets import RichBoyNet\nclass MyNet(RichBoyNet):\n    pass\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     checkpoint = torch.load(good, weights_only=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_lora.checkpoint_files import load_run
 from lightning_lora.cli import main
-from lightning_lora.files import OutputInTheWay, atomic_directory, atomic_file, sweep_stale_temporaries
+from lightning_lora.core.safe_io import OutputInTheWay, atomic_directory, atomic_file, sweep_stale_temporaries
+from lightning_lora.integration.checkpoint_reader import load_run
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune_lora.yaml")
 
@@ -128,8 +128,8 @@ def test_an_interrupted_write_keeps_the_previous_output_and_the_next_write_sweep
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lightning_lora.files.write_safetensors", interrupted)
-    monkeypatch.setattr("lightning_lora.merged.write_safetensors", interrupted)
+    monkeypatch.setattr("lightning_lora.core.safe_io.write_safetensors", interrupted)
+    monkeypatch.setattr("lightning_lora.demo.merged_model.write_safetensors", interrupted)
     for verb, out in (("export", adapter), ("merge", merged)):
         with pytest.raises(SystemExit) as exit_info:
             main([verb, "--ckpt", str(checkpoint), "--out", str(out)])
@@ -141,7 +141,7 @@ def test_a_killed_writer_leaves_temporaries_the_next_write_sweeps(tmp_path):
     target = tmp_path / "out.bin"
     code = (
         "import os, sys\n"
-        "from lightning_lora.files import atomic_file\n"
+        "from lightning_lora.core.safe_io import atomic_file\n"
         f"with atomic_file({str(target)!r}) as tmp:\n"
         "    tmp.write_bytes(b'half')\n"
         "    os.kill(os.getpid(), 9)\n"
@@ -156,7 +156,7 @@ def test_a_killed_writer_leaves_temporaries_the_next_write_sweeps(tmp_path):
 
 @pytest.mark.parametrize("swap", ["one rename (renameat2)", "file by file (no renameat2)"])
 def test_a_folder_swap_never_removes_the_output_path(tmp_path, monkeypatch, swap):
-    import lightning_lora.files as files
+    import lightning_lora.core.safe_io as files
 
     kind, out = {"a.txt", "b.txt"}, tmp_path / "out"
     with atomic_directory(out, kind, "test") as tmp:
@@ -197,7 +197,7 @@ def test_the_next_run_sweeps_what_a_killed_checkpoint_writer_left_in_any_version
     import torch
     from helpers import write_base_checkpoint
 
-    from lightning_lora.models import RichBoyNet
+    from lightning_lora.demo.nets import RichBoyNet
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-lora"])
@@ -274,7 +274,7 @@ def test_without_a_logger_a_second_run_may_not_overwrite_the_first(tmp_path, fak
 
     from helpers import write_base_checkpoint
 
-    from lightning_lora.models import RichBoyNet
+    from lightning_lora.demo.nets import RichBoyNet
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-lora"])
@@ -295,11 +295,11 @@ def test_a_callback_adapter_dir_of_someone_elses_is_refused_before_training(tmp_
     import lightning.pytorch as pl
     from helpers import write_base_checkpoint
 
-    from lightning_lora.callbacks import LoRAInjectionCallback
-    from lightning_lora.data import MNISTDataModule
+    from lightning_lora.demo.mnist_datamodule import MNISTDataModule
+    from lightning_lora.demo.net_module import LitClassifier
+    from lightning_lora.demo.nets import MLP
     from lightning_lora.errors import UsageError
-    from lightning_lora.models import MLP
-    from lightning_lora.module import LitClassifier
+    from lightning_lora.integration.callback import LoRAInjectionCallback
 
     folder = tmp_path / "mine"
     folder.mkdir()

@@ -22,11 +22,11 @@ from helpers import write_base_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
-from lightning_lora.callbacks import LoRAInjectionCallback
-from lightning_lora.data import MNISTDataModule
+from lightning_lora.demo.mnist_datamodule import MNISTDataModule
+from lightning_lora.demo.net_module import LitClassifier
+from lightning_lora.demo.nets import MLP, RichBoyNet
 from lightning_lora.errors import NonFiniteWeightsError
-from lightning_lora.models import MLP, RichBoyNet
-from lightning_lora.module import LitClassifier
+from lightning_lora.integration.callback import LoRAInjectionCallback
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "finetune_lora.yaml")

@@ -23,9 +23,9 @@ from lightning_lora import (
     lora_state_dict,
     save_adapter,
 )
-from lightning_lora.callbacks import LoRAInjectionCallback
-from lightning_lora.data import MNISTDataModule
+from lightning_lora.demo.mnist_datamodule import MNISTDataModule
 from lightning_lora.errors import UsageError
+from lightning_lora.integration.callback import LoRAInjectionCallback
 
 
 def make_net(seed: int) -> nn.Module:
@@ -253,7 +253,7 @@ def test_resuming_with_other_lora_settings_is_refused(tmp_path, fake_mnist):
 
 
 def test_without_the_mixin_checkpoints_stay_full_and_the_callback_says_how(tmp_path, fake_mnist, caplog, monkeypatch):
-    monkeypatch.setattr("lightning_lora.callbacks._TOLD", set())
+    monkeypatch.setattr("lightning_lora.integration.callback._TOLD", set())
     model = WithoutMixin()
     with caplog.at_level(logging.INFO):
         trainer(tmp_path, [lora(), checkpoints(tmp_path)], limit_val_batches=0).fit(model, data(fake_mnist))

@@ -19,8 +19,8 @@ from helpers import write_base_checkpoint
 
 from lightning_lora import load_adapter
 from lightning_lora.cli import main
-from lightning_lora.models import MLP, LinearModel, RichBoyNet
-from lightning_lora.module import LitClassifier
+from lightning_lora.demo.net_module import LitClassifier
+from lightning_lora.demo.nets import MLP, LinearModel, RichBoyNet
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -337,7 +337,7 @@ def test_rerun_into_the_same_log_folder_does_not_fail_on_the_saved_config(workdi
     main(args)
     main(args)
     saved = (workdir / "runs/pretrain/fixed/config.yaml").read_text()
-    assert "seed_everything: 7" in saved and "lightning_lora.models.RichBoyNet" in saved
+    assert "seed_everything: 7" in saved and "lightning_lora.demo.nets.RichBoyNet" in saved
 
 
 def lora_overlay(tmp_path: Path, **settings) -> str:
@@ -393,7 +393,7 @@ def test_bad_lora_settings_are_usage_errors(workdir, fake_mnist, capsys, init_ar
 
 def test_a_run_with_nothing_to_train_is_a_usage_error(workdir, fake_mnist, capsys, monkeypatch):
     """A net whose every weight is frozen and no adapter injected: the optimizer would get nothing."""
-    from lightning_lora.module import NetModule
+    from lightning_lora.demo.net_module import NetModule
 
     original = NetModule.configure_optimizers
     monkeypatch.setattr(NetModule, "configure_optimizers", lambda self: original(self.requires_grad_(False)))
@@ -434,7 +434,7 @@ def test_the_command_line_base_checkpoint_wins_and_a_stored_class_never_switches
     moved.parent.mkdir()
     (workdir / "runs/pretrain/checkpoints/last.ckpt").rename(moved)
     checkpoint = torch.load(ckpt, weights_only=True)
-    checkpoint["hyper_parameters"]["_class_path"] = "lightning_lora.module.LitRegressor"
+    checkpoint["hyper_parameters"]["_class_path"] = "lightning_lora.demo.net_module.LitRegressor"
     torch.save(checkpoint, ckpt)
     with pytest.raises(SystemExit) as exit_info:  # the config still names the old place: a clear error
         main(["test", *common, "--ckpt_path", str(ckpt)])
@@ -447,7 +447,7 @@ def test_the_command_line_base_checkpoint_wins_and_a_stored_class_never_switches
 
 def test_lightningcli_still_calls_the_ckpt_path_hook_we_override(workdir, fake_mnist, monkeypatch):
     """cli.LoRACLI._parse_ckpt_path replaces a private LightningCLI method: fail loudly if it is no longer called."""
-    from lightning_lora.lightning_cli import LoRACLI
+    from lightning_lora.integration.lora_cli import LoRACLI
 
     calls = []
     monkeypatch.setattr(LoRACLI, "_parse_ckpt_path", lambda self: calls.append(self.config.subcommand))
@@ -473,8 +473,8 @@ def test_short_class_names_help_and_lora_options_are_discoverable(capsys):
 
 
 def test_a_run_prints_no_known_benign_warning_and_no_advertising(workdir, fake_mnist):
-    """lightning_lora.quiet silences exactly its list; what it lists must not reach a user's terminal."""
-    from lightning_lora import quiet
+    """benign_warnings silences exactly its list; what it lists must not reach a user's terminal."""
+    from lightning_lora.integration import benign_warnings as quiet
 
     env = {**os.environ, "PYTHONWARNINGS": "default"}  # every warning shown once, as a user's terminal would
     result = subprocess.run(
@@ -492,7 +492,7 @@ def test_a_run_prints_no_known_benign_warning_and_no_advertising(workdir, fake_m
 
 def test_output_that_is_not_a_terminal_gets_progress_lines(workdir, fake_mnist, capsys, monkeypatch):
     """A redrawn progress bar shows nothing in a log file until the epoch ends: plain lines instead."""
-    from lightning_lora.progress import LineProgress
+    from lightning_lora.integration.line_progress import LineProgress
 
     monkeypatch.setattr(LineProgress, "default_every_seconds", 0.0)  # a line after every batch
     main(["fit", "-c", str(CONFIGS / "pretrain.yaml"), "--data.data_dir", str(fake_mnist), "--trainer.max_steps", "3"])

@@ -10,7 +10,7 @@ from helpers import DORA_KINDS, LAYER_ZOO, Single, zoo_model
 from torch import nn
 
 from lightning_lora import LoRAConfig, inject_lora, save_adapter
-from lightning_lora.layers import fast_path
+from lightning_lora.core.layers import fast_path
 
 
 def adapted(kind: str, rank: int, use_dora: bool = False) -> tuple[nn.Module, torch.Tensor]:

@@ -7,7 +7,7 @@ import inspect
 import pytest
 
 from lightning_lora import LoRAConfig
-from lightning_lora.config import CALLBACK_ONLY_OPTIONS
+from lightning_lora.core.config import CALLBACK_ONLY_OPTIONS
 
 
 @pytest.mark.parametrize(
@@ -59,7 +59,7 @@ def test_dict_round_trip_and_unknown_keys():
 
 
 def test_the_callback_signature_mirrors_the_config_fields():
-    from lightning_lora.callbacks import LoRAInjectionCallback
+    from lightning_lora.integration.callback import LoRAInjectionCallback
 
     parameters = list(inspect.signature(LoRAInjectionCallback).parameters.values())
     names = LoRAConfig.field_names()

@@ -7,7 +7,7 @@ import torch
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
-from lightning_lora.data import MNIST_FILES, MNISTDataModule, TensorBatchDataset, keep_batch
+from lightning_lora.demo.mnist_datamodule import MNIST_FILES, MNISTDataModule, TensorBatchDataset, keep_batch
 
 
 def fitted(fake_mnist, **kwargs) -> MNISTDataModule:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_lora.files import (
+from lightning_lora.core.safe_io import (
     atomic_directory,
     atomic_file,
     read_json,

@@ -16,12 +16,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_lora import LoRAConfig, disable_lora, inject_lora
-from lightning_lora.callbacks import LoRAInjectionCallback
-from lightning_lora.data import MNISTDataModule
+from lightning_lora.core.layers.base import LoRALayer
+from lightning_lora.demo.mnist_datamodule import MNISTDataModule
+from lightning_lora.demo.net_module import LitClassifier
+from lightning_lora.demo.nets import MLP
 from lightning_lora.errors import UsageError
-from lightning_lora.layers.base import LoRALayer
-from lightning_lora.models import MLP
-from lightning_lora.module import LitClassifier
+from lightning_lora.integration.callback import LoRAInjectionCallback
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ import pytest
 import torch
 from helpers import write_base_checkpoint
 
-from lightning_lora.adapter_files import fingerprint
-from lightning_lora.models import RichBoyNet
+from lightning_lora.core.adapter_folder import fingerprint
+from lightning_lora.demo.nets import RichBoyNet
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -110,7 +110,7 @@ def late_config(data_dir: Path, strategy: str, accelerator: str, precision: str)
         model:
           class_path: late_module.LateNetModule
         data:
-          class_path: lightning_lora.data.MNISTDataModule
+          class_path: lightning_lora.demo.mnist_datamodule.MNISTDataModule
           init_args: {{data_dir: {data_dir}, batch_size: 16}}
         """
     )

@@ -31,7 +31,7 @@ from lightning_lora import (
     unmerge_lora,
     unwrap_model,
 )
-from lightning_lora.config import matches
+from lightning_lora.core.config import matches
 
 
 class Tiny(nn.Module):
@@ -318,7 +318,7 @@ def test_the_core_imports_without_lightning():
     import subprocess
     import sys
 
-    code = "import sys, lightning_lora, lightning_lora.inject; print('lightning' in sys.modules)"
+    code = "import sys, lightning_lora, lightning_lora.core.inject; print('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
     code = "import lightning_lora; print(lightning_lora.LoRAInjectionCallback.__name__)"

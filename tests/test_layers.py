@@ -25,7 +25,7 @@ from lightning_lora import (
     save_adapter,
     unmerge_lora,
 )
-from lightning_lora.layers.fast_path import low_rank_update
+from lightning_lora.core.layers.fast_path import low_rank_update
 
 KINDS = list(LAYER_ZOO)
 

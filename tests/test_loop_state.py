@@ -1,4 +1,4 @@
-"""Epoch-end checkpoints of step-counted runs resume exactly (lightning_lora.loop_state).
+"""Epoch-end checkpoints of step-counted runs resume exactly (lightning_lora.integration.loop_state).
 
 Lightning 2.6 restores a checkpoint written after an epoch counted as completed, in a run that
 counts steps, as an epoch under way with all its batches done. These tests fail if that rewrite
@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_any_module import UserModule, lora, trainer
 
 from lightning_lora import lora_state_dict
-from lightning_lora.data import MNISTDataModule
+from lightning_lora.demo.mnist_datamodule import MNISTDataModule
 
 
 class Batches(pl.Callback):

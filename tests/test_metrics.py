@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_lora.metrics import DigitMetrics, confusion_image
+from lightning_lora.demo.digit_metrics import DigitMetrics, confusion_image
 
 
 def test_micro_accuracy_and_per_digit_counts_on_a_one_digit_subset():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_lora.checkpoint_files import build_net, net_spec
-from lightning_lora.models import MLP, RichBoyNet
-from lightning_lora.trust import UntrustedClassError, allow_classes
+from lightning_lora.demo.nets import MLP, RichBoyNet
+from lightning_lora.integration.checkpoint_reader import build_net, net_spec
+from lightning_lora.integration.class_allowlist import UntrustedClassError, allow_classes
 
 
 def n_params(net: torch.nn.Module) -> int:

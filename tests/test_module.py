@@ -9,8 +9,8 @@ import torch
 from helpers import write_base_checkpoint
 
 from lightning_lora import LoRAConfig, inject_lora
-from lightning_lora.models import MLP, RichBoyNet
-from lightning_lora.module import LitClassifier
+from lightning_lora.demo.net_module import LitClassifier
+from lightning_lora.demo.nets import MLP, RichBoyNet
 
 
 def test_optimizer_gets_only_trainable_parameters():
@@ -88,7 +88,7 @@ def test_num_classes_mismatch_is_named():
 def test_hparams_describe_the_net_without_pickling_it():
     model = LitClassifier(MLP(hidden_sizes=[8]), base_checkpoint=None)
     assert model.hparams["net"] == {
-        "class_path": "lightning_lora.models.MLP",
+        "class_path": "lightning_lora.demo.nets.MLP",
         "init_args": {"hidden_sizes": [8], "num_features": 784, "num_classes": 10},
     }
     rebuilt = LitClassifier(**model.hparams)
@@ -126,7 +126,7 @@ def test_the_logging_rule_mirrors_lightnings(tmp_path, fake_mnist, accumulate, e
     """NetModule._logs_this_step copies Lightning's private should_update_logs rule: fail if they part."""
     import lightning.pytorch as pl
 
-    from lightning_lora.data import MNISTDataModule
+    from lightning_lora.demo.mnist_datamodule import MNISTDataModule
 
     pairs = []
 

@@ -11,9 +11,9 @@ import torch
 from helpers import write_base_checkpoint
 
 from lightning_lora.cli import main
+from lightning_lora.demo.nets import MLP
 from lightning_lora.experiments.report import report
-from lightning_lora.lightning_cli import run_lightning
-from lightning_lora.models import MLP
+from lightning_lora.integration.lora_cli import run_lightning
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -39,7 +39,7 @@ def fit(*args: str) -> None:
 def test_classification_report_on_synthetic_digits(workdir, fake_mnist):
     torch.manual_seed(0)
     data = ["--data.data_dir", str(fake_mnist), "--data.batch_size", "16"]
-    net = ["--model.net.class_path", "lightning_lora.models.MLP", "--model.net.init_args.hidden_sizes", "[32]"]
+    net = ["--model.net.class_path", "lightning_lora.demo.nets.MLP", "--model.net.init_args.hidden_sizes", "[32]"]
     fit("-c", str(CONFIGS / "mlp_pretrain.yaml"), *data, *net)
     fit("-c", str(CONFIGS / "mlp_finetune_lora.yaml"), *data, *net, "--data.train_digits", "[3]")
     summary, markdown = report("runs/mlp_finetune_lora", workdir / "out")  # its base: the run it recorded
@@ -62,7 +62,7 @@ def test_classification_report_on_synthetic_digits(workdir, fake_mnist):
 def test_the_report_says_how_the_run_was_trained(workdir, fake_mnist):
     torch.manual_seed(0)
     data = ["--data.data_dir", str(fake_mnist), "--data.batch_size", "16", "--data.rotation", "30"]
-    net = ["--model.net.class_path", "lightning_lora.models.MLP", "--model.net.init_args.hidden_sizes", "[32]"]
+    net = ["--model.net.class_path", "lightning_lora.demo.nets.MLP", "--model.net.init_args.hidden_sizes", "[32]"]
     fit("-c", str(CONFIGS / "mlp_pretrain.yaml"), *data, *net, "--trainer.max_steps", "5")
     fit("-c", str(CONFIGS / "mlp_finetune_lora.yaml"), *data, *net, "--data.train_digits", "[3]",
         "--data.replay_fraction", "0.25", "--model.distill_weight", "2", "--trainer.max_steps", "5")  # fmt: skip

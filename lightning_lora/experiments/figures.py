@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_lora.files import atomic_file
-from lightning_lora.metrics import draw_confusion, draw_mistake_bars
+from lightning_lora.core.safe_io import atomic_file
+from lightning_lora.demo.digit_metrics import draw_confusion, draw_mistake_bars
 
 
 def _save(figure, path: Path) -> Path:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lightning_lora.files import atomic_file
+from lightning_lora.core.safe_io import atomic_file
 
 RESULTS = Path("benchmarks/results")
 """Where the records live (committed: the README is generated from them)."""
@@ -124,7 +124,7 @@ def write_record(name: str, record: dict[str, Any], results: Path = RESULTS) -> 
 
 def latest_report(run: str) -> dict[str, Any]:
     """The summary the report wrote into the run's latest version (``report/summary.json``)."""
-    from lightning_lora.checkpoint_files import describe_run, resolve_checkpoint
+    from lightning_lora.integration.checkpoint_reader import describe_run, resolve_checkpoint
 
     folder = Path(describe_run(resolve_checkpoint(run)))
     return json.loads((folder / "report" / "summary.json").read_text())

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from lightning_lora.data import replay_count
+from lightning_lora.core.safe_io import atomic_file
+from lightning_lora.demo.mnist_datamodule import replay_count
 from lightning_lora.experiments.pipeline import RESULTS, duration
-from lightning_lora.files import atomic_file
 
 README = Path("README.md")
 BLOCK = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(<!-- /results:\2 -->)", re.DOTALL)

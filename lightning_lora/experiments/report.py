@@ -15,12 +15,18 @@ from typing import Any
 
 from torch import nn
 
-from lightning_lora.adapter_files import ADAPTER_WEIGHTS_NAME, save_adapter
-from lightning_lora.checkpoint_files import LoadedRun, build_net, describe_run, load_base_checkpoint, load_run
+from lightning_lora.core.adapter_folder import ADAPTER_WEIGHTS_NAME, save_adapter
+from lightning_lora.core.safe_io import atomic_directory, atomic_file, check_folder_kind
 from lightning_lora.errors import UsageError
 from lightning_lora.experiments import evaluate, render
 from lightning_lora.experiments import figures as draw
-from lightning_lora.files import atomic_directory, atomic_file, check_folder_kind
+from lightning_lora.integration.checkpoint_reader import (
+    LoadedRun,
+    build_net,
+    describe_run,
+    load_base_checkpoint,
+    load_run,
+)
 
 REPORT_FILES = frozenset({"summary.json", "summary.md", "adapter", "figures"})
 """What a report folder holds (and so what a report may replace)."""
@@ -55,8 +61,8 @@ def _data_args(run: LoadedRun, data_dir: str | None) -> dict[str, Any]:
 
 
 def _classification(tuned: LoadedRun, base: nn.Module, data_dir: str | None, merged_file: str | None):
-    from lightning_lora.data import MNISTDataModule
-    from lightning_lora.merged import load_merged
+    from lightning_lora.demo.merged_model import load_merged
+    from lightning_lora.demo.mnist_datamodule import MNISTDataModule
 
     data = MNISTDataModule(**_data_args(tuned, data_dir))
     data.setup("test")
@@ -77,7 +83,7 @@ def _classification(tuned: LoadedRun, base: nn.Module, data_dir: str | None, mer
 
 
 def _regression(tuned: LoadedRun, base: nn.Module, data_dir: str | None, merged_file: str | None):
-    from lightning_lora.data import LinearShiftDataModule
+    from lightning_lora.demo.mnist_datamodule import LinearShiftDataModule
 
     data = LinearShiftDataModule(**_data_args(tuned, None))
     data.setup("test")

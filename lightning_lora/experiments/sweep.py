@@ -46,8 +46,8 @@ def _quiet_stdout():
 
 def fit(args: list[str]) -> tuple[Any, float]:
     """Run ``lightning-lora fit`` with ``args`` in this process; the LightningCLI object and the seconds it took."""
-    from lightning_lora import quiet
-    from lightning_lora.lightning_cli import run_lightning
+    from lightning_lora.integration import benign_warnings as quiet
+    from lightning_lora.integration.lora_cli import run_lightning
 
     quiet.install()
     lightning_log = logging.getLogger("lightning.pytorch")
@@ -64,7 +64,7 @@ def fit(args: list[str]) -> tuple[Any, float]:
 
 def ensure_base(experiment: str, data_dir: str) -> Path:
     """The latest pretraining run's checkpoint; pretrained now (as ``make demo`` does) when there is none."""
-    from lightning_lora.checkpoint_files import resolve_checkpoint
+    from lightning_lora.integration.checkpoint_reader import resolve_checkpoint
 
     try:
         return resolve_checkpoint("runs/pretrain", "the base")

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lightning_lora.config import ALL_LINEAR, LoRAConfig, _is_glob, matches
-from lightning_lora.layers import LoRALayer, ModuleToSave, lora_class_for
+from lightning_lora.core.config import ALL_LINEAR, LoRAConfig, _is_glob, matches
+from lightning_lora.core.layers import LoRALayer, ModuleToSave, lora_class_for
 
 log = logging.getLogger("lightning_lora")
 

@@ -9,7 +9,7 @@ path, masks, ``batch_first``) and adds each update exactly once. (PEFT merges an
 every forward, and adds the ``out_proj`` update twice when merged.)
 
 The in-projection's factors are ``A`` (r, embed_dim), ``B`` (3 * embed_dim, r); ``out_proj`` is a
-:class:`~lightning_lora.layers.linear.LoRALinear` with the same settings. PEFT's files hold the
+:class:`~lightning_lora.core.layers.linear.LoRALinear` with the same settings. PEFT's files hold the
 latter under ``<name>.base_layer.out_proj``.
 """
 
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lightning_lora.config import LoRAConfig
-from lightning_lora.layers.base import LoRALayer
-from lightning_lora.layers.linear import LoRALinear
+from lightning_lora.core.config import LoRAConfig
+from lightning_lora.core.layers.base import LoRALayer
+from lightning_lora.core.layers.linear import LoRALinear
 
 
 class LoRAMultiheadAttention(LoRALayer):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lora.layers.base import LoRALayer
+from lightning_lora.core.layers.base import LoRALayer
 
 
 class LoRAEmbedding(LoRALayer):

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_lora.config import LoRAConfig
+from lightning_lora.core.config import LoRAConfig
 
 BASE_PREFIX = "lora_base_"
 """Buffers named ``lora_base_<param>`` hold a trained bias's original values."""

@@ -33,15 +33,15 @@ LIGHTNING_VERBS = {
     "predict": "Predict digits for the test split (--ckpt_path RUN_OR_CKPT).",
 }
 OWN_VERBS = {  # verb: (module, function); their descriptions live beside them
-    "inspect": ("lightning_lora.commands", "inspect_command"),
-    "export": ("lightning_lora.commands", "export_command"),
-    "merge": ("lightning_lora.commands", "merge_command"),
-    "report": ("lightning_lora.commands", "report_command"),
+    "inspect": ("lightning_lora.cli.file_verbs", "inspect_command"),
+    "export": ("lightning_lora.cli.file_verbs", "export_command"),
+    "merge": ("lightning_lora.cli.file_verbs", "merge_command"),
+    "report": ("lightning_lora.cli.file_verbs", "report_command"),
 }
 
 
 def _help() -> str:
-    from lightning_lora import commands
+    from lightning_lora.cli import file_verbs as commands
 
     described = {**LIGHTNING_VERBS, **{v: getattr(commands, v.upper()) for v in OWN_VERBS}}
     width = max(map(len, described))
@@ -70,7 +70,7 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
 
 
 def _sigterm_report() -> str:
-    from lightning_lora.lightning_cli import sigterm_report
+    from lightning_lora.integration.lora_cli import sigterm_report
 
     return sigterm_report()
 
@@ -79,10 +79,10 @@ def _run(verb: str, argv: list[str]) -> None:
     if verb in OWN_VERBS:
         module, function = OWN_VERBS[verb]
         raise SystemExit(getattr(importlib.import_module(module), function)(argv))
-    from lightning_lora import quiet
+    from lightning_lora.integration import benign_warnings as quiet
 
     quiet.install()  # before Lightning is imported: some of its warnings fire at import
-    from lightning_lora.lightning_cli import run_lightning
+    from lightning_lora.integration.lora_cli import run_lightning
 
     run_lightning([verb, *argv])
 

@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from lightning_lora._version import __version__
-from lightning_lora.config import ALL_LINEAR, LoRAConfig
-from lightning_lora.files import read_json, read_safetensors, tensor_sha256, write_adapter_folder
-from lightning_lora.inject import (
+from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
+from lightning_lora.core.inject import (
     adapter_tensors,
     base_state_dict,
     get_lora_config,
@@ -36,8 +35,9 @@ from lightning_lora.inject import (
     saved_modules,
     unwrap_model,
 )
-from lightning_lora.layers import LoRAConv, LoRAConv1D, LoRALayer, kept_biases
-from lightning_lora.targets import plan_targets, refuse_oversized
+from lightning_lora.core.layers import LoRAConv, LoRAConv1D, LoRALayer, kept_biases
+from lightning_lora.core.safe_io import read_json, read_safetensors, tensor_sha256, write_adapter_folder
+from lightning_lora.core.targets import plan_targets, refuse_oversized
 
 log = logging.getLogger("lightning_lora")
 

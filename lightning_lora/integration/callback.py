@@ -27,14 +27,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.utils.data import RandomSampler
 
-from lightning_lora.adapter_files import save_adapter
-from lightning_lora.checkpointing import LoRACheckpointMixin, resolve_module_path
-from lightning_lora.config import ALL_LINEAR, LoRAConfig
+from lightning_lora.core.adapter_folder import save_adapter
+from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
+from lightning_lora.core.inject import count_parameters, get_lora_config, inject_lora, merge_lora
+from lightning_lora.core.safe_io import ADAPTER_FILES, OutputInTheWay, check_folder_kind
+from lightning_lora.core.targets import refuse_oversized
 from lightning_lora.errors import UsageError
-from lightning_lora.files import ADAPTER_FILES, OutputInTheWay, check_folder_kind
-from lightning_lora.inject import count_parameters, get_lora_config, inject_lora, merge_lora
-from lightning_lora.loop_state import as_batch_end_checkpoint
-from lightning_lora.targets import refuse_oversized
+from lightning_lora.integration.checkpoint_mixin import LoRACheckpointMixin, resolve_module_path
+from lightning_lora.integration.loop_state import as_batch_end_checkpoint
 
 _TOLD: set[type] = set()  # module classes already told how to get adapter-only checkpoints
 
@@ -298,7 +298,7 @@ def _refuse_inexact_resume(trainer: pl.Trainer) -> None:
             f"resuming {done} batches into an epoch, but the training DataLoader ({type(loader).__name__}) cannot "
             "continue where the run stopped, so training would not repeat the interrupted run. Resume from a "
             "checkpoint written at an epoch end, or give the DataLoader state_dict()/load_state_dict() (as "
-            "lightning_lora.data.ResumableDataLoader does)."
+            "lightning_lora.demo.mnist_datamodule.ResumableDataLoader does)."
         )
     if done % accumulate and not progress.is_last_batch:
         raise UsageError(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_lora.layers.attention import LoRAMultiheadAttention
-from lightning_lora.layers.base import LoRALayer, keep_base_bias, kept_biases
-from lightning_lora.layers.conv import LoRAConv
-from lightning_lora.layers.embedding import LoRAEmbedding
-from lightning_lora.layers.linear import LoRAConv1D, LoRALinear
-from lightning_lora.layers.to_save import ModuleToSave
+from lightning_lora.core.layers.attention import LoRAMultiheadAttention
+from lightning_lora.core.layers.base import LoRALayer, keep_base_bias, kept_biases
+from lightning_lora.core.layers.conv import LoRAConv
+from lightning_lora.core.layers.embedding import LoRAEmbedding
+from lightning_lora.core.layers.linear import LoRAConv1D, LoRALinear
+from lightning_lora.core.layers.to_save import ModuleToSave
 
 LAYER_TYPES: tuple[type[LoRALayer], ...] = (
     LoRALinear,

@@ -3,7 +3,7 @@
 The ``export``, ``merge`` and ``report`` commands work on checkpoints but train nothing, so they
 should not pay for importing Lightning. This module reads a checkpoint with
 ``torch.load(weights_only=True)`` (no pickle code can run), checks every class path in it
-against :mod:`lightning_lora.trust` before importing anything, rebuilds the network from the
+against :mod:`lightning_lora.integration.class_allowlist` before importing anything, rebuilds the network from the
 recorded ``net`` spec, takes the base weights from the recorded (or a given) base checkpoint,
 and restores the adapters exactly as ``LoRACheckpointMixin`` does for a LightningModule.
 
@@ -21,10 +21,10 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from lightning_lora import trust
-from lightning_lora.checkpointing import CHECKPOINT_KEY, LEGACY_CONFIG_KEY, restore_adapters
+from lightning_lora.core.inject import get_lora_config
 from lightning_lora.errors import UsageError
-from lightning_lora.inject import get_lora_config
+from lightning_lora.integration import class_allowlist as trust
+from lightning_lora.integration.checkpoint_mixin import CHECKPOINT_KEY, LEGACY_CONFIG_KEY, restore_adapters
 
 LAST = "last.ckpt"
 
@@ -185,7 +185,7 @@ def _trusted_spec(spec: Any, where: str) -> tuple[type, dict[str, Any]]:
 
 
 def build_net(spec: Any, where: str = "net spec", shapes: dict[str, torch.Size] | None = None) -> nn.Module:
-    """Rebuild a net from :func:`net_spec` output; its class must be trusted (:mod:`lightning_lora.trust`).
+    """Rebuild a net from :func:`net_spec` output; its class must be trusted (``class_allowlist``).
 
     Args:
         shapes: The weights the net is for (from the file that names it): checked on the meta
@@ -310,7 +310,7 @@ def load_run(reference: str | Path, base_checkpoint: str | Path | None = None) -
     if problems:
         raise ValueError(f"checkpoint {path} does not fit its own net spec: " + "; ".join(problems))
     holder.load_state_dict(state, strict=True)
-    module_class = checkpoint.get(trust.MODULE_CLASS_KEY) or "lightning_lora.module.LitClassifier"
+    module_class = checkpoint.get(trust.MODULE_CLASS_KEY) or "lightning_lora.demo.net_module.LitClassifier"
     data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
     data_class = str(data_hparams.get("_class_path") or "MNISTDataModule").rsplit(".", 1)[-1]
     data_state = checkpoint.get(data_class)  # Lightning stores a DataModule's state_dict() under its class name

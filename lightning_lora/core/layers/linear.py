@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lora.layers.base import LoRALayer
-from lightning_lora.layers.fast_path import add_low_rank_update, low_rank_update
+from lightning_lora.core.layers.base import LoRALayer
+from lightning_lora.core.layers.fast_path import add_low_rank_update, low_rank_update
 
 
 class LoRALinear(LoRALayer):

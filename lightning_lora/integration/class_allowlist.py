@@ -20,13 +20,13 @@ from lightning_lora.errors import UsageError
 
 PACKAGE_CLASSES = frozenset(
     {
-        "lightning_lora.models.RichBoyNet",
-        "lightning_lora.models.MLP",
-        "lightning_lora.models.LinearModel",
-        "lightning_lora.module.LitClassifier",
-        "lightning_lora.module.LitRegressor",
-        "lightning_lora.data.MNISTDataModule",
-        "lightning_lora.data.LinearShiftDataModule",
+        "lightning_lora.demo.nets.RichBoyNet",
+        "lightning_lora.demo.nets.MLP",
+        "lightning_lora.demo.nets.LinearModel",
+        "lightning_lora.demo.net_module.LitClassifier",
+        "lightning_lora.demo.net_module.LitRegressor",
+        "lightning_lora.demo.mnist_datamodule.MNISTDataModule",
+        "lightning_lora.demo.mnist_datamodule.LinearShiftDataModule",
     }
 )
 """This package's classes that files may name."""

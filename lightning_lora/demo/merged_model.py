@@ -4,7 +4,7 @@
 weights (safetensors: tensors and a JSON header, no code) with metadata naming the network's
 class and constructor arguments, and, for MNIST classifiers, the input contract: what images
 the model expects and how they are normalised. :func:`load_merged` checks the class against
-:mod:`lightning_lora.trust` before importing it, rebuilds the network and loads it strictly; for a
+:mod:`lightning_lora.integration.class_allowlist` before importing it, rebuilds the network and loads it strictly; for a
 classifier it returns a :class:`MergedClassifier` that accepts the images a user has (uint8
 0-255 or floats 0-1, with or without the channel dimension) and refuses anything else.
 
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lora import trust
 from lightning_lora._version import __version__
+from lightning_lora.core.safe_io import atomic_file, read_safetensors, write_safetensors
 from lightning_lora.errors import UsageError
-from lightning_lora.files import atomic_file, read_safetensors, write_safetensors
+from lightning_lora.integration import class_allowlist as trust
 
 METADATA_KEY = "lightning_lora_merged"
 FORMAT_VERSION = 1
@@ -148,7 +148,7 @@ def load_merged(path: str | os.PathLike, allow_classes: list[str] | tuple[str, .
     Returns:
         A :class:`MergedClassifier` for an image classifier, else the plain network.
     """
-    from lightning_lora.checkpoint_files import build_net  # it builds on trust and files, like this module
+    from lightning_lora.integration.checkpoint_reader import build_net  # it builds on trust and files, like this module
 
     path = Path(path)
     tensors, metadata = read_safetensors(path, "merged model")

@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lora import trust
-from lightning_lora.adapter_files import fingerprint, first_difference
-from lightning_lora.config import LoRAConfig
+from lightning_lora.core.adapter_folder import fingerprint, first_difference
+from lightning_lora.core.config import LoRAConfig
+from lightning_lora.core.inject import get_lora_config, inject_lora
+from lightning_lora.core.layers import kept_biases
+from lightning_lora.core.layers.base import BASE_PREFIX
+from lightning_lora.core.targets import refuse_oversized
 from lightning_lora.errors import NonFiniteWeightsError, UsageError
-from lightning_lora.inject import get_lora_config, inject_lora
-from lightning_lora.layers import kept_biases
-from lightning_lora.layers.base import BASE_PREFIX
-from lightning_lora.targets import refuse_oversized
+from lightning_lora.integration import class_allowlist as trust
 
 CHECKPOINT_KEY = "lightning_lora"
 FORMAT_VERSION = 1
@@ -168,7 +168,7 @@ class LoRACheckpointMixin:
         Args:
             allow_classes: Your own classes the checkpoint may name (for example the net's), trusted.
         """
-        from lightning_lora.checkpoint_files import read_checkpoint_state  # it builds on this module
+        from lightning_lora.integration.checkpoint_reader import read_checkpoint_state  # it builds on this module
 
         trust.allow_classes(allow_classes)
         checkpoint = read_checkpoint_state(checkpoint_path)

@@ -1,7 +1,7 @@
 """LightningCLI for ``fit``/``validate``/``test``/``predict``, with LoRA settings as a group of their own.
 
 ``--lora.rank 4 --lora.target_modules '[linear1]'`` (or a ``lora:`` section in a config) adds a
-:class:`~lightning_lora.callbacks.LoRAInjectionCallback` with those settings; ``fit --help``
+:class:`~lightning_lora.integration.callback.LoRAInjectionCallback` with those settings; ``fit --help``
 lists them. Checkpoints are written atomically (:class:`AtomicCheckpointIO`), and a parse or
 type error is one line naming the option, the value and what it accepts.
 """
@@ -24,17 +24,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-import lightning_lora.data  # noqa: F401  (imported so short class names such as MNISTDataModule resolve)
-import lightning_lora.models  # noqa: F401
-import lightning_lora.module  # noqa: F401
-from lightning_lora.callbacks import LoRAInjectionCallback
-from lightning_lora.checkpoint_files import describe_resolution, read_checkpoint_state, resolve_checkpoint
-from lightning_lora.checkpoint_io import AtomicCheckpointIO
-from lightning_lora.config import CALLBACK_ONLY_OPTIONS, LoRAConfig
+import lightning_lora.demo.mnist_datamodule  # noqa: F401  (imported so short class names such as MNISTDataModule resolve)
+import lightning_lora.demo.net_module  # noqa: F401
+import lightning_lora.demo.nets  # noqa: F401
+from lightning_lora.core.config import CALLBACK_ONLY_OPTIONS, LoRAConfig
+from lightning_lora.core.safe_io import sweep_stale_temporaries
 from lightning_lora.errors import UsageError, root_cause
-from lightning_lora.files import sweep_stale_temporaries
-from lightning_lora.progress import LineProgress
-from lightning_lora.run_record import RunRecord
+from lightning_lora.integration.callback import LoRAInjectionCallback
+from lightning_lora.integration.checkpoint_reader import describe_resolution, read_checkpoint_state, resolve_checkpoint
+from lightning_lora.integration.line_progress import LineProgress
+from lightning_lora.integration.run_record import RunRecord
+from lightning_lora.integration.safe_checkpoint_io import AtomicCheckpointIO
 
 LORA_GROUP = "lora"
 _RUN: dict[str, Any] = {}  # the trainer of the command running now, for an honest SIGTERM message
@@ -93,7 +93,7 @@ def short_parse_error(message: str) -> str:
     if ambiguous:
         return (
             f"--{option}: the short name {ambiguous.group(1)!r} could mean {ambiguous.group(2)}; "
-            "give the full class path, e.g. --model.net lightning_lora.models.MLP"
+            "give the full class path, e.g. --model.net lightning_lora.demo.nets.MLP"
         )
     no_module = re.search(r"No module named '([^']+)'", message)
     if no_module and classes:
@@ -108,7 +108,7 @@ def short_parse_error(message: str) -> str:
         where = f"--{option}: " if option else ""  # (a --*.help CLASS names no option in the message)
         return (
             f"{where}{not_a_path.group(1)!r} is not a class; give a dotted import path "
-            "(e.g. lightning_lora.models.MLP) or the short name of a class lightning-lora knows"
+            "(e.g. lightning_lora.demo.nets.MLP) or the short name of a class lightning-lora knows"
         )
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     if not option and message.startswith("Problems parsing config"):

@@ -20,18 +20,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from lightning_lora import trust
-from lightning_lora.checkpoint_files import (
-    base_shapes,
-    build_net,
-    load_base_checkpoint,
-    net_spec,
-    read_checkpoint_state,
-)
-from lightning_lora.checkpointing import LoRACheckpointMixin
-from lightning_lora.errors import NonFiniteLossError, UsageError
-from lightning_lora.inject import disable_lora, get_lora_config
-from lightning_lora.metrics import (
+from lightning_lora.core.inject import disable_lora, get_lora_config
+from lightning_lora.demo.digit_metrics import (
     DigitMetrics,
     RegressionMetrics,
     confusion_image,
@@ -40,7 +30,17 @@ from lightning_lora.metrics import (
     mistakes_image,
     write_scalar_layout,
 )
-from lightning_lora.trust import MODULE_CLASS_KEY
+from lightning_lora.errors import NonFiniteLossError, UsageError
+from lightning_lora.integration import class_allowlist as trust
+from lightning_lora.integration.checkpoint_mixin import LoRACheckpointMixin
+from lightning_lora.integration.checkpoint_reader import (
+    base_shapes,
+    build_net,
+    load_base_checkpoint,
+    net_spec,
+    read_checkpoint_state,
+)
+from lightning_lora.integration.class_allowlist import MODULE_CLASS_KEY
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

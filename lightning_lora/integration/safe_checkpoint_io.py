@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lightning_lora.files import atomic_file, sweep_stale_temporaries
+from lightning_lora.core.safe_io import atomic_file, sweep_stale_temporaries
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

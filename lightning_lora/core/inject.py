@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import LoRALayer, ModuleToSave, keep_base_bias, kept_biases, lora_class_for
-from lightning_lora.layers.base import BASE_PREFIX
-from lightning_lora.targets import log, log_skipped, plan_targets
+from lightning_lora.core.config import LoRAConfig
+from lightning_lora.core.layers import LoRALayer, ModuleToSave, keep_base_bias, kept_biases, lora_class_for
+from lightning_lora.core.layers.base import BASE_PREFIX
+from lightning_lora.core.targets import log, log_skipped, plan_targets
 
 _CONFIG_ATTR = "lora_config"
 
@@ -75,7 +75,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         The same ``model``, adapted.
 
     Raises:
-        ValueError: bad targets (see :func:`~lightning_lora.targets.plan_targets`), a layer that
+        ValueError: bad targets (see :func:`~lightning_lora.core.targets.plan_targets`), a layer that
             cannot take this config (DoRA on an embedding, say), or the model already holds
             adapters made with a different config.
     """

@@ -20,7 +20,7 @@ from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightning_lora.inject import get_lora_config
+from lightning_lora.core.inject import get_lora_config
 
 
 class RunRecord(pl.Callback):

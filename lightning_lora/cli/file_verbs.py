@@ -2,7 +2,7 @@
 
 None of them imports Lightning, so they start in a fraction of the time ``fit`` needs. They find
 runs by name (``runs/finetune_lora`` is its latest version; ``runs/finetune_lora/version_2`` that
-one) and read every file as untrusted (:mod:`lightning_lora.checkpoint_files`).
+one) and read every file as untrusted (:mod:`lightning_lora.integration.checkpoint_reader`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from lightning_lora import trust
 from lightning_lora.errors import UsageError
+from lightning_lora.integration import class_allowlist as trust
 
 INSPECT = "Show which layers a config adapts, with shapes and added parameters (no data, no training)."
 EXPORT = "Write a run's adapter as a PEFT-format folder (adapter_config.json + adapter_model.safetensors)."
@@ -50,7 +50,7 @@ def _run_options(parser: _Parser, with_out: str | None) -> None:
 
 
 def _load_adapted(opts: argparse.Namespace, verb: str):
-    from lightning_lora.checkpoint_files import describe_resolution, describe_run, load_run
+    from lightning_lora.integration.checkpoint_reader import describe_resolution, describe_run, load_run
 
     trust.allow_classes(opts.allow_class)
     run = load_run(opts.ckpt, opts.base)
@@ -67,7 +67,7 @@ def export_command(argv: Sequence[str]) -> int:
     parser = _parser("export", EXPORT)
     _run_options(parser, "the adapter folder to write (a new folder, or an adapter folder to replace)")
     opts = parser.parse_args(argv)
-    from lightning_lora.adapter_files import save_adapter
+    from lightning_lora.core.adapter_folder import save_adapter
 
     run = _load_adapted(opts, "export")
     _refuse_another_runs_folder(Path(opts.out), Path(run.checkpoint))
@@ -96,7 +96,7 @@ def _refuse_another_runs_folder(out: Path, checkpoint: Path) -> None:
 
 
 def _image_contract(run) -> Any:
-    from lightning_lora.merged import ImageContract
+    from lightning_lora.demo.merged_model import ImageContract
 
     return ImageContract() if run.module_class.endswith(".LitClassifier") else None
 
@@ -105,9 +105,9 @@ def merge_command(argv: Sequence[str]) -> int:
     parser = _parser("merge", MERGE + " Load it with lightning_lora.load_merged(path).")
     _run_options(parser, "the file to write, e.g. merged.safetensors (a new file, or a merged file to replace)")
     opts = parser.parse_args(argv)
-    from lightning_lora.checkpoint_files import net_spec
-    from lightning_lora.inject import merge_and_unload
-    from lightning_lora.merged import write_merged
+    from lightning_lora.core.inject import merge_and_unload
+    from lightning_lora.demo.merged_model import write_merged
+    from lightning_lora.integration.checkpoint_reader import net_spec
 
     run = _load_adapted(opts, "merge")
     spec = run.hyper_parameters.get("net") or net_spec(run.net)
@@ -180,7 +180,7 @@ def _lora_settings(config: dict[str, Any], overrides: list[tuple[str, str]]) -> 
 
 
 def inspect_command(argv: Sequence[str]) -> int:
-    from lightning_lora.config import LoRAConfig
+    from lightning_lora.core.config import LoRAConfig
 
     parser = _parser("inspect", INSPECT)
     parser.add_argument("-c", "--config", action="append", required=True, help="YAML config (repeatable)")
@@ -198,9 +198,9 @@ def inspect_command(argv: Sequence[str]) -> int:
     settings = _lora_settings(config, overrides)
     if settings is None:
         raise UsageError("the config has no 'lora:' section or LoRAInjectionCallback: nothing would be injected")
-    from lightning_lora.checkpoint_files import build_net
-    from lightning_lora.inject import count_parameters, inject_lora, lora_layers
-    from lightning_lora.targets import plan_targets, refuse_oversized
+    from lightning_lora.core.inject import count_parameters, inject_lora, lora_layers
+    from lightning_lora.core.targets import plan_targets, refuse_oversized
+    from lightning_lora.integration.checkpoint_reader import build_net
 
     names = set(LoRAConfig.field_names())
     try:
@@ -235,7 +235,7 @@ def inspect_command(argv: Sequence[str]) -> int:
 
 def _lora_overrides(rest: list[str]) -> list[tuple[str, str]]:
     """``--lora.rank 4`` style options, as fit takes them (the callback-only ones change nothing here)."""
-    from lightning_lora.config import CALLBACK_ONLY_OPTIONS, LoRAConfig
+    from lightning_lora.core.config import CALLBACK_ONLY_OPTIONS, LoRAConfig
 
     accepted = (*LoRAConfig.field_names(), *CALLBACK_ONLY_OPTIONS)
     overrides, i = [], 0
