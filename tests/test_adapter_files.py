@@ -24,7 +24,8 @@ from lightning_lora import (
     merge_lora,
     save_adapter,
 )
-from lightning_lora.core.adapter_folder import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, METADATA_KEY
+from lightning_lora.core.adapter_folder import METADATA_KEY
+from lightning_lora.core.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from lightning_lora.core.safe_io import read_safetensors
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from helpers import write_base_checkpoint
 
-from lightning_lora.core.adapter_folder import fingerprint
+from lightning_lora.core.fingerprint import fingerprint
 from lightning_lora.demo.nets import RichBoyNet
 
 REPO = Path(__file__).resolve().parents[1]

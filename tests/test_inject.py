@@ -301,13 +301,10 @@ class TestWrappers:
         inject_lora(model, LoRAConfig(rank=2))
         keys = set(lora_state_dict(model))
 
-        class FabricLike(nn.Module):
-            def __init__(self, module):
-                super().__init__()
-                self._forward_module = module
-                self._original_module = module
+        from lightning.fabric import Fabric
 
-        wrapped = [torch.compile(model), nn.DataParallel(model), FabricLike(torch.compile(model))]
+        fabric = Fabric(accelerator="cpu", devices=1)
+        wrapped = [torch.compile(model), nn.DataParallel(model), fabric.setup_module(torch.compile(model))]
         for wrapper in wrapped:
             assert unwrap_model(wrapper) is model
             assert set(lora_state_dict(wrapper)) == keys

@@ -11,7 +11,7 @@ from helpers import Single, require
 from torch import nn
 
 from lightning_lora import LoRAConfig, inject_lora, load_adapter, lora_state_dict, save_adapter
-from lightning_lora.core.adapter_folder import peft_keys
+from lightning_lora.core.peft_format import peft_keys
 
 peft = require("peft")
 Conv1D = require("transformers.pytorch_utils").Conv1D

@@ -7,6 +7,7 @@ notebook, a plain training loop or the Lightning callback alike. Models wrapped 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,23 +18,32 @@ from torch import nn
 from lightning_lora.core.config import LoRAConfig
 from lightning_lora.core.layers import LoRALayer, ModuleToSave, keep_base_bias, kept_biases, lora_class_for
 from lightning_lora.core.layers.base import BASE_PREFIX
-from lightning_lora.core.targets import log, log_skipped, plan_targets
+from lightning_lora.core.targets import TargetPlan, log, log_skipped, plan_targets
 
 _CONFIG_ATTR = "lora_config"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside ``torch.compile``, DDP/DataParallel, Fabric and Lightning wrappers."""
+    """The plain model inside ``torch.compile``, DDP/DataParallel and Fabric wrappers."""
     while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            # torch.compile's wrapper keeps the module it compiled as ``_orig_mod`` and offers no public
+            # name for it: the one private attribute this package reads.
             model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or _is_fabric_wrapper(model):
             model = model.module
-        elif isinstance(getattr(model, "_forward_module", None), nn.Module):  # Fabric, Lightning's DDP wrapper
-            original = getattr(model, "_original_module", None)
-            model = original if isinstance(original, nn.Module) else model._forward_module
         else:
             return model
+
+
+def _is_fabric_wrapper(model: nn.Module) -> bool:
+    """Whether Lightning Fabric wrapped ``model`` (``fabric.setup``); its public ``.module`` is the original.
+
+    Only asked of Fabric when Fabric is loaded already, as it must be to have wrapped anything: the
+    core never imports Lightning.
+    """
+    wrappers = sys.modules.get("lightning.fabric.wrappers")
+    return wrappers is not None and isinstance(model, nn.Module) and wrappers.is_wrapped(model)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
@@ -64,12 +74,18 @@ def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules(remove_duplicate=False) if m is module and n]
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+def inject_lora(model: nn.Module, config: LoRAConfig, *, plan: TargetPlan | None = None) -> nn.Module:
     """Freeze ``model`` and wrap its target layers with adapters, in place.
 
     Idempotent: a model already adapted with an equal config is returned unchanged, which is
     what lets a Lightning callback inject in ``setup()`` for every stage. On any error the model
     is left as it was.
+
+    Args:
+        model: The model to adapt (wrappers are seen through).
+        config: What to adapt and how.
+        plan: :func:`~lightning_lora.core.targets.plan_targets` of this model and config, when the
+            caller made it already (to check the adapter's size, say): targets are planned once.
 
     Returns:
         The same ``model``, adapted.
@@ -93,7 +109,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     if lora_class_for(model) is not None:
         kind = type(model).__name__
         raise ValueError(f"inject_lora needs a container module, got a bare {kind}; wrap it, e.g. nn.Sequential(layer)")
-    plan = plan_targets(model, config)
+    plan = plan if plan is not None else plan_targets(model, config)
     layers = {
         name: lora_class_for(module)(module, config.for_layer(*plan.names[name]))
         for name, module in plan.targets.items()

@@ -208,17 +208,21 @@ def log_skipped(plan: TargetPlan) -> None:
         log.info(line)
 
 
-def refuse_oversized(model: nn.Module, config: LoRAConfig, where: str) -> None:
+def refuse_oversized(model: nn.Module, config: LoRAConfig, where: str, plan: TargetPlan | None = None) -> None:
     """Refuse, before anything is allocated, a config read from a file that would outgrow the model.
 
     A real adapter is far smaller than its model; 1M numbers (4 MB) of slack keeps tiny models
     loadable. A crafted rank of millions would otherwise allocate gigabytes first and fail after.
 
+    Args:
+        plan: :func:`plan_targets` of this model and config, if made already.
+
     Raises:
         ValueError: the adapter would hold more numbers than the model itself.
     """
     size = 0
-    for name, module in plan_targets(model, config).targets.items():
+    plan = plan if plan is not None else plan_targets(model, config)
+    for name, module in plan.targets.items():
         weight = next(module.parameters())
         outputs = weight.shape[0]
         size += config.for_layer(name).rank * (outputs + weight.numel() // outputs) * getattr(module, "groups", 1)

@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_lora.core.adapter_folder import ADAPTER_WEIGHTS_NAME, save_adapter
+from lightning_lora.core.adapter_folder import save_adapter
+from lightning_lora.core.peft_format import ADAPTER_WEIGHTS_NAME
 from lightning_lora.core.safe_io import atomic_directory, atomic_file, check_folder_kind
 from lightning_lora.errors import UsageError
 from lightning_lora.experiments import evaluate, render

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lora.core.adapter_folder import fingerprint, first_difference
 from lightning_lora.core.config import LoRAConfig
+from lightning_lora.core.fingerprint import fingerprint, first_difference
 from lightning_lora.core.inject import get_lora_config, inject_lora
 from lightning_lora.core.layers import kept_biases
 from lightning_lora.core.layers.base import BASE_PREFIX

@@ -37,7 +37,6 @@ class LoRAMultiheadAttention(LoRALayer):
         "embed_dim",
         "kdim",
         "vdim",
-        "_qkv_same_embed_dim",
         "num_heads",
         "dropout",
         "batch_first",
@@ -45,18 +44,24 @@ class LoRAMultiheadAttention(LoRALayer):
         "add_zero_attn",
     )
 
+    optional_parameters = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                           "bias_k", "bias_v")  # fmt: skip
+
     @classmethod
     def adapts(cls, module: nn.Module) -> bool:
         return isinstance(module, nn.MultiheadAttention)
 
     def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig) -> None:
-        if not base._qkv_same_embed_dim:
+        if not base.kdim == base.vdim == base.embed_dim:
             raise ValueError(
                 "LoRA adapts nn.MultiheadAttention only when query, key and value have the same size "
                 f"(kdim={base.kdim}, vdim={base.vdim}, embed_dim={base.embed_dim}); exclude this module"
             )
         super().__init__(base, config)
         self.out_proj = LoRALinear(base.out_proj, config)
+        # nn.TransformerEncoderLayer reads this flag of its self_attn (which this layer now is) to decide
+        # on its fast path; it holds here by the check above, as nn.MultiheadAttention defines it.
+        self._qkv_same_embed_dim = True
 
     def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.embed_dim), (3 * self.embed_dim, rank)

@@ -98,8 +98,8 @@ class LoRALayer(nn.Module):
         self.__dict__["base_layer"] = base  # the original module, unregistered: its parameters are ours
         for attr in self.copied_attributes:
             setattr(self, attr, getattr(base, attr))
-        for name, param in base._parameters.items():  # None placeholders (no bias) included
-            self.register_parameter(name, param)
+        for name in self.parameter_names(base):
+            self.register_parameter(name, getattr(base, name))
         self.register_buffer("lora_unmerged_weight", None, persistent=False)
         self.config = config
         self.scale = config.scale
@@ -114,6 +114,7 @@ class LoRALayer(nn.Module):
         self.enabled = True
         self.reset_lora_parameters()
         self.register_state_dict_post_hook(_report_base_weight)
+        self.register_load_state_dict_pre_hook(_refuse_loading_while_merged)
         self._check_base_forward(base)
 
     # -- what a layer type defines ------------------------------------------------------------
@@ -138,6 +139,9 @@ class LoRALayer(nn.Module):
         """A shape that broadcasts a per-output vector against the layer's output (DoRA's magnitude)."""
         raise NotImplementedError
 
+    optional_parameters: ClassVar[tuple[str, ...]] = ("bias",)
+    """Parameters the base type may register as ``None`` (``bias=False``): kept as ``None`` here too."""
+
     output_dim_in_weight: ClassVar[int] = 0
     """Which dimension of the weight indexes outputs (1 for transformers' Conv1D)."""
 
@@ -146,6 +150,12 @@ class LoRALayer(nn.Module):
         raise NotImplementedError
 
     # -- shared machinery ---------------------------------------------------------------------
+
+    @classmethod
+    def parameter_names(cls, base: nn.Module) -> list[str]:
+        """The base's own parameters, and the optional ones it holds as ``None`` (no bias)."""
+        names = [name for name, _ in base.named_parameters(recurse=False)]
+        return names + [n for n in cls.optional_parameters if n not in names and getattr(base, n, 0) is None]
 
     def _check_base_forward(self, base: nn.Module) -> None:
         """Refuse a layer whose own ``forward`` computes something else than :meth:`base_forward`.
@@ -260,7 +270,7 @@ class LoRALayer(nn.Module):
         base = getattr(self, self.weight_name)
         with torch.no_grad():
             merged = (base.float() + self.delta_weight()).to(base.dtype)
-        self._buffers["lora_unmerged_weight"] = base  # the Parameter itself, so unmerge restores ties
+        self.register_buffer("lora_unmerged_weight", base, persistent=False)  # the Parameter itself: ties survive
         setattr(self, self.weight_name, nn.Parameter(merged, requires_grad=False))
 
     def unmerge(self) -> None:
@@ -295,19 +305,11 @@ class LoRALayer(nn.Module):
             base_part = out if self.bias is None else out - self.bias.reshape(self.output_shape())
         return (factor - 1) * base_part + factor * self.update(x)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        if self.merged:
-            raise RuntimeError(
-                f"loading a state dict into merged LoRA layer '{prefix.rstrip('.')}'; call unmerge_lora(model) first"
-            )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def to_base(self) -> nn.Module:
         """The original module, holding this layer's current parameters (merged or not)."""
         base = self.base_layer
-        for name, param in self._parameters.items():
-            if not name.startswith("lora_"):
-                base._parameters[name] = param
+        for name in self.parameter_names(base):
+            setattr(base, name, getattr(self, name))
         return base.train(self.training)
 
     def extra_repr(self) -> str:
@@ -336,6 +338,13 @@ def kept_biases(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
                 param = buffer_name[len(BASE_PREFIX) :]
                 found.append((module, param, f"{module_name}.{param}" if module_name else param))
     return found
+
+
+def _refuse_loading_while_merged(module: LoRALayer, state_dict: dict, prefix: str, *args: Any) -> None:
+    if module.merged:
+        raise RuntimeError(
+            f"loading a state dict into merged LoRA layer '{prefix.rstrip('.')}'; call unmerge_lora(model) first"
+        )
 
 
 def _report_base_weight(module: LoRALayer, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -33,7 +33,6 @@ class LoRAConv(LoRALayer):
         "dilation",
         "groups",
         "padding_mode",
-        "_reversed_padding_repeated_twice",
     )
 
     plain_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -48,6 +47,28 @@ class LoRAConv(LoRALayer):
         count = self.in_channels * math.prod(sides)
         values = torch.linspace(-1, 1, count, device=weight.device, dtype=weight.dtype)
         return values.reshape(1, self.in_channels, *sides)
+
+    @property
+    def pad_amounts(self) -> list[int]:
+        """What ``F.pad`` takes for a non-zero padding mode: per dimension (last first), before and after.
+
+        ``padding="same"`` puts the odd pixel after, as ``nn.ConvNd`` does.
+        """
+        amounts: list[int] = []
+        for k, d, p in reversed(list(zip(self.kernel_size, self.dilation, self._padding_per_dim(), strict=True))):
+            if p == "same":
+                total = d * (k - 1)
+                amounts += [total // 2, total - total // 2]
+            else:
+                amounts += [p, p]
+        return amounts
+
+    def _padding_per_dim(self) -> list[int | str]:
+        if self.padding == "valid":
+            return [0] * self.spatial_dims
+        if self.padding == "same":
+            return ["same"] * self.spatial_dims
+        return list(self.padding)
 
     @property
     def spatial_dims(self) -> int:
@@ -66,7 +87,7 @@ class LoRAConv(LoRALayer):
         if not with_geometry:  # the 1x1 B convolution
             return conv(x, weight, bias, 1, 0, 1, groups)
         if self.padding_mode != "zeros":  # as nn.ConvNd._conv_forward does, op for op
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            x = F.pad(x, self.pad_amounts, mode=self.padding_mode)
             return conv(x, weight, bias, self.stride, 0, self.dilation, groups)
         return conv(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 

@@ -7,10 +7,10 @@ cost (``benchmarks/layer.py``). The hand-written Functions here take the fast la
 
 They step aside (:func:`use_fast_path` is False) wherever they were never measured faster or
 cannot run: off the CPU (on an H100 they took 0.88-1.12x the plain ops' time, median 1.00x:
-``benchmarks/results/gpu.json``), under ``torch.compile`` (a custom Function with ``mark_dirty`` breaks
-``fullgraph`` capture, and Inductor fuses the plain ops anyway), under ``torch.func``
-transforms (``grad``, ``vmap``, ``jvp``), under autocast (autocast casts the plain ops), and
-where a dtype differs. Their backward is itself differentiable, so double backward works.
+``benchmarks/results/gpu.json``), under ``torch.compile`` (Inductor fuses the plain ops anyway),
+under autocast (autocast casts the plain ops), and where a dtype differs. ``torch.func``'s
+``grad`` and ``vmap`` run through them (a generated vmap rule), and their backward is itself
+differentiable, so double backward works.
 """
 
 from __future__ import annotations
@@ -25,17 +25,11 @@ def use_fast_path(x: torch.Tensor, rank: int, *tensors: torch.Tensor) -> bool:
     Only on the CPU, in eager mode, in full precision, and where they measured faster: at low
     rank, or with many rows. At rank 64 and batch 64 autograd's own ops are a little faster.
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or _functorch_active():
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     if torch.is_autocast_enabled(x.device.type) or any(t.dtype != x.dtype for t in tensors):
         return False
     return rank <= 8 or x.numel() // x.shape[-1] >= 256
-
-
-def _functorch_active() -> bool:
-    """Whether a ``torch.func`` transform is running (such Functions would need a vmap rule and a jvp)."""
-    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(probe()) if probe is not None else False
 
 
 def _low_rank_grads(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -57,37 +51,55 @@ def _low_rank_grads(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
 
 
 class _LowRankUpdate(torch.autograd.Function):
-    """``scale * x A^T B^T`` for 2-D ``x`` (a new tensor)."""
+    """``scale * x A^T B^T`` for 2-D ``x`` (a new tensor).
+
+    Written in the ``setup_context`` form with a generated vmap rule, so ``torch.func``
+    transforms (``grad``, ``vmap``) run through it as through the plain ops.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scale):
-        hidden = (x @ lora_A.t()) * scale  # (batch, rank)
-        ctx.save_for_backward(x, lora_A, lora_B, hidden)
+    def forward(x, lora_A, lora_B, scale):
+        hidden = (x @ lora_A.t()) * scale  # (batch, rank), kept for the backward
+        return hidden @ lora_B.t(), hidden  # (batch, out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, lora_A, lora_B, scale = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, lora_A, lora_B, output[1])
         ctx.scale, ctx.adds_into_output = scale, False
-        return hidden @ lora_B.t()  # (batch, out)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         return (*_low_rank_grads(ctx, grad), None)
 
 
 class _AddLowRankUpdate(torch.autograd.Function):
-    """``out += scale * x A^T B^T`` in place, inside the matmul (beta=1 accumulation).
+    """``out + scale * x A^T B^T``, with ``out`` as the matmul's accumulator (one ``addmm``).
 
-    The base output is used as the matmul's accumulator, so no (batch, out) temporary is
-    allocated and no separate addition pass runs; its gradient passes through untouched.
+    No separate (batch, out) update is materialised and no addition pass runs; the gradient of
+    ``out`` passes through untouched. (Out of place: ``torch.func`` cannot transform a Function
+    that writes into its input.)
     """
 
-    @staticmethod
-    def forward(ctx, out, x, lora_A, lora_B, scale):
-        hidden = (x @ lora_A.t()) * scale  # (batch, rank)
-        ctx.save_for_backward(x, lora_A, lora_B, hidden)
-        ctx.scale, ctx.adds_into_output = scale, True
-        ctx.mark_dirty(out)
-        return out.addmm_(hidden, lora_B.t())
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad):
+    def forward(out, x, lora_A, lora_B, scale):
+        hidden = (x @ lora_A.t()) * scale  # (batch, rank), kept for the backward
+        return torch.addmm(out, hidden, lora_B.t()), hidden
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        out, x, lora_A, lora_B, scale = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, lora_A, lora_B, output[1])
+        ctx.scale, ctx.adds_into_output = scale, True
+
+    @staticmethod
+    def backward(ctx, grad, _):
         return (grad, *_low_rank_grads(ctx, grad), None)
 
 
@@ -96,15 +108,15 @@ def low_rank_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     if not use_fast_path(x, lora_A.shape[0], lora_A, lora_B):
         return F.linear(F.linear(x, lora_A) * scale, lora_B)  # scaling the (..., rank) tensor is cheapest
     flat = x.reshape(-1, x.shape[-1])
-    return _LowRankUpdate.apply(flat, lora_A, lora_B, scale).view(*x.shape[:-1], lora_B.shape[0])
+    return _LowRankUpdate.apply(flat, lora_A, lora_B, scale)[0].view(*x.shape[:-1], lora_B.shape[0])
 
 
 def add_low_rank_update(
     out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """``out + scale * B (A x)`` for a fresh 2-D ``out``, accumulated in place where that is faster."""
+    """``out + scale * B (A x)`` for a 2-D ``out``, accumulated inside the matmul where that is faster."""
     if use_fast_path(x, lora_A.shape[0], out, lora_A, lora_B):
-        return _AddLowRankUpdate.apply(out, x, lora_A, lora_B, scale)
+        return _AddLowRankUpdate.apply(out, x, lora_A, lora_B, scale)[0]
     if x.dtype != lora_A.dtype:  # (casts only where needed: each op costs host time on a GPU)
         x = x.to(lora_A.dtype)
     update = F.linear(F.linear(x, lora_A) * scale, lora_B)

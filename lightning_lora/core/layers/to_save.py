@@ -24,11 +24,11 @@ class ModuleToSave(nn.Module):
         self.original_module.requires_grad_(False)
         self.trained_module.requires_grad_(True)
         self.enabled = True
+        self._attributes_forwarded = True  # from here on, unknown attributes come from the module in use
 
     def active(self) -> nn.Module:
         """The module forward runs: the trained copy, or the original while disabled."""
-        modules = self.__dict__["_modules"]
-        return modules["trained_module"] if self.__dict__.get("enabled", True) else modules["original_module"]
+        return self.trained_module if self.enabled else self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.active()(*args, **kwargs)
@@ -37,6 +37,6 @@ class ModuleToSave(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("__") or "_modules" not in self.__dict__:
+            if name.startswith("__") or not self.__dict__.get("_attributes_forwarded", False):
                 raise
             return getattr(self.active(), name)

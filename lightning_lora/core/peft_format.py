@@ -1,0 +1,245 @@
+"""PEFT's adapter format: its key names, its ``adapter_config.json``, and its matching rules.
+
+The translation both ways between this package's adapted model and what PEFT's
+``save_pretrained`` writes and ``PeftModel.from_pretrained`` reads: state-dict keys (PEFT adds
+``base_model.model.`` and a ``base_layer`` wherever a path enters an adapted layer), the config
+fields, and PEFT's rules for ``target_modules``, ``exclude_modules``, ``modules_to_save`` and the
+per-layer ``rank_pattern`` / ``alpha_pattern``. Reading trusts nothing: every field the adapter
+needs must be present, and PEFT features this package does not implement are refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
+from lightning_lora.core.inject import get_lora_config, kept_biases, lora_layers, saved_modules, unwrap_model
+from lightning_lora.core.layers import LoRAConv1D, LoRALayer
+from lightning_lora.core.safe_io import read_json
+from lightning_lora.core.targets import TargetPlan, plan_targets
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+METADATA_KEY = "lightning_lora"
+FORMAT_VERSION = 2
+PEFT_PREFIX = "base_model.model."
+
+REQUIRED_FIELDS = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save")
+"""What an adapter folder must state: every field PEFT has always written that shapes the adapter."""
+
+LATER_FIELDS = {
+    "use_rslora": False,
+    "use_dora": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "exclude_modules": None,
+}
+"""Fields PEFT added later (0.5-0.13): absent only from folders written before they existed, so absent means off."""
+
+UNSUPPORTED_FEATURES = (
+    "layers_to_transform",
+    "layers_pattern",
+    "layer_replication",
+    "lora_bias",
+    "use_qalora",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+    "velora_config",
+    "monteclora_config",
+    "megatron_config",
+)
+"""PEFT settings that change what the adapter computes and that this package does not implement."""
+
+
+def peft_path(model: nn.Module, name: str) -> str:
+    """A module's path in PEFT's model: ``base_layer`` appears wherever a path enters an adapted layer."""
+    parts, here, out = name.split("."), model, []
+    for part in parts:
+        if isinstance(here, LoRALayer):
+            out.append("base_layer")
+        here = getattr(here, part)
+        out.append(part)
+    return ".".join(out)
+
+
+def peft_keys(model: nn.Module) -> dict[str, str]:
+    """Our state-dict key -> PEFT's file key, for every adapter tensor of an adapted ``model``."""
+    model = unwrap_model(model)
+    keys: dict[str, str] = {}
+    for name, layer in lora_layers(model):
+        path = peft_path(model, name)
+        for attr, peft_name in layer.adapter_names.items():
+            if hasattr(layer, attr):
+                keys[f"{name}.{attr}"] = f"{PEFT_PREFIX}{path}.{peft_name}"
+    for module, param, qualified in kept_biases(model):
+        module_name = qualified.rpartition(".")[0]
+        path = peft_path(model, module_name) if module_name else ""
+        inner = "base_layer." if isinstance(module, LoRALayer) else ""
+        keys[qualified] = f"{PEFT_PREFIX}{path + '.' if path else ''}{inner}{param}"
+    for name, saved in saved_modules(model):
+        for key in saved.trained_module.state_dict():
+            keys[f"{name}.trained_module.{key}"] = f"{PEFT_PREFIX}{peft_path(model, name)}.{key}"
+    return keys
+
+
+def top_level_targets(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    """Adapted layers that were targeted themselves (not an attention's out_proj)."""
+    inner = {id(layer.out_proj) for _, layer in lora_layers(model) if hasattr(layer, "out_proj")}
+    return [(n, layer) for n, layer in lora_layers(model) if id(layer) not in inner]
+
+
+def peft_config(model: nn.Module) -> dict[str, Any]:
+    """The ``adapter_config.json`` PEFT needs to rebuild exactly these layers."""
+    model = unwrap_model(model)
+    config = get_lora_config(model)
+    layers = top_level_targets(model)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(n for n, _ in layers),
+        "exclude_modules": None,
+        "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for _, layer in layers),
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "modules_to_save": sorted(n for n, _ in saved_modules(model)) or None,
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        # Anchored: PEFT matches a pattern against the end of a module's name, so a bare "fc" would also
+        # claim "sub.fc"; "^fc" is that one layer only.
+        "rank_pattern": {f"^{re.escape(n)}": layer.rank for n, layer in layers if layer.rank != config.rank},
+        "alpha_pattern": {
+            f"^{re.escape(n)}": layer.config.alpha for n, layer in layers if layer.config.alpha != config.alpha
+        },
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "lora_bias": False,
+    }
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an adapter folder's JSON: present, well formed, complete, and supported."""
+    folder = Path(path)
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"adapter folder {folder} {what}; expected a folder holding {ADAPTER_CONFIG_NAME} and "
+            f"{ADAPTER_WEIGHTS_NAME} (written by save_adapter or PEFT's save_pretrained)"
+        )
+    missing = [n for n in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"adapter folder {folder} lacks {', '.join(missing)}; re-export the adapter")
+    data = read_json(folder / ADAPTER_CONFIG_NAME, "adapter config")
+    where = folder / ADAPTER_CONFIG_NAME
+    absent = [f for f in REQUIRED_FIELDS if f not in data]
+    if absent:
+        raise ValueError(
+            f"{where} lacks {absent}, which the adapter needs (PEFT always writes them); the file is "
+            "incomplete or damaged: re-export the adapter"
+        )
+    if data["peft_type"] != "LORA":
+        raise ValueError(f"{where} describes a {data['peft_type']!r} adapter; lightning-lora reads LoRA adapters only")
+    used = [f for f in UNSUPPORTED_FEATURES if data.get(f) not in (None, False, [], {})]
+    init = data.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        used.append(f"init_lora_weights={init!r}")
+    if used:
+        raise ValueError(f"{where} uses PEFT features lightning-lora does not implement: {used}")
+    return data
+
+
+def _peft_names(names: list[str], patterns: Any, where: str, field: str) -> list[str] | None:
+    """What PEFT's ``target_modules``/``exclude_modules`` select: a regex (full match) or names (exact or suffix)."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        try:
+            return [n for n in names if re.fullmatch(patterns, n)]
+        except re.error as err:
+            raise ValueError(f"{where}: {field} {patterns!r} is not a valid regex ({err})") from err
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"{where}: {field} must be a regex or a list of module names, got {patterns!r}")
+    return [n for n in names if any(n == p or n.endswith("." + p) for p in patterns)]
+
+
+def _peft_per_layer(patterns: Any, targets: list[str], default: Any, where: str, field: str) -> dict[str, Any]:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` (first regex matching the end of the name) for every target.
+
+    Every target gets its own exact entry, longest names first, so that in this package's
+    pattern syntax (exact or dot-suffix, first match wins) each layer finds its own value.
+    """
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{where}: {field} must be a mapping, got {patterns!r}")
+    resolved = {}
+    for name in sorted(targets, key=lambda n: (-len(n), n)):
+        try:
+            hit = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
+        except re.error as err:
+            raise ValueError(f"{where}: {field} holds an invalid regex ({err})") from err
+        resolved[name] = patterns[hit] if hit is not None else default
+    return resolved
+
+
+def config_from_peft(
+    data: dict[str, Any], model: nn.Module, where: str = "adapter config"
+) -> tuple[LoRAConfig, TargetPlan | None]:
+    """A :class:`LoRAConfig` selecting exactly the layers PEFT would, by PEFT's matching rules.
+
+    Returns:
+        The config, and for a model without adapters the plan of its targets (made once, here).
+    """
+    data = {**LATER_FIELDS, **data}
+    model = unwrap_model(model)
+    names = [n for n, _ in model.named_modules() if n]
+    targets: list[str] | str = data["target_modules"]
+    if targets != ALL_LINEAR:
+        targets = _peft_names(names, targets, where, "target_modules")
+        if not targets:
+            raise ValueError(f"{where}: target_modules {data['target_modules']!r} matches no module of this model")
+    excluded = _peft_names(names, data["exclude_modules"], where, "exclude_modules") or []
+    saved = data["modules_to_save"] or []
+    if not isinstance(saved, list) or not all(isinstance(k, str) for k in saved):
+        raise ValueError(f"{where}: modules_to_save must be a list of names or null, got {saved!r}")
+    saved = sorted({n for n in names for key in saved if n.endswith(key)})  # PEFT's rule: a plain suffix
+    try:
+        config = LoRAConfig(
+            rank=data["r"],
+            alpha=data["lora_alpha"],
+            dropout=data["lora_dropout"],
+            target_modules=targets,
+            exclude_modules=excluded,
+            use_dora=data["use_dora"],
+            use_rslora=data["use_rslora"],
+            init="gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming",
+            bias=data["bias"],
+            modules_to_save=saved,
+        )
+        plan = None
+        if get_lora_config(model) is not None:  # loading into existing adapters: same layers, checked later
+            adapted = [n for n, _ in top_level_targets(model)]
+        else:
+            plan = plan_targets(model, config)  # rank and alpha patterns select no layers: the same plan
+            adapted = list(plan.targets)
+        config = replace(
+            config,
+            rank_pattern=_peft_per_layer(data["rank_pattern"], adapted, config.rank, where, "rank_pattern"),
+            alpha_pattern=_peft_per_layer(data["alpha_pattern"], adapted, config.alpha, where, "alpha_pattern"),
+        )
+        return config, plan
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from err
