@@ -49,10 +49,14 @@ _LAZY = {
     "plan_targets": "lightning_lora.core.targets",
     "allow_classes": "lightning_lora.integration.class_allowlist",
     "LoRACheckpointMixin": "lightning_lora.integration.checkpoint_mixin",
-    "LitClassifier": "lightning_lora.demo.net_module",
+    "LitClassifier": "lightning_lora.demo.classifiers",
     "LoRAInjectionCallback": "lightning_lora.integration.callback",
     "MNISTDataModule": "lightning_lora.demo.mnist_datamodule",
     "RunRecord": "lightning_lora.integration.run_record",
+    "ExactResume": "lightning_lora.integration.exact_resume",
+    "ResumableCheckpoint": "lightning_lora.integration.resumable_checkpoint",
+    "ResumableDataLoader": "lightning_lora.integration.resumable_loader",
+    "EpochShuffle": "lightning_lora.integration.resumable_loader",
 }
 
 

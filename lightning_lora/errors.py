@@ -1,43 +1,64 @@
-"""The package's own exception types, so callers (and the CLI) can tell usage from failure."""
+"""The package's own exception types, so callers (and the command line) can tell usage from failure.
 
-import os
+Every one derives from :class:`LightningLoRAError` as well as from the built-in type it refines
+(``ValueError``, ``RuntimeError``), so ``except ValueError`` still catches a bad setting, and the
+command line recognises this package's messages by their type.
+"""
+
+from __future__ import annotations
 
 
-class UsageError(ValueError):
+class LightningLoRAError(Exception):
+    """Raised by lightning-lora itself: its message names the problem and the fix."""
+
+
+class UsageError(LightningLoRAError, ValueError):
     """A setting is wrong (a config value, a flag, a path): fix the command or config and rerun."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; raised before the optimizer could apply it."""
+class ResumeError(UsageError):
+    """A resume could not repeat the interrupted run (other settings, or a checkpoint Lightning cannot
+    resume exactly); nothing was trained or written."""
 
 
-class DataError(ValueError):
+class DataError(LightningLoRAError, ValueError):
     """A data file is missing, damaged or not what it claims to be; the message names the file."""
 
 
-class NonFiniteWeightsError(RuntimeError):
+class WriteError(LightningLoRAError, OSError):
+    """A file could not be written (a full disk, a quota, a read-only place); the message names the file."""
+
+
+class NonFiniteLossError(LightningLoRAError, RuntimeError):
+    """The training loss became NaN or infinite; raised before the optimizer could apply it.
+
+    ``advice`` is filled in by whoever knows how to go on (the run's checkpoint callback) and is
+    part of the message.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.advice: str | None = None
+
+    def __str__(self) -> str:
+        return super().__str__() + (f" {self.advice}" if self.advice else "")
+
+
+class NonFiniteWeightsError(LightningLoRAError, RuntimeError):
     """Weights about to be written hold NaN or infinity; nothing was written."""
-
-
-def _raised_here(error: BaseException) -> bool:
-    """Whether the exception was raised from lightning_lora's own code."""
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and f"{os.sep}lightning_lora{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 def root_cause(error: BaseException) -> BaseException:
     """The exception worth showing from a chain (jsonargparse wraps constructor errors in its own).
 
-    That is the outermost one raised by lightning_lora (its message names the fix), else the
-    innermost of the chain.
+    That is the outermost :class:`LightningLoRAError` of the chain (its message names the fix),
+    else the innermost exception, the one that says what actually went wrong.
     """
     chain = [error]
     while True:
         inner = chain[-1].__cause__ or (None if chain[-1].__suppress_context__ else chain[-1].__context__)
-        if inner is None:
+        if inner is None or inner in chain:
             break
         chain.append(inner)
-    ours = [e for e in chain if _raised_here(e)]
+    ours = [e for e in chain if isinstance(e, LightningLoRAError)]
     return ours[0] if ours else chain[-1]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_lora.integration import benign_warnings as quiet
+from lightning_lora.integration import benign_warnings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -21,7 +21,7 @@ def _seed_and_known_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     torch.manual_seed(0)
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
-    quiet.install()
+    benign_warnings.install()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from lightning_lora import LitClassifier, load_merged
 from lightning_lora.cli import main
 from lightning_lora.demo.merged_model import METADATA_KEY
-from lightning_lora.integration.checkpoint_reader import load_run
+from lightning_lora.demo.run_loading import load_run
 from lightning_lora.integration.class_allowlist import UntrustedClassError
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune_lora.yaml")

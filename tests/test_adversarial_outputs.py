@@ -18,7 +18,7 @@ import torch
 
 from lightning_lora.cli import main
 from lightning_lora.core.safe_io import OutputInTheWay, atomic_directory, atomic_file, sweep_stale_temporaries
-from lightning_lora.integration.checkpoint_reader import load_run
+from lightning_lora.demo.run_loading import load_run
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "finetune_lora.yaml")
 
@@ -295,8 +295,8 @@ def test_a_callback_adapter_dir_of_someone_elses_is_refused_before_training(tmp_
     import lightning.pytorch as pl
     from helpers import write_base_checkpoint
 
+    from lightning_lora.demo.classifiers import LitClassifier
     from lightning_lora.demo.mnist_datamodule import MNISTDataModule
-    from lightning_lora.demo.net_module import LitClassifier
     from lightning_lora.demo.nets import MLP
     from lightning_lora.errors import UsageError
     from lightning_lora.integration.callback import LoRAInjectionCallback

@@ -22,11 +22,13 @@ from helpers import write_base_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
+from lightning_lora.demo.classifiers import LitClassifier
 from lightning_lora.demo.mnist_datamodule import MNISTDataModule
-from lightning_lora.demo.net_module import LitClassifier
 from lightning_lora.demo.nets import MLP, RichBoyNet
 from lightning_lora.errors import NonFiniteWeightsError
 from lightning_lora.integration.callback import LoRAInjectionCallback
+from lightning_lora.integration.exact_resume import ExactResume
+from lightning_lora.integration.resumable_checkpoint import ResumableCheckpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "finetune_lora.yaml")
@@ -43,18 +45,24 @@ ODD = [
 ]  # fmt: skip
 
 
-def prepared(
-    folder: Path, fake_mnist: Path, slow: float = 0.0, every: int = 2, on_exception: bool = False
-) -> list[str]:
-    """A working folder with a base, and the command for the odd-settings fine-tune in it."""
+def prepared(folder: Path, fake_mnist: Path, slow: float = 0.0, every: int = 2, writer: str = "resumable") -> list[str]:
+    """A working folder with a base, and the command for the odd-settings fine-tune in it.
+
+    ``writer``: the shipped ``ResumableCheckpoint``, or a user's own ``ModelCheckpoint`` overlaid on the
+    shipped config (``"model"``; ``"model-on-exception"`` also saves at a crash or SIGTERM).
+    """
     folder.mkdir(parents=True)
     torch.manual_seed(0)
     write_base_checkpoint(folder / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
-    callbacks = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"every_n_train_steps": every, "save_last": True, "save_top_k": -1, "filename": "{step}",
-                       "save_on_exception": on_exception}},
-    ]  # fmt: skip
+    if writer == "resumable":
+        callbacks = [{"class_path": "lightning_lora.integration.resumable_checkpoint.ResumableCheckpoint",
+                      "init_args": {"every_n_train_steps": every}}]  # fmt: skip
+    else:
+        callbacks = [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"every_n_train_steps": every, "save_last": True, "save_top_k": -1, "filename": "{step}",
+                           "save_on_exception": writer == "model-on-exception"}},
+        ]  # fmt: skip
     if slow:
         callbacks.append({"class_path": "helpers.SlowSteps", "init_args": {"seconds": slow}})
     overlay = folder / "overlay.yaml"
@@ -104,7 +112,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_adapter(tmp_path, 
     for i, delay in enumerate((0.05, 0.5)):  # killed at two different points of the run
         folder = tmp_path / f"killed_{i}"
         args = prepared(folder, fake_mnist, slow=0.25)
-        kill_after(args, folder, "step=2.ckpt", delay)
+        kill_after(args, folder, "epoch=0-step=2.ckpt", delay)
         run([*args, "--ckpt_path", "runs/finetune_lora"], folder)  # the run folder: its latest checkpoint
         assert_same(expected, adapter(folder, "version_1"))
 
@@ -115,7 +123,7 @@ def test_two_process_ddp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp
     run([*prepared(straight, fake_mnist), *ddp], straight)
     folder = tmp_path / "killed"
     args = [*prepared(folder, fake_mnist, slow=0.3), *ddp]
-    kill_after(args, folder, "step=4.ckpt", 0.1)
+    kill_after(args, folder, "epoch=0-step=4.ckpt", 0.1)
     run([*args, "--ckpt_path", "runs/finetune_lora"], folder)
     assert_same(adapter(straight, "version_0"), adapter(folder, "version_1"))
 
@@ -136,7 +144,8 @@ def signalled(args: list[str], folder: Path, sig: int) -> tuple[subprocess.Popen
 
 @pytest.mark.parametrize("checkpointing", ["at the signal", "every step only", "none"])
 def test_sigterm_says_truthfully_whether_a_checkpoint_was_saved(tmp_path, fake_mnist, checkpointing):
-    args = [*prepared(tmp_path / "run", fake_mnist, slow=0.2, on_exception=checkpointing == "at the signal")]
+    writer = "model-on-exception" if checkpointing == "at the signal" else "model"
+    args = [*prepared(tmp_path / "run", fake_mnist, slow=0.2, writer=writer)]
     args += ["--trainer.max_steps", "10000"]
     if checkpointing == "none":
         args += ["--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"]
@@ -163,7 +172,7 @@ def test_ctrl_c_exits_130_after_lightnings_clean_shutdown(tmp_path, fake_mnist):
 
 def test_a_nan_stops_before_any_bad_checkpoint_and_its_advice_works(tmp_path, fake_mnist):
     folder = tmp_path / "run"
-    args = prepared(folder, fake_mnist, every=1, on_exception=True)
+    args = prepared(folder, fake_mnist, every=1)
     run([*args, "--trainer.max_steps", "3"], folder)
     # Resuming with a rate that diverges: step 4 applies it, step 5's forward is not finite.
     result = subprocess.run([*args, "--ckpt_path", "runs/finetune_lora", "--model.lr_on_resume", "1e30"],
@@ -204,7 +213,7 @@ def test_weights_that_turn_non_finite_are_never_checkpointed(tmp_path, fake_mnis
 
 def test_a_mid_epoch_resume_that_cannot_be_exact_is_refused_at_start(tmp_path):
     """A plain DataLoader restarts its epoch on resume; Lightning only warns, this refuses."""
-    from lightning_lora.errors import UsageError
+    from lightning_lora.errors import ResumeError
 
     class PlainData(pl.LightningDataModule):
         def train_dataloader(self):
@@ -216,18 +225,20 @@ def test_a_mid_epoch_resume_that_cannot_be_exact_is_refused_at_start(tmp_path):
 
     def fit(max_steps: int, ckpt_path: str | None = None) -> None:
         model = LitClassifier(MLP(hidden_sizes=[16]), base_checkpoint=str(tmp_path / "base.ckpt"))
-        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+        checkpoints = ResumableCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, keep=20)
         trainer = pl.Trainer(
             default_root_dir=tmp_path, max_steps=max_steps, logger=False, enable_progress_bar=False,
-            limit_val_batches=0, callbacks=[LoRAInjectionCallback(rank=2), checkpoints],
+            limit_val_batches=0, callbacks=[ExactResume(), LoRAInjectionCallback(rank=2), checkpoints],
         )  # fmt: skip
         trainer.fit(model, PlainData(), ckpt_path=ckpt_path)
 
     fit(3)
-    with pytest.raises(UsageError, match="resuming 3 batches into an epoch.*cannot continue where the run stopped"):
-        fit(6, str(tmp_path / "ck/step=3.ckpt"))
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    with pytest.raises(ResumeError, match="middle of an epoch.*cannot continue where the run stopped"):
+        fit(6, str(tmp_path / "ck/epoch=0-step=3.ckpt"))
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before  # the refused resume wrote nothing
     fit(24)  # 8 batches per epoch: a checkpoint written by the epoch's last batch resumes
-    fit(27, str(tmp_path / "ck/step=24.ckpt"))
+    fit(27, str(tmp_path / "ck/epoch=2-step=24.ckpt"))
 
 
 class SaveAtBatch(pl.Callback):
@@ -241,8 +252,10 @@ class SaveAtBatch(pl.Callback):
             trainer.save_checkpoint(self.path)
 
 
-def test_a_checkpoint_between_accumulated_batches_is_refused_and_so_are_settings_that_write_one(tmp_path, fake_mnist):
-    from lightning_lora.errors import UsageError
+def test_a_checkpoint_between_accumulated_batches_is_refused(tmp_path, fake_mnist):
+    """Written inside an accumulated step (a user's callback, or a ModelCheckpoint validating there), it
+    lacks the step's earlier gradients: the resume is refused, before anything trains."""
+    from lightning_lora.errors import ResumeError
 
     write_base_checkpoint(tmp_path / "base.ckpt", MLP(hidden_sizes=[16]))
 
@@ -250,42 +263,35 @@ def test_a_checkpoint_between_accumulated_batches_is_refused_and_so_are_settings
         model = LitClassifier(MLP(hidden_sizes=[16]), base_checkpoint=str(tmp_path / "base.ckpt"))
         options = dict(
             default_root_dir=tmp_path, max_steps=4, logger=False, enable_progress_bar=False, limit_val_batches=1,
-            accumulate_grad_batches=2, callbacks=[LoRAInjectionCallback(rank=2), *callbacks],
+            accumulate_grad_batches=2, callbacks=[ExactResume(), LoRAInjectionCallback(rank=2), *callbacks],
         )  # fmt: skip
         trainer = pl.Trainer(**{**options, **kwargs})
         trainer.fit(model, MNISTDataModule(data_dir=str(fake_mnist), batch_size=8), ckpt_path=ckpt_path)
 
     fit([SaveAtBatch(3, tmp_path / "odd.ckpt"), SaveAtBatch(4, tmp_path / "even.ckpt")], enable_checkpointing=False)
-    with pytest.raises(UsageError, match="after batch 3 of its epoch, in the middle of a step that accumulates 2"):
+    with pytest.raises(ResumeError, match="the end of a training batch in the middle of an accumulated"):
         fit([], str(tmp_path / "odd.ckpt"), enable_checkpointing=False)
     fit([], str(tmp_path / "even.ckpt"), enable_checkpointing=False)  # between steps: resumes
-    with pytest.raises(UsageError, match="validation every 3 batches with accumulate_grad_batches 2"):
-        fit([ModelCheckpoint(dirpath=tmp_path / "ck")], val_check_interval=3)
+    fit([ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, filename="{step}")], val_check_interval=3)
+    with pytest.raises(ResumeError, match="the end of a validation in the middle of an accumulated"):
+        fit([], str(tmp_path / "ck/step=1.ckpt"), enable_checkpointing=False)
 
 
 def test_a_resumed_run_writes_no_checkpoint_before_its_first_step(tmp_path, fake_mnist):
-    """Lightning's ModelCheckpoint forgets on resume that the step was saved; the callback reminds it."""
-    assert hasattr(ModelCheckpoint(), "_last_global_step_saved"), "Lightning renamed the marker the callback sets"
     write_base_checkpoint(tmp_path / "base.ckpt", MLP(hidden_sizes=[16]))
 
     def fit(folder: str, max_steps: int, ckpt_path=None):
         model = LitClassifier(MLP(hidden_sizes=[16]), base_checkpoint=str(tmp_path / "base.ckpt"))
-        every_step = ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        every_step = ResumableCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=1, keep=20)
         trainer = pl.Trainer(
             default_root_dir=tmp_path, max_steps=max_steps, logger=False, enable_progress_bar=False,
-            limit_val_batches=0, accumulate_grad_batches=2, callbacks=[LoRAInjectionCallback(rank=2), every_step],
+            limit_val_batches=0, accumulate_grad_batches=2,
+            callbacks=[ExactResume(), LoRAInjectionCallback(rank=2), every_step],
         )  # fmt: skip
         trainer.fit(model, MNISTDataModule(data_dir=str(fake_mnist), batch_size=8), ckpt_path=ckpt_path)
 
     fit("first", 3)
-    fit("resumed", 5, str(tmp_path / "first/step=3.ckpt"))
-    written = sorted((tmp_path / "resumed").glob("*.ckpt"))
-    assert [p.name for p in written] == ["step=4.ckpt", "step=5.ckpt"]  # not step=3 again, mid-step
-    for path in written:
-        assert (
-            torch.load(path, weights_only=True)["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"][
-                "processed"
-            ]
-            % 2
-            == 0
-        )
+    fit("resumed", 5, str(tmp_path / "first/last.ckpt"))
+    written = sorted(p.name for p in (tmp_path / "resumed").glob("*.ckpt"))
+    assert written == ["epoch=0-step=4.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]  # not step 3 again, mid-step
+    fit("again", 6, str(tmp_path / "resumed/epoch=0-step=4.ckpt"))  # and each of them resumes

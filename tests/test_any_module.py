@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_lora import (
@@ -26,6 +25,8 @@ from lightning_lora import (
 from lightning_lora.demo.mnist_datamodule import MNISTDataModule
 from lightning_lora.errors import UsageError
 from lightning_lora.integration.callback import LoRAInjectionCallback
+from lightning_lora.integration.exact_resume import ExactResume
+from lightning_lora.integration.resumable_checkpoint import ResumableCheckpoint
 
 
 def make_net(seed: int) -> nn.Module:
@@ -45,6 +46,7 @@ class UserModule(LoRACheckpointMixin, pl.LightningModule):
     def configure_model(self) -> None:
         if self.net is None:  # Lightning calls this hook for every stage: build once
             self.net = make_net(self.hparams.base_seed)
+        super().configure_model()  # the mixin injects the adapters here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -120,8 +122,8 @@ def lora(**kwargs) -> LoRAInjectionCallback:
     return LoRAInjectionCallback(rank=2, alpha=4, **kwargs)
 
 
-def checkpoints(tmp_path, **kwargs) -> ModelCheckpoint:
-    return ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=2, save_top_k=0, **kwargs)
+def checkpoints(tmp_path, **kwargs) -> ResumableCheckpoint:
+    return ResumableCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, **kwargs)
 
 
 @pytest.mark.parametrize("in_configure_model", [False, True])
@@ -189,48 +191,66 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, fake_mnist):
         assert torch.equal(lora_state_dict(resumed.net)[key], value), key
 
 
-def test_loading_is_strict_except_where_fsdp_loads_before_the_hooks(monkeypatch):
-    """FSDP restores the state before on_load_checkpoint can add the base: only then is the load not strict."""
+def as_if_under(model, strategy) -> None:
+    """Attach a stand-in Trainer holding only ``strategy`` (what the mixin asks a Trainer for)."""
     from types import SimpleNamespace
 
+    model.trainer = SimpleNamespace(strategy=strategy, callbacks=[])
+
+
+def test_under_a_strategy_that_loads_the_state_itself_checkpoints_stay_full(tmp_path, fake_mnist):
+    """FSDP and DeepSpeed load a checkpoint's state (strictly) before the module's hooks: those get the full
+    state, so the strategy's own strict load compares the keys the state holds; the others adapter-only."""
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     model = UserModule()
-    assert model.strict_loading
-    model.strict_loading = False  # the user's own choice is kept
-    assert not model.strict_loading and not pl.LightningModule.strict_loading.fget(model)
-    model.strict_loading = True
-    monkeypatch.setattr(model, "_trainer", SimpleNamespace(strategy=FSDPStrategy()), raising=False)
-    assert model.strict_loading  # no adapters yet: a full checkpoint, loaded strictly
-    inject_lora(model.net, LoRAConfig(rank=2))
-    assert not model.strict_loading
-    monkeypatch.setattr(model, "_trainer", SimpleNamespace(strategy=DDPStrategy()), raising=False)
-    assert model.strict_loading
+    inject_lora(model.net, LoRAConfig(rank=2, alpha=4))
+    written = {}
+    for name, strategy in (("fsdp", FSDPStrategy()), ("ddp", DDPStrategy())):
+        as_if_under(model, strategy)
+        checkpoint = {"state_dict": model.state_dict()}
+        model.on_save_checkpoint(checkpoint)
+        written[name] = checkpoint
+    assert set(written["fsdp"]["state_dict"]) == set(model.state_dict())
+    assert written["fsdp"]["lightning_lora"]["adapter_only"] is False
+    assert set(written["ddp"]["state_dict"]) == {f"net.{k}" for k in lora_state_dict(model.net)}
+    assert model.strict_loading  # the mixin never loosens Lightning's strict load
+
+    fresh = UserModule()
+    inject_lora(fresh.net, LoRAConfig(rank=2, alpha=4))
+    extra = dict(written["fsdp"]["state_dict"], **{"net.9.weight": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fresh.load_state_dict(extra, strict=fresh.strict_loading)  # what the strategy's strict load does
 
 
 def test_a_checkpoint_whose_state_the_strategy_loaded_already_is_checked_all_the_same(tmp_path, fake_mnist):
-    """FSDP pops the state and loads it (not strictly) before on_load_checkpoint: the recorded keys are checked."""
-    trainer(tmp_path, [lora(), checkpoints(tmp_path)]).fit(UserModule(), data(fake_mnist))
-    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    """The strategy pops the state and loads it before on_load_checkpoint: the loaded values are checked."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    source = UserModule()
+    inject_lora(source.net, LoRAConfig(rank=2, alpha=4))
+    as_if_under(source, FSDPStrategy())
+    saved = {"state_dict": source.state_dict()}
+    source.on_save_checkpoint(saved)
 
     def restored_as_fsdp_does(checkpoint):
         model = UserModule()
         inject_lora(model.net, LoRAConfig(rank=2, alpha=4))
-        model.load_state_dict(checkpoint.pop("state_dict"), strict=False)
+        model.load_state_dict(checkpoint.pop("state_dict"), strict=True)
         model.on_load_checkpoint(checkpoint)
         return model
 
     model = restored_as_fsdp_does(copy.deepcopy(saved))
     for key, value in saved["state_dict"].items():
         assert torch.equal(model.state_dict()[key], value)
-    fewer = copy.deepcopy(saved)
-    fewer["lightning_lora"]["saved_keys"] = fewer["lightning_lora"]["saved_keys"][1:]
-    with pytest.raises(ValueError, match="do not match this model's adapters: missing"):
-        restored_as_fsdp_does(fewer)
     broken = copy.deepcopy(saved)
     next(v for k, v in broken["state_dict"].items() if "lora_B" in k).fill_(float("nan"))
     with pytest.raises(ValueError, match="holds NaN or infinite values"):
         restored_as_fsdp_does(broken)
+    adapter_only = copy.deepcopy(saved)
+    adapter_only["lightning_lora"]["adapter_only"] = True
+    with pytest.raises(UsageError, match="resume it with the strategy that wrote it"):
+        restored_as_fsdp_does(adapter_only)
 
 
 def test_a_different_base_is_refused_naming_the_first_differing_tensor(tmp_path, fake_mnist):
@@ -337,13 +357,16 @@ class ShuffledData(pl.LightningDataModule):
 def test_a_plain_shuffled_loader_resumed_at_an_epoch_end_repeats_the_run(tmp_path, monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything(7) sets: both runs share the seed
     straight = UserModule()
-    trainer(tmp_path / "a", [lora(dropout=0.2)], max_steps=15, limit_val_batches=0).fit(straight, ShuffledData())
+    trainer(tmp_path / "a", [ExactResume(), lora(dropout=0.2)], max_steps=15, limit_val_batches=0).fit(
+        straight, ShuffledData()
+    )
     interrupted = UserModule()
-    run = trainer(tmp_path / "b", [lora(dropout=0.2), checkpoints(tmp_path / "b")], max_steps=10, limit_val_batches=0)
+    callbacks = [ExactResume(), lora(dropout=0.2), checkpoints(tmp_path / "b")]
+    run = trainer(tmp_path / "b", callbacks, max_steps=10, limit_val_batches=0)
     run.fit(interrupted, ShuffledData())  # 5 batches an epoch: step 10 ends epoch 1
     resumed = UserModule()
     last = str(tmp_path / "b" / "ck" / "last.ckpt")
-    trainer(tmp_path / "c", [lora(dropout=0.2)], max_steps=15, limit_val_batches=0).fit(
+    trainer(tmp_path / "c", [ExactResume(), lora(dropout=0.2)], max_steps=15, limit_val_batches=0).fit(
         resumed, ShuffledData(), ckpt_path=last
     )
     for key, value in lora_state_dict(straight.net).items():
@@ -365,15 +388,16 @@ def test_unseeded_runs_differ_and_a_resumed_one_keeps_its_seed(tmp_path, fake_mn
     draws = []
     for i in range(2):
         noise = RecordNoise()
-        trainer(tmp_path / str(i), [lora(), noise], max_steps=3).fit(UserModule(), data(fake_mnist))
+        trainer(tmp_path / str(i), [ExactResume(), lora(), noise], max_steps=3).fit(UserModule(), data(fake_mnist))
         draws.append(noise.draws)
     assert draws[0] != draws[1], "two runs without seed_everything drew the same random numbers"
     straight, noise = UserModule(), RecordNoise()
-    every_two = ModelCheckpoint(dirpath=tmp_path / "s/ck", every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    trainer(tmp_path / "s", [lora(dropout=0.3), every_two, noise], max_steps=4).fit(straight, data(fake_mnist))
+    every_two = ResumableCheckpoint(dirpath=tmp_path / "s/ck", every_n_train_steps=2, keep=5)
+    callbacks = [ExactResume(), lora(dropout=0.3), every_two, noise]
+    trainer(tmp_path / "s", callbacks, max_steps=4).fit(straight, data(fake_mnist))
     resumed, later = UserModule(), RecordNoise()
-    trainer(tmp_path / "r", [lora(dropout=0.3), later], max_steps=4).fit(
-        resumed, data(fake_mnist), ckpt_path=str(tmp_path / "s/ck/step=2.ckpt")
+    trainer(tmp_path / "r", [ExactResume(), lora(dropout=0.3), later], max_steps=4).fit(
+        resumed, data(fake_mnist), ckpt_path=str(next((tmp_path / "s/ck").glob("*step=2.ckpt")))
     )
     assert later.draws == noise.draws[2:]
     for key, value in lora_state_dict(straight.net).items():
@@ -382,14 +406,14 @@ def test_unseeded_runs_differ_and_a_resumed_one_keeps_its_seed(tmp_path, fake_mn
 
 def test_each_step_seeds_only_the_generators_it_draws_from(tmp_path, fake_mnist, monkeypatch):
     """torch.manual_seed would also queue a seeding of every backend not initialised, with a stack trace each
-    step; the callback seeds the CPU's generator (and the module's GPU's) directly, with the same effect."""
+    step; ExactResume seeds the CPU's generator (and the module's GPU's) directly, with the same effect."""
 
     def refuse(seed):
         raise AssertionError("torch.manual_seed called in a training step")
 
     noise = RecordNoise()
-    trainer(tmp_path / "a", [lora(dropout=0.3), noise], max_steps=3).fit(UserModule(), data(fake_mnist))
+    trainer(tmp_path / "a", [ExactResume(), lora(dropout=0.3), noise], max_steps=3).fit(UserModule(), data(fake_mnist))
     model, again = UserModule(), RecordNoise()
     monkeypatch.setattr(torch, "manual_seed", refuse)
-    trainer(tmp_path / "b", [lora(dropout=0.3), again], max_steps=3).fit(model, data(fake_mnist))
+    trainer(tmp_path / "b", [ExactResume(), lora(dropout=0.3), again], max_steps=3).fit(model, data(fake_mnist))
     assert again.draws == noise.draws

@@ -11,8 +11,8 @@ from helpers import RecordAdapters, write_base_checkpoint
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lora import LoRALayer, disable_lora, get_lora_config, load_adapter, lora_state_dict
+from lightning_lora.demo.classifiers import LitClassifier
 from lightning_lora.demo.mnist_datamodule import MNISTDataModule
-from lightning_lora.demo.net_module import LitClassifier
 from lightning_lora.demo.nets import MLP
 from lightning_lora.errors import UsageError
 from lightning_lora.integration.callback import LoRAInjectionCallback
@@ -214,7 +214,7 @@ def test_ddp_spawn_two_cpu_processes_keep_identical_adapters(tmp_path, fake_mnis
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, fake_mnist, base_ckpt):
-    from lightning_lora.demo.net_module import NonFiniteLossError
+    from lightning_lora.errors import NonFiniteLossError
 
     model = make_model(base_ckpt, lr=1e30)  # Adam moves every adapter weight by ~lr: the loss overflows soon
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=1, save_top_k=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -19,7 +20,7 @@ from helpers import write_base_checkpoint
 
 from lightning_lora import load_adapter
 from lightning_lora.cli import main
-from lightning_lora.demo.net_module import LitClassifier
+from lightning_lora.demo.classifiers import LitClassifier
 from lightning_lora.demo.nets import MLP, LinearModel, RichBoyNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -434,7 +435,7 @@ def test_the_command_line_base_checkpoint_wins_and_a_stored_class_never_switches
     moved.parent.mkdir()
     (workdir / "runs/pretrain/checkpoints/last.ckpt").rename(moved)
     checkpoint = torch.load(ckpt, weights_only=True)
-    checkpoint["hyper_parameters"]["_class_path"] = "lightning_lora.demo.net_module.LitRegressor"
+    checkpoint["hyper_parameters"]["_class_path"] = "lightning_lora.demo.classifiers.LitRegressor"
     torch.save(checkpoint, ckpt)
     with pytest.raises(SystemExit) as exit_info:  # the config still names the old place: a clear error
         main(["test", *common, "--ckpt_path", str(ckpt)])
@@ -445,15 +446,40 @@ def test_the_command_line_base_checkpoint_wins_and_a_stored_class_never_switches
     assert "test/acc" in capsys.readouterr().out  # ran as a LitClassifier (a LitRegressor logs no test/acc)
 
 
-def test_lightningcli_still_calls_the_ckpt_path_hook_we_override(workdir, fake_mnist, monkeypatch):
-    """cli.LoRACLI._parse_ckpt_path replaces a private LightningCLI method: fail loudly if it is no longer called."""
-    from lightning_lora.integration.lora_cli import LoRACLI
+def test_a_resume_with_other_data_order_settings_is_refused_once_writing_nothing(workdir, fake_mnist, capsys, caplog):
+    """Batch size and data seed decide the order: refused naming both values, before Lightning restores
+    anything (no new version folder); a new seed_everything is named; --new_data_order restarts the order;
+    the progress lines show the true position and totals after the resume."""
+    from lightning_lora.integration.line_progress import LineProgress
 
-    calls = []
-    monkeypatch.setattr(LoRACLI, "_parse_ckpt_path", lambda self: calls.append(self.config.subcommand))
-    common = [*config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
-    main(["fit", *common, "--trainer.fast_dev_run", "1"])
-    assert calls == ["fit"]
+    common = [*config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist), "--data.train_digits",
+              "null", "--trainer.val_check_interval", "1.0"]  # fmt: skip
+    caplog.set_level(logging.INFO)
+    main(["fit", *common, "--trainer.max_steps", "3"])
+    runs = workdir / "runs/finetune_lora"
+    capsys.readouterr()
+    resume = ["fit", *common, "--trainer.max_steps", "5", "--ckpt_path", "runs/finetune_lora"]
+    for extra, named in (
+        (["--data.batch_size", "20"], "data.batch_size: 10 in the checkpoint, 20 now"),
+        (["--data.seed", "5"], "data.seed: 42 in the checkpoint, 5 now"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*resume, *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and named in err and err.count("resume refused") == 1, err
+        assert sorted(p.name for p in runs.iterdir()) == ["version_0"], "a refused resume left a run folder"
+    LineProgress.default_every_seconds, before = 0.0, LineProgress.default_every_seconds
+    try:
+        main([*resume, "--seed_everything", "9"])
+    finally:
+        LineProgress.default_every_seconds = before
+    captured = capsys.readouterr()
+    output = captured.out + captured.err + caplog.text
+    assert "resuming with the interrupted run's seed 42, not seed_everything 9" in output
+    lines = [line.split(",")[0] for line in captured.err.splitlines() if line.startswith("epoch 0:")]
+    assert lines[:2] == ["epoch 0: 4/36 batches training", "epoch 0: 5/36 batches training"], lines
+    main([*resume, "--data.batch_size", "20", "--new_data_order", "true", "--trainer.max_steps", "4"])
+    assert "the data order restarts" in capsys.readouterr().err + caplog.text
 
 
 def test_short_class_names_help_and_lora_options_are_discoverable(capsys):
@@ -474,7 +500,7 @@ def test_short_class_names_help_and_lora_options_are_discoverable(capsys):
 
 def test_a_run_prints_no_known_benign_warning_and_no_advertising(workdir, fake_mnist):
     """benign_warnings silences exactly its list; what it lists must not reach a user's terminal."""
-    from lightning_lora.integration import benign_warnings as quiet
+    from lightning_lora.integration import benign_warnings
 
     env = {**os.environ, "PYTHONWARNINGS": "default"}  # every warning shown once, as a user's terminal would
     result = subprocess.run(
@@ -485,7 +511,7 @@ def test_a_run_prints_no_known_benign_warning_and_no_advertising(workdir, fake_m
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     output = result.stdout + result.stderr
-    for benign in (*quiet.WARNINGS, *quiet.NOTICES):
+    for benign in (*benign_warnings.WARNINGS, *benign_warnings.NOTICES):
         assert not re.search(benign.message, output), benign.message
     assert "Warning" not in output, output[-3000:]
 

@@ -17,8 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_lora import LoRAConfig, disable_lora, inject_lora
 from lightning_lora.core.layers.base import LoRALayer
+from lightning_lora.demo.classifiers import LitClassifier
 from lightning_lora.demo.mnist_datamodule import MNISTDataModule
-from lightning_lora.demo.net_module import LitClassifier
 from lightning_lora.demo.nets import MLP
 from lightning_lora.errors import UsageError
 from lightning_lora.integration.callback import LoRAInjectionCallback
@@ -174,16 +174,15 @@ def test_weakest_is_decided_with_the_base_before_any_adapter(tmp_path, fake_mnis
 
 
 def test_replay_and_distillation_resume_exactly(tmp_path, fake_mnist, base_ckpt):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     from lightning_lora import lora_state_dict
+    from lightning_lora.integration.exact_resume import ExactResume
+    from lightning_lora.integration.resumable_checkpoint import ResumableCheckpoint
 
     def run(folder, max_steps, ckpt_path=None, every=None):
         pl.seed_everything(0)  # as the command line does for every run: the adapters start alike
-        callbacks = [LoRAInjectionCallback(rank=2, alpha=4, dropout=0.2)]
+        callbacks = [ExactResume(), LoRAInjectionCallback(rank=2, alpha=4, dropout=0.2)]
         if every:
-            callbacks.append(ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=every, save_top_k=-1,
-                                             filename="{step}"))  # fmt: skip
+            callbacks.append(ResumableCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=every))
         lit = model(base_ckpt, distill_weight=1.0)
         trainer(tmp_path / folder, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=bool(every)).fit(
             lit, data(fake_mnist, replay_fraction=0.5), ckpt_path=ckpt_path
@@ -192,7 +191,7 @@ def test_replay_and_distillation_resume_exactly(tmp_path, fake_mnist, base_ckpt)
 
     straight = run("straight", 6)
     run("first", 3, every=3)
-    resumed = run("second", 6, ckpt_path=str(tmp_path / "first/step=3.ckpt"))
+    resumed = run("second", 6, ckpt_path=str(tmp_path / "first/last.ckpt"))
     assert straight.keys() == resumed.keys()
     for key, value in straight.items():
         assert torch.equal(value, resumed[key]), key

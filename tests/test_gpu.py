@@ -61,6 +61,7 @@ LATE_MODULE = textwrap.dedent(
         def configure_model(self):
             if self.net is None:
                 self.net = make_net(self.hparams.base_seed)
+            super().configure_model()
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -104,8 +105,8 @@ def late_config(data_dir: Path, strategy: str, accelerator: str, precision: str)
             class_path: lightning.pytorch.loggers.TensorBoardLogger
             init_args: {{save_dir: runs, name: late}}
           callbacks:
-            - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-              init_args: {{save_last: true, save_top_k: 0, every_n_train_steps: 2}}
+            - class_path: lightning_lora.integration.resumable_checkpoint.ResumableCheckpoint
+              init_args: {{every_n_train_steps: 2}}
         lora: {{rank: 2, alpha: 4, target_modules: all-linear}}
         model:
           class_path: late_module.LateNetModule

@@ -272,13 +272,14 @@ class TestAttention:
         with pytest.raises(ValueError, match="target 'layer' instead"):
             inject_lora(base, LoRAConfig(target_modules=["layer.out_proj"]))
 
-    def test_transformer_encoder_fast_paths_never_skip_a_live_adapter(self):
+    @pytest.mark.parametrize("targets", ["all-linear", ["0.layers.0.self_attn", "0.layers.1.self_attn"]])
+    def test_transformer_encoder_fast_paths_never_skip_a_live_adapter(self, targets):
         torch.manual_seed(0)
         layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
         model = nn.Sequential(nn.TransformerEncoder(layer, 2)).eval()  # nested tensors on by default
         x, padding = torch.randn(3, 5, 8), torch.zeros(3, 5, dtype=torch.bool)
         padding[0, 3:] = True
-        inject_lora(model, LoRAConfig(rank=2))
+        inject_lora(model, LoRAConfig(rank=2, target_modules=targets))
         with torch.no_grad():
             for layer in model.modules():
                 if isinstance(layer, LoRALayer):

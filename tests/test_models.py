@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_lora.demo.nets import MLP, RichBoyNet
-from lightning_lora.integration.checkpoint_reader import build_net, net_spec
+from lightning_lora.demo.run_loading import build_net, net_spec
 from lightning_lora.integration.class_allowlist import UntrustedClassError, allow_classes
 
 

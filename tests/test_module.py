@@ -9,7 +9,7 @@ import torch
 from helpers import write_base_checkpoint
 
 from lightning_lora import LoRAConfig, inject_lora
-from lightning_lora.demo.net_module import LitClassifier
+from lightning_lora.demo.classifiers import LitClassifier
 from lightning_lora.demo.nets import MLP, RichBoyNet
 
 
@@ -122,30 +122,34 @@ def test_checkpoints_hold_the_adapter_and_rebuild_on_the_modules_own_base():
 
 
 @pytest.mark.parametrize(("accumulate", "every"), [(1, 4), (3, 4), (1, 0)])
-def test_the_logging_rule_mirrors_lightnings(tmp_path, fake_mnist, accumulate, every):
-    """NetModule._logs_this_step copies Lightning's private should_update_logs rule: fail if they part."""
+def test_step_values_reach_the_loggers_at_the_modules_own_cadence(tmp_path, fake_mnist, accumulate, every):
+    """Step 1 and every ``log_every_n_steps``-th optimizer step, once each, whatever the accumulation."""
     import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
 
     from lightning_lora.demo.mnist_datamodule import MNISTDataModule
 
-    pairs = []
+    class Recorder(Logger):
+        name, version = "recorder", 0
+        steps: list = []
 
-    class Recording(LitClassifier):
-        def training_step(self, batch, batch_idx):
-            pairs.append(
-                (self.trainer.global_step, self._logs_this_step(), self.trainer._logger_connector.should_update_logs)
-            )
-            return super().training_step(batch, batch_idx)
+        def log_metrics(self, metrics, step=None):
+            if "train/loss" in metrics:
+                self.steps.append(step)
 
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    recorder = Recorder()
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         max_steps=9,
         log_every_n_steps=every,
         accumulate_grad_batches=accumulate,
-        logger=False,
+        logger=recorder,
         enable_progress_bar=False,
         enable_checkpointing=False,
         limit_val_batches=0,
     )
-    trainer.fit(Recording(MLP(hidden_sizes=[8])), MNISTDataModule(data_dir=str(fake_mnist), batch_size=8))
-    assert pairs and all(ours == theirs for step, ours, theirs in pairs if step > 0)
+    trainer.fit(LitClassifier(MLP(hidden_sizes=[8])), MNISTDataModule(data_dir=str(fake_mnist), batch_size=8))
+    assert recorder.steps == ([1, 4, 8] if every else [])

@@ -13,7 +13,7 @@ from helpers import write_base_checkpoint
 from lightning_lora.cli import main
 from lightning_lora.demo.nets import MLP
 from lightning_lora.experiments.report import report
-from lightning_lora.integration.lora_cli import run_lightning
+from lightning_lora.integration.lightning_verbs import run_lightning
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

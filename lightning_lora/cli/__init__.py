@@ -1,4 +1,13 @@
-"""TODO"""
+"""The ``lightning-lora`` command: verbs, exit codes, one-paragraph errors.
+
+Owns: the entry point and dispatch (:mod:`.main`: LightningCLI's verbs ``fit``/``validate``/
+``test``/``predict`` go to :mod:`lightning_lora.integration.lightning_verbs`) and the verbs that
+train nothing: ``inspect``, ``export``, ``merge``, ``report`` (:mod:`.file_verbs`, which import no
+Lightning).
+
+May import everything below it: ``experiments``, ``demo``, ``integration``, ``core``. Nothing
+imports it but the console script and the tests.
+"""
 
 from lightning_lora.cli.main import main
 

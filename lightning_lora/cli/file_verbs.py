@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from lightning_lora.errors import UsageError
-from lightning_lora.integration import class_allowlist as trust
+from lightning_lora.integration import class_allowlist
 
 INSPECT = "Show which layers a config adapts, with shapes and added parameters (no data, no training)."
 EXPORT = "Write a run's adapter as a PEFT-format folder (adapter_config.json + adapter_model.safetensors)."
@@ -50,9 +50,10 @@ def _run_options(parser: _Parser, with_out: str | None) -> None:
 
 
 def _load_adapted(opts: argparse.Namespace, verb: str):
-    from lightning_lora.integration.checkpoint_reader import describe_resolution, describe_run, load_run
+    from lightning_lora.demo.run_loading import load_run
+    from lightning_lora.integration.checkpoint_reader import describe_resolution, describe_run
 
-    trust.allow_classes(opts.allow_class)
+    class_allowlist.allow_classes(opts.allow_class)
     run = load_run(opts.ckpt, opts.base)
     if not run.adapted:
         raise UsageError(
@@ -107,7 +108,7 @@ def merge_command(argv: Sequence[str]) -> int:
     opts = parser.parse_args(argv)
     from lightning_lora.core.inject import merge_and_unload
     from lightning_lora.demo.merged_model import write_merged
-    from lightning_lora.integration.checkpoint_reader import net_spec
+    from lightning_lora.demo.run_loading import net_spec
 
     run = _load_adapted(opts, "merge")
     spec = run.hyper_parameters.get("net") or net_spec(run.net)
@@ -124,7 +125,7 @@ def report_command(argv: Sequence[str]) -> int:
     parser.add_argument("--data-dir", help="folder holding MNIST/raw/ (default: the fine-tune's data_dir)")
     parser.add_argument("--merged", help="a file from `lightning-lora merge` to check against the unmerged model")
     opts = parser.parse_args(argv)
-    trust.allow_classes(opts.allow_class)
+    class_allowlist.allow_classes(opts.allow_class)
     from lightning_lora.experiments.report import report
 
     _, markdown = report(opts.finetuned, opts.out, opts.base, opts.data_dir, opts.merged)
@@ -190,7 +191,9 @@ def inspect_command(argv: Sequence[str]) -> int:
     opts, rest = parser.parse_known_args(argv)
     overrides = _lora_overrides(rest)
     config = _merge_configs(opts.config)
-    trust.allow_classes(path for _, path in trust.class_paths_in(config))  # the user's own config names them
+    class_allowlist.allow_classes(
+        path for _, path in class_allowlist.class_paths_in(config)
+    )  # the user's own config names them
     model = config.get("model") or {}
     net_config = (model.get("init_args") or model).get("net")
     if not isinstance(net_config, dict):
@@ -200,7 +203,7 @@ def inspect_command(argv: Sequence[str]) -> int:
         raise UsageError("the config has no 'lora:' section or LoRAInjectionCallback: nothing would be injected")
     from lightning_lora.core.inject import count_parameters, inject_lora, lora_layers
     from lightning_lora.core.targets import plan_targets, refuse_oversized
-    from lightning_lora.integration.checkpoint_reader import build_net
+    from lightning_lora.demo.run_loading import build_net
 
     names = set(LoRAConfig.field_names())
     try:
@@ -209,9 +212,10 @@ def inspect_command(argv: Sequence[str]) -> int:
         raise UsageError(str(err)) from err
     net = build_net(net_config, "model.net")
     try:  # a pattern that matches nothing, a layer that cannot be adapted: a usage error, as in fit
-        skipped = plan_targets(net, lora).describe_skipped()
-        refuse_oversized(net, lora, "these LoRA settings")
-        inject_lora(net, lora)
+        plan = plan_targets(net, lora)
+        skipped = plan.describe_skipped()
+        refuse_oversized(net, lora, "these LoRA settings", plan=plan)
+        inject_lora(net, lora, plan=plan)
     except ValueError as err:
         raise UsageError(str(err)) from err
     rows = [

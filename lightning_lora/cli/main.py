@@ -79,10 +79,14 @@ def _run(verb: str, argv: list[str]) -> None:
     if verb in OWN_VERBS:
         module, function = OWN_VERBS[verb]
         raise SystemExit(getattr(importlib.import_module(module), function)(argv))
-    from lightning_lora.integration import benign_warnings as quiet
+    from lightning_lora.integration import benign_warnings
 
-    quiet.install()  # before Lightning is imported: some of its warnings fire at import
-    from lightning_lora.integration.lora_cli import run_lightning
+    benign_warnings.install()  # before Lightning is imported: some of its warnings fire at import
+    import lightning_lora.demo.classifiers  # noqa: F401  (so short class names such as LitClassifier resolve)
+    import lightning_lora.demo.mnist_datamodule  # noqa: F401
+    import lightning_lora.demo.nets  # noqa: F401
+    import lightning_lora.demo.shift_datamodule  # noqa: F401
+    from lightning_lora.integration.lightning_verbs import run_lightning
 
     run_lightning([verb, *argv])
 

@@ -44,6 +44,7 @@ from lightning_lora.core.peft_format import (
 )
 from lightning_lora.core.safe_io import read_safetensors, write_adapter_folder
 from lightning_lora.core.targets import TargetPlan, refuse_oversized
+from lightning_lora.errors import DataError
 
 log = logging.getLogger("lightning_lora")
 
@@ -108,7 +109,7 @@ def _read_metadata(raw: dict[str, str], where: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(raw[METADATA_KEY])
     except (json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{where}: the lightning_lora metadata is not valid JSON ({err}); re-export") from err
+        raise DataError(f"{where}: the lightning_lora metadata is not valid JSON ({err}); re-export") from err
     if not isinstance(meta, dict) or not isinstance(meta.get("base_fingerprint"), dict):
         raise ValueError(f"{where}: the lightning_lora metadata lacks a base fingerprint; re-export the adapter")
     version = meta.get("format_version")

@@ -26,9 +26,9 @@ _CONFIG_ATTR = "lora_config"
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain model inside ``torch.compile``, DDP/DataParallel and Fabric wrappers."""
     while True:
+        # torch.compile's wrapper keeps the module it compiled as ``_orig_mod`` and offers no public
+        # name for it: the one private attribute of torch this package reads.
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            # torch.compile's wrapper keeps the module it compiled as ``_orig_mod`` and offers no public
-            # name for it: the one private attribute this package reads.
             model = model._orig_mod
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or _is_fabric_wrapper(model):
             model = model.module

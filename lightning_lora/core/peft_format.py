@@ -23,6 +23,7 @@ from lightning_lora.core.inject import get_lora_config, kept_biases, lora_layers
 from lightning_lora.core.layers import LoRAConv1D, LoRALayer
 from lightning_lora.core.safe_io import read_json
 from lightning_lora.core.targets import TargetPlan, plan_targets
+from lightning_lora.errors import DataError
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -171,7 +172,7 @@ def _peft_names(names: list[str], patterns: Any, where: str, field: str) -> list
         try:
             return [n for n in names if re.fullmatch(patterns, n)]
         except re.error as err:
-            raise ValueError(f"{where}: {field} {patterns!r} is not a valid regex ({err})") from err
+            raise DataError(f"{where}: {field} {patterns!r} is not a valid regex ({err})") from err
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"{where}: {field} must be a regex or a list of module names, got {patterns!r}")
     return [n for n in names if any(n == p or n.endswith("." + p) for p in patterns)]
@@ -190,7 +191,7 @@ def _peft_per_layer(patterns: Any, targets: list[str], default: Any, where: str,
         try:
             hit = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
         except re.error as err:
-            raise ValueError(f"{where}: {field} holds an invalid regex ({err})") from err
+            raise DataError(f"{where}: {field} holds an invalid regex ({err})") from err
         resolved[name] = patterns[hit] if hit is not None else default
     return resolved
 
@@ -242,4 +243,4 @@ def config_from_peft(
         )
         return config, plan
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: {err}") from err
+        raise DataError(f"{where}: {err}") from err

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lightning_lora.errors import DataError, WriteError
+
 MAX_JSON_BYTES = 1 << 20
 """Adapter and run configs are a few KB; anything past 1 MB is refused unread."""
 
@@ -108,15 +110,15 @@ def disk_errors(path: Path) -> Iterator[None]:
         yield
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(f"no space left on the device while writing {path}; free some space") from err
+            raise WriteError(f"no space left on the device while writing {path}; free some space") from err
         raise
     except RuntimeError as err:  # torch and safetensors report a failed write as a RuntimeError
         text = str(err)
         if "No space left" in text or "error code: 28" in text:
-            raise OSError(f"no space left on the device while writing {path}; free some space") from err
+            raise WriteError(f"no space left on the device while writing {path}; free some space") from err
         if "inline_container" in text or "unexpected pos" in text or "write failed" in text.lower():
             free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
-            raise OSError(
+            raise WriteError(
                 f"writing {path} failed ({text.strip().splitlines()[0][:120]}); the device has {free:,} bytes "
                 "free, so it is most likely full: free some space"
             ) from err
@@ -145,7 +147,7 @@ def atomic_file(path: str | os.PathLike, replaceable: Callable[[Path], bool] | N
         sweep_stale_temporaries(path.parent, path.name)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as err:  # name the file asked for, not the temporary one beside it
-        raise OSError(err.errno, f"cannot write {path} there ({err.strerror})") from err
+        raise WriteError(err.errno, f"cannot write {path} there ({err.strerror})") from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -251,9 +253,9 @@ def read_json(path: str | os.PathLike, what: str, max_bytes: int = MAX_JSON_BYTE
     try:
         data = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{what} {path} is not valid JSON ({err}); re-create it") from err
+        raise DataError(f"{what} {path} is not valid JSON ({err}); re-create it") from err
     except RecursionError as err:
-        raise ValueError(f"{what} {path} is nested too deeply to be a real {what}; re-create it") from err
+        raise DataError(f"{what} {path} is nested too deeply to be a real {what}; re-create it") from err
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} must hold a JSON object, found {type(data).__name__}")
     return data
@@ -271,7 +273,7 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torc
             metadata = dict(f.metadata() or {})
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
-        raise ValueError(
+        raise DataError(
             f"{what} {path} is not a valid safetensors file ({err}); it may be truncated, "
             "corrupted or a pickle. lightning-lora reads tensors only as safetensors: re-export it."
         ) from err

@@ -26,8 +26,8 @@ from torch import nn
 
 from lightning_lora._version import __version__
 from lightning_lora.core.safe_io import atomic_file, read_safetensors, write_safetensors
-from lightning_lora.errors import UsageError
-from lightning_lora.integration import class_allowlist as trust
+from lightning_lora.errors import DataError, UsageError
+from lightning_lora.integration import class_allowlist
 
 METADATA_KEY = "lightning_lora_merged"
 FORMAT_VERSION = 1
@@ -75,7 +75,7 @@ class MergedClassifier(nn.Module):
             raise ValueError(
                 f"expected images shaped (N, {side}, {side}) or (N, 1, {side}, {side}), got {tuple(images.shape)}"
             )
-        dtype = self._dtype()
+        dtype = self.compute_dtype()
         if images.dtype == torch.uint8:
             images = images.to(dtype) / 255
         elif images.is_floating_point():
@@ -86,7 +86,7 @@ class MergedClassifier(nn.Module):
             raise ValueError(f"expected uint8 or float images, got {images.dtype}")
         return (images - self.contract.mean) / self.contract.std
 
-    def _dtype(self) -> torch.dtype:
+    def compute_dtype(self) -> torch.dtype:
         """The network's own floating dtype (after ``.half()`` or ``.double()``, say), else float32."""
         first = next((p for p in self.net.parameters() if p.is_floating_point()), None)
         return first.dtype if first is not None else torch.float32
@@ -148,7 +148,7 @@ def load_merged(path: str | os.PathLike, allow_classes: list[str] | tuple[str, .
     Returns:
         A :class:`MergedClassifier` for an image classifier, else the plain network.
     """
-    from lightning_lora.integration.checkpoint_reader import build_net  # it builds on trust and files, like this module
+    from lightning_lora.demo.run_loading import build_net  # the run loader builds on this package's checkpoints
 
     path = Path(path)
     tensors, metadata = read_safetensors(path, "merged model")
@@ -157,18 +157,18 @@ def load_merged(path: str | os.PathLike, allow_classes: list[str] | tuple[str, .
     try:
         meta = json.loads(metadata[METADATA_KEY])
     except (json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{path}: its metadata is not valid JSON ({err}); merge the run again") from err
+        raise DataError(f"{path}: its metadata is not valid JSON ({err}); merge the run again") from err
     if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
         raise ValueError(f"{path}: its metadata is damaged; merge the run again")
     if meta["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{path} has format version {meta['format_version']}; upgrade lightning-lora to read it")
-    trust.allow_classes(allow_classes)
+    class_allowlist.allow_classes(allow_classes)
     try:
         net = build_net(meta.get("net"), f"merged model {path}", {k: v.shape for k, v in tensors.items()})
     except UsageError:  # an untrusted or unknown class: its own message says what to do
         raise
     except ValueError as err:
-        raise ValueError(f"{err}; merge the run again") from err
+        raise DataError(f"{err}; merge the run again") from err
     own = net.state_dict()
     if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
         raise ValueError(f"{path}: its weights do not fit the network its metadata names; merge the run again")
@@ -186,4 +186,4 @@ def load_merged(path: str | os.PathLike, allow_classes: list[str] | tuple[str, .
     try:
         return MergedClassifier(net, ImageContract(**contract)).eval()
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: its input contract is damaged ({err}); merge the run again") from err
+        raise DataError(f"{path}: its input contract is damaged ({err}); merge the run again") from err

@@ -1,243 +1,31 @@
 """MNIST served from memory, whole, or restricted to some digits.
 
-The IDX files are read once and checked (magic number, 28x28 images, sizes, image and label
-counts, labels 0-9: one error naming the file and what is wrong); the images are normalised
-into one float tensor and served whole batches at a time through a dataset with
-``__getitems__`` inside a real ``DataLoader``. That keeps Lightning's ``DistributedSampler``
-sharding under DDP, and it is about 40x faster than torchvision's per-sample PIL path, which is
-slower than the training step of the networks here.
+The IDX files are read once and checked (:mod:`~lightning_lora.demo.mnist_files`); the images are
+normalised into one float tensor and served whole batches at a time
+(:mod:`~lightning_lora.demo.batch_data`).
 
 The training loader resumes mid-epoch exactly: its order depends only on (seed, epoch), and it
 tells Lightning how far into the epoch it is, so a resumed run continues with the next batch
-(:class:`ResumableDataLoader`).
+(:class:`~lightning_lora.integration.resumable_loader.ResumableDataLoader`). The settings that
+decide that order are :meth:`MNISTDataModule.resume_settings`, which ``ExactResume`` records and
+compares on resume.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
-import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
-from lightning_lora.errors import DataError
-
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-
-
-class TensorBatchDataset(Dataset):
-    """Inputs and targets in memory (images and labels, or regression samples); ``__getitems__``
-    gathers a whole batch with one index op."""
-
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        if len(inputs) != len(targets):
-            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
-        self.inputs, self.targets = inputs, targets
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[index], self.targets[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, device=self.targets.device)
-        return self.inputs[index], self.targets[index]
-
-
-class EpochShuffle(Sampler[int]):
-    """The given dataset indices in an order that depends only on (seed, epoch).
-
-    A resumed run then sees the same batches. Lightning calls :meth:`set_epoch` at the start of
-    every epoch (also through its DDP wrapper).
-    """
-
-    def __init__(self, indices: torch.Tensor, seed: int) -> None:
-        self.indices, self.seed, self.epoch = indices, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(self.indices[torch.randperm(len(self.indices), generator=generator)].tolist())
-
-
-class ReplayShuffle(EpochShuffle):
-    """Batches of ``batch_size`` in which ``replay`` samples come from ``others``, the rest from ``indices``.
-
-    Both pools are shuffled by (seed, epoch); the other digits are drawn without repeats until
-    their pool runs out. An epoch ends when the trained digits run out (partial batches are
-    dropped, so every batch has the same mix).
-
-    Under DDP, Lightning's sampler wrapper deals position ``i`` of this sequence to rank
-    ``i % world_size``; the sequence is laid out for that, so every rank's batches have the
-    same mix too.
-    """
-
-    def __init__(self, indices: torch.Tensor, others: torch.Tensor, batch_size: int, replay: int, seed: int) -> None:
-        super().__init__(indices, seed)
-        self.others, self.batch_size, self.replay = others, batch_size, replay
-
-    @staticmethod
-    def _world_size() -> int:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return torch.distributed.get_world_size() if distributed else 1
-
-    def __len__(self) -> int:
-        world = self._world_size()
-        batches = len(self.indices) // ((self.batch_size - self.replay) * world)
-        return batches * self.batch_size * world
-
-    def __iter__(self) -> Iterator[int]:
-        world, size = self._world_size(), len(self)
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        trained = self.indices[torch.randperm(len(self.indices), generator=generator)]
-        replayed = self.others[torch.randperm(len(self.others), generator=generator)]
-        slot = (torch.arange(size) // world) % self.batch_size  # the position within its rank's batch
-        from_others = slot >= self.batch_size - self.replay
-        need = int(from_others.sum())
-        order = torch.empty(size, dtype=torch.long)
-        order[~from_others] = trained[: size - need]
-        order[from_others] = replayed.repeat(math.ceil(need / max(len(replayed), 1)))[:need]
-        return iter(order.tolist())
-
-
-def keep_batch(batch: Any) -> Any:
-    """The collate function for :class:`TensorBatchDataset`: the batch is already collated.
-
-    A module-level function, so ``ddp_spawn`` can pickle the DataLoader.
-    """
-    return batch
-
-
-_IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
-
-
-def read_idx(path: Path, kind: str) -> torch.Tensor:
-    """Read an uncompressed IDX file of MNIST ``"images"`` (N, 28, 28) or ``"labels"`` (N,), checked.
-
-    Raises:
-        DataError: the file is truncated, has trailing bytes, has the wrong magic number or
-            image size; the message names the file and what is wrong.
-    """
-    data = path.read_bytes()
-    want = _IDX_MAGIC[kind]
-    if len(data) < 8:
-        raise DataError(f"{path} is {len(data)} bytes, too short for an IDX header: truncated, or not an MNIST file")
-    magic = int.from_bytes(data[:4], "big")
-    if magic != want:
-        raise DataError(
-            f"{path} starts with magic number 0x{magic:08x}, not 0x{want:08x} (IDX {kind}): it is not an MNIST "
-            f"{kind} file (a compressed .gz, or the images and labels swapped?)"
-        )
-    ndim = want & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path} is {len(data)} bytes, shorter than its own header: truncated")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    if kind == "images" and dims[1:] != (28, 28):
-        raise DataError(f"{path} holds {dims[1]}x{dims[2]} images; MNIST's are 28x28")
-    expected = math.prod(dims)
-    if expected == 0:
-        raise DataError(f"{path} holds no {kind} (its header announces {' x '.join(map(str, dims))}); copy it again")
-    if len(data) - header != expected:
-        what = "truncated" if len(data) - header < expected else "followed by extra bytes"
-        raise DataError(
-            f"{path}: its header announces {' x '.join(map(str, dims))} = {expected:,} bytes of data, but it holds "
-            f"{len(data) - header:,}: the file is {what}; copy it again"
-        )
-    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).view(*dims)
-
-
-def read_mnist_split(raw: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The uint8 images (N, 28, 28) and int64 labels of one split, checked against each other."""
-    prefix = "train" if train else "t10k"
-    images_path, labels_path = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
-    images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
-    if len(images) != len(labels):
-        raise DataError(
-            f"{images_path} holds {len(images):,} images but {labels_path} holds {len(labels):,} labels; "
-            "the two files must come from the same split"
-        )
-    bad = (labels > 9).nonzero()
-    if len(bad):
-        first = int(bad[0])
-        raise DataError(
-            f"{labels_path} holds labels outside 0-9 ({sorted(set(labels[labels > 9].tolist()))[:5]}, first at "
-            f"index {first}); MNIST labels are digits"
-        )
-    return images, labels.long()
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning can checkpoint mid-epoch, so a resumed run continues exactly.
-
-    Lightning saves ``state_dict()`` of a training loader that has one, and hands it back
-    through ``load_state_dict()`` on resume. The position is the number of batches this epoch's
-    pass has handed out: Lightning's fetcher reads no batch ahead from a loader whose length it
-    knows, so those are exactly the batches the run has trained on (the resume tests fail if
-    that ever changes). The position is counted after DDP's sharding (each rank skips its own
-    batches), and the skipped batches are only indexed, never trained on.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._pass: dict[str, Any] = {"epoch": None, "handed_out": 0}
-        self._resume: dict[str, Any] | None = None
-
-    def _epoch(self) -> int | None:
-        return getattr(self.sampler, "epoch", None)  # EpochShuffle, or Lightning's DistributedSampler
-
-    def __iter__(self) -> Iterator[Any]:
-        resume, self._resume = self._resume, None
-        return self._counted(super().__iter__(), resume)
-
-    def _counted(self, iterator: Iterator[Any], resume: dict[str, Any] | None) -> Iterator[Any]:
-        # Runs at the first batch, not at iter(): Lightning sets the sampler's epoch in between.
-        epoch = self._epoch()
-        skip = int(resume.get("batches", 0)) if resume and resume.get("epoch") == epoch else 0
-        for _ in range(min(skip, len(self))):
-            next(iterator)
-        self._pass = {"epoch": epoch, "handed_out": skip}
-        for batch in iterator:
-            self._pass["handed_out"] += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._pass["epoch"], "batches": self._pass["handed_out"]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resume = dict(state)
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), exactly as ``ToTensor`` + ``Normalize`` do."""
-    return images.float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1)
-
-
-def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
-    """uint8 images (N, 28, 28) rotated counter-clockwise about their centre (bilinear, black corners)."""
-    from torchvision.transforms.v2.functional import InterpolationMode
-    from torchvision.transforms.v2.functional import rotate as rotate_images
-
-    rotated = rotate_images(images.unsqueeze(1), degrees, interpolation=InterpolationMode.BILINEAR)
-    return rotated.squeeze(1)
+from lightning_lora.demo.batch_data import ReplayShuffle, TensorBatchDataset, keep_batch
+from lightning_lora.demo.mnist_files import MNIST_FILES, normalise, read_mnist_split, rotate
+from lightning_lora.integration.resumable_loader import EpochShuffle, ResumableDataLoader
 
 
 def _validate_digits(digits: Any) -> list[int] | str | None:
@@ -559,84 +347,20 @@ class MNISTDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_set)
 
+    def resume_settings(self) -> dict[str, Any]:
+        """What decides the training data and its order (``ExactResume`` records and compares them).
+
+        ``train_digits`` as decided (``"weakest"`` is a digit by then).
+        """
+        return {
+            "train_digits": self.target_digits,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "replay_fraction": self.replay_fraction,
+            "rotation": self.rotation,
+        }
+
     def state_dict(self) -> dict[str, Any]:
-        """Recorded in checkpoints: the digits trained on (``"weakest"`` as decided)."""
+        """Recorded in checkpoints: the digits trained on (``"weakest"`` as decided), for the report."""
         return {"train_digits": self.target_digits}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        recorded = state.get("train_digits")
-        if recorded is not None and self.target_digits is not None and recorded != self.target_digits:
-            raise ValueError(
-                f"the checkpoint was trained on digits {recorded}, but this run's train_digits give "
-                f"{self.target_digits}; resume with --data.train_digits '{recorded}'"
-            )
-
-
-class LinearShiftDataModule(pl.LightningDataModule):
-    """Synthetic regression ``y = X @ (theta + shift)``, ``theta`` and ``X`` standard normal.
-
-    ``theta`` (num_features, num_outputs) comes from ``theta_seed`` and the samples from
-    ``data_seed``, so a pretraining run (``shift=0``) and a fine-tuning run (``shift=1``, new
-    samples) share the same ``theta``: the second task differs from the first by a rank-1
-    matrix of ones, which a rank-1 adapter can represent exactly.
-
-    Args:
-        num_samples: Training samples (validation and test sets are a tenth of this each).
-        num_features, num_outputs: Shape of ``theta``.
-        shift: Added to every entry of ``theta``.
-        theta_seed, data_seed: Seeds of ``theta`` and of the samples.
-        batch_size: Samples per batch.
-    """
-
-    def __init__(
-        self,
-        num_samples: int = 10000,
-        num_features: int = 1001,
-        num_outputs: int = 1000,
-        shift: float = 0.0,
-        theta_seed: int = 0,
-        data_seed: int = 1,
-        batch_size: int = 100,
-    ) -> None:
-        super().__init__()
-        for name, value in (("num_samples", num_samples), ("num_features", num_features), ("num_outputs", num_outputs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.save_hyperparameters()
-        self.num_samples, self.num_features, self.num_outputs = num_samples, num_features, num_outputs
-        self.shift, self.theta_seed, self.data_seed, self.batch_size = float(shift), theta_seed, data_seed, batch_size
-        self.splits: dict[str, TensorBatchDataset] = {}
-
-    def theta(self) -> torch.Tensor:
-        """The true weights, shift included: (num_features, num_outputs)."""
-        generator = torch.Generator().manual_seed(self.theta_seed)
-        return torch.randn(self.num_features, self.num_outputs, generator=generator) + self.shift
-
-    def setup(self, stage: str) -> None:
-        if self.splits:
-            return
-        theta = self.theta()
-        generator = torch.Generator().manual_seed(self.data_seed)
-        held_out = max(1, self.num_samples // 10)
-        for name, size in (("train", self.num_samples), ("val", held_out), ("test", held_out)):
-            x = torch.randn(size, self.num_features, generator=generator)
-            self.splits[name] = TensorBatchDataset(x, x @ theta)
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        if split not in self.splits:
-            raise RuntimeError("LinearShiftDataModule.setup() has not run yet")
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=keep_batch)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

@@ -1,4 +1,4 @@
-"""LightningModules around a plain net: LitClassifier (MNIST digits) and LitRegressor.
+"""NetModule: what the demo's LightningModules around a plain net share (see ``classifiers``).
 
 They know nothing of *when* adapters are injected (that is the callback's job). They write
 adapter-only checkpoints (:class:`~lightning_lora.LoRACheckpointMixin`): the base comes from
@@ -10,36 +10,18 @@ suffix: what the adapter changed, in one run.
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from lightning_lora.core.inject import disable_lora, get_lora_config
-from lightning_lora.demo.digit_metrics import (
-    DigitMetrics,
-    RegressionMetrics,
-    confusion_image,
-    digit_values,
-    log_images,
-    mistakes_image,
-    write_scalar_layout,
-)
+from lightning_lora.demo.digit_metrics import write_scalar_layout
+from lightning_lora.demo.run_loading import base_shapes, build_net, load_base_checkpoint, net_spec
 from lightning_lora.errors import NonFiniteLossError, UsageError
-from lightning_lora.integration import class_allowlist as trust
 from lightning_lora.integration.checkpoint_mixin import LoRACheckpointMixin
-from lightning_lora.integration.checkpoint_reader import (
-    base_shapes,
-    build_net,
-    load_base_checkpoint,
-    net_spec,
-    read_checkpoint_state,
-)
 from lightning_lora.integration.class_allowlist import MODULE_CLASS_KEY
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -47,6 +29,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 class NetModule(LoRACheckpointMixin, pl.LightningModule):
     """What every module here shares: the net, its optimizer, base weights and checkpoints.
+
+    Its stored hyper-parameters are its own plain arguments (the net as a checked spec), so
+    ``load_from_checkpoint`` builds it directly from them, never through the instantiator
+    LightningCLI records (which would hand the values to jsonargparse, and jsonargparse imports
+    what strings name).
 
     Subclasses define :meth:`model_step` (loss, predictions, targets for one batch) and
     :meth:`new_eval_metrics`; validation and test then run the same way for all of them, with
@@ -66,6 +53,8 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
             restores with this one: after a NaN, resume from the last good checkpoint with a
             lower rate.
     """
+
+    hyper_parameters_are_plain = True
 
     def __init__(
         self,
@@ -100,6 +89,9 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         self._layouts_written: set[str] = set()
         self._train_sums: torch.Tensor | None = None
         self._train_names: list[str] = []
+        self._step_values: dict[str, torch.Tensor] = {}
+        self._step_batch_size = 1
+        self._last_logged_step = -1
 
     def new_eval_metrics(self) -> nn.Module:
         """A fresh metrics object with ``update(loss, preds, targets)`` and ``log(module, stage, suffix)``."""
@@ -108,31 +100,6 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
     def model_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, predictions and targets for one batch: shared by every stage."""
         raise NotImplementedError
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any):  # type: ignore[override]
-        """Restore a trained model; a fine-tune takes its base from ``base_checkpoint`` (override it here).
-
-        The stored hyper-parameters are this class's own plain arguments (the net as a checked
-        spec), so the module is built directly from them: LightningCLI's record of how it was
-        instantiated (``_instantiator``, which would hand the values to jsonargparse, and jsonargparse
-        imports what strings name) is dropped, and a stored ``_class_path`` must be this class.
-        """
-        checkpoint = read_checkpoint_state(checkpoint_path)
-        trust.check_class_paths(checkpoint, f"checkpoint {checkpoint_path}")
-        hyper_parameters = checkpoint.get("hyper_parameters")
-        if isinstance(hyper_parameters, dict):
-            stored = hyper_parameters.pop("_class_path", None)
-            hyper_parameters.pop("_instantiator", None)
-            own = f"{cls.__module__}.{cls.__qualname__}"
-            if stored is not None and stored != own:
-                raise UsageError(
-                    f"checkpoint {checkpoint_path} was written by {stored}, not {own}; load it with that class"
-                )
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        buffer.seek(0)
-        return super().load_from_checkpoint(buffer, *args, **kwargs)  # the mixin checks it again, then Lightning
 
     def base_hint(self) -> str:
         recorded = self.hparams.get("base_checkpoint")
@@ -156,85 +123,58 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         loss, preds, targets, parts = self.training_loss(batch)
         self._stop_if_not_finite(loss, batch_idx)
         values = {**self.train_step_metrics(loss, preds, targets), **{k: v.detach() for k, v in parts.items()}}
-        # Running sums for the epoch means: Lightning's self.log costs ~1 ms per call on CPU
-        # (it re-places its result object on every call), more than a small model's whole step.
+        # Running sums for the epoch means, and the step's values kept for on_train_batch_end: Lightning's
+        # self.log costs ~1 ms per call on the CPU, more than a small model's whole step.
         stacked = torch.stack([v.float() for v in values.values()]) * len(targets)
         if self._train_sums is None or self._train_sums.device != stacked.device:
             self._train_sums = torch.zeros(len(values) + 1, device=stacked.device)
             self._train_names = list(values)
         self._train_sums[:-1] += stacked
         self._train_sums[-1] += len(targets)
-        if self._logs_this_step():
-            self.log_dict({f"train/{name}": v for name, v in values.items()}, prog_bar=True, batch_size=len(targets))
+        self._step_values, self._step_batch_size = values, len(targets)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Every ``log_every_n_steps`` optimizer steps (and the first), the step's values: to the loggers
+        at that step, and to the progress bar.
+
+        The cadence is this module's own rule on ``trainer.global_step``; values go to the loggers
+        directly (``logger.log_metrics``), not through ``self.log``, whose per-call cost the other
+        steps do not pay.
+        """
+        trainer, every = self.trainer, self.trainer.log_every_n_steps
+        step = trainer.global_step
+        if not every or not self._step_values or step == 0 or step == self._last_logged_step:
+            return
+        if step % every and step != 1:
+            return
+        self._last_logged_step = step
+        named = {f"train/{name}": value for name, value in self._step_values.items()}
+        self.log_dict(named, prog_bar=True, logger=False, batch_size=self._step_batch_size)
+        plain = {name: float(value) for name, value in named.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(plain, step=step)
 
     def _stop_if_not_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Stop at the first NaN/inf loss, on every rank at once, before weights are touched.
 
         Raising here (inside the step) means no optimizer step and no checkpoint follow, so the
-        last checkpoint written stays the last good one. Under DDP the ranks agree first; a lone
-        rank raising would leave the others waiting in the next all-reduce.
+        last checkpoint written stays the last good one (``ResumableCheckpoint`` also removes the one
+        holding the weights that gave it, and says where to resume from). Under DDP the ranks agree
+        first; a lone rank raising would leave the others waiting in the next all-reduce.
         """
         bad = not bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
+            for callback in self.trainer.checkpoint_callbacks:
+                if hasattr(callback, "save_on_exception"):  # a ModelCheckpoint: never of the weights that gave NaN
+                    callback.save_on_exception = False
             raise NonFiniteLossError(
                 f"the training loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
                 f"batch {batch_idx}); training stopped before applying it. Likely causes: a learning rate too high "
-                "for this model, or an overflow in reduced precision (with 16-mixed try bf16-mixed or 32-true). "
-                + self._resume_advice()
+                "for this model, or an overflow in reduced precision (with 16-mixed try bf16-mixed or 32-true)."
             )
-
-    def _resume_advice(self) -> str:
-        """How to go on after a NaN: the newest checkpoint whose weights still gave a finite loss.
-
-        A checkpoint at step ``k`` holds the weights the forward of step ``k + 1`` used; the loss
-        was finite up to the current step, so every checkpoint before it is good and the one at
-        it is not. No checkpoint is written of the state that gave NaN.
-        """
-        candidates = {Path(self.trainer.ckpt_path)} if self.trainer.ckpt_path else set()
-        for callback in self.trainer.checkpoint_callbacks:
-            if hasattr(callback, "save_on_exception"):
-                callback.save_on_exception = False  # the weights that gave NaN must not become a checkpoint
-            if getattr(callback, "dirpath", None) and Path(callback.dirpath).is_dir():
-                candidates.update(Path(callback.dirpath).glob("*.ckpt"))
-        good = []
-        for path in candidates:
-            try:
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                step = checkpoint.get("global_step", -1)
-                progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
-                between_steps = (
-                    progress["is_last_batch"]
-                    or progress["current"]["processed"] % (self.trainer.accumulate_grad_batches) == 0
-                )
-            except Exception:  # unreadable, or not a Lightning training checkpoint: not a candidate
-                continue
-            if isinstance(step, int) and 0 <= step < self.global_step and between_steps:
-                good.append((step, path))
-        if not good:
-            return (
-                "No checkpoint from before this step is left to resume from; start again with a lower "
-                "model.optimizer.init_args.lr."
-            )
-        step, path = max(good, key=lambda item: (item[0], item[1].stat().st_mtime))
-        return (
-            f"The newest checkpoint from before it is {path} (step {step}); resume from it with a lower rate (a "
-            f"checkpoint restores its own rate otherwise): --ckpt_path {path} --model.lr_on_resume <lower lr>, "
-            "or start again with a lower model.optimizer.init_args.lr."
-        )
-
-    def _logs_this_step(self) -> bool:
-        """Whether the loggers write this step: Lightning's ``log_every_n_steps`` rule, plus the first step.
-
-        Lightning has no public way to ask; its rule (``_LoggerConnector.should_update_logs``) is
-        mirrored here, in one place, and ``tests/test_module.py`` compares the two on a real run.
-        """
-        trainer = self.trainer
-        if trainer.log_every_n_steps == 0:  # Lightning's way to switch step logging off
-            return False
-        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.global_step == 0
 
     def on_train_start(self) -> None:
         if self.lr_on_resume is not None and self.trainer.ckpt_path is not None:
@@ -344,134 +284,3 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
-
-
-class LitClassifier(NetModule):
-    """Classifies digits with ``net``; logs micro accuracy, per-digit numbers, confusion matrices.
-
-    Optionally distils the fine-tuned model towards its own base: ``distill_weight *
-    KL(base || adapted)`` is added to the loss, with the base's outputs computed by the same
-    network with the adapter disabled (no second copy of the model; exact, since the base is
-    frozen), in eval mode and before the adapted forward.
-
-    Args:
-        net, optimizer, base_checkpoint, compare_base, lr_on_resume: See :class:`NetModule`.
-        num_classes: Size of the output layer (10 for MNIST, also for digit subsets, so the
-            head keeps the pretrained base's shape).
-        distill_weight: Weight of the distillation term; 0 turns it off.
-        distill_on: ``"retain"``: only the samples of digits not trained on (the DataModule's
-            ``replay_fraction`` puts them in every batch); ``"all"``: every sample.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        base_checkpoint: str | None = None,
-        compare_base: bool = True,
-        num_classes: int = 10,
-        lr_on_resume: float | None = None,
-        distill_weight: float = 0.0,
-        distill_on: Literal["retain", "all"] = "retain",
-    ) -> None:
-        self.num_classes = num_classes
-        if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) or not distill_weight >= 0:
-            raise ValueError(f"distill_weight must be a number >= 0, got {distill_weight!r}")
-        if not distill_weight <= 1e6:  # beyond this the loss overflows float32 (inf, too, lands here)
-            raise ValueError(f"distill_weight {distill_weight!r} is too large: use at most 1e6 (1-3 is typical)")
-        if distill_on not in ("retain", "all"):
-            raise ValueError(f"distill_on must be 'retain' or 'all', got {distill_on!r}")
-        self.distill_weight, self.distill_on = float(distill_weight), distill_on
-        self._target_digits: torch.Tensor | None = None
-        super().__init__(net, optimizer, base_checkpoint, compare_base, lr_on_resume)
-
-    def new_eval_metrics(self) -> DigitMetrics:
-        return DigitMetrics(self.num_classes)
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self(x)
-        if logits.shape[-1] != self.num_classes:
-            raise ValueError(
-                f"net outputs {logits.shape[-1]} classes but num_classes is {self.num_classes}; "
-                "make the net's num_classes match"
-            )
-        return logits
-
-    def model_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y = batch
-        logits = self._logits(x)
-        return F.cross_entropy(logits, y), logits.argmax(dim=-1), y
-
-    def on_fit_start(self) -> None:
-        if not self.distill_weight:
-            return
-        if get_lora_config(self.net) is None:
-            raise UsageError("distill_weight needs adapters to distil: the base is the model itself without them")
-        if self.distill_on == "retain":
-            data = self.trainer.datamodule
-            digits = getattr(data, "target_digits", None)
-            if digits is None or not getattr(data, "replay_fraction", 0):
-                raise UsageError(
-                    "distill_on 'retain' distils on the samples of the digits not trained on, but the training "
-                    "batches hold none: set --data.train_digits and --data.replay_fraction (e.g. 0.25), or "
-                    "--model.distill_on all"
-                )
-            self._target_digits = torch.tensor(digits, device=self.device)
-
-    def training_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        if not self.distill_weight:
-            return super().training_loss(batch)
-        x, y = batch
-        keep = slice(None) if self._target_digits is None else ~torch.isin(y, self._target_digits)
-        with torch.no_grad(), disable_lora(self.net):  # the base first: the adapted forward keeps its graph
-            was_training = self.net.training
-            self.net.eval()
-            try:
-                base_logits = self._logits(x[keep])
-            finally:
-                self.net.train(was_training)
-        logits = self._logits(x)
-        ce = F.cross_entropy(logits, y)
-        if len(base_logits):
-            log_adapted = F.log_softmax(logits[keep].float(), dim=-1)
-            log_base = F.log_softmax(base_logits.float(), dim=-1)
-            distill = F.kl_div(log_adapted, log_base, log_target=True, reduction="batchmean")  # KL(base || adapted)
-        else:
-            distill = logits.new_zeros(())
-        loss = ce + self.distill_weight * distill
-        return loss, logits.argmax(dim=-1), y, {"ce": ce, "distill": distill}
-
-    def train_step_metrics(self, loss: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> dict:
-        return {"loss": loss.detach(), "acc": (preds == targets).float().mean()}
-
-    def log_eval_images(self, stage: str, on: dict[str, dict], off: dict[str, dict]) -> None:
-        """At test: mistakes per digit as bars (adapter on vs off) and the confusion matrices.
-
-        Validation draws none: a picture costs ~80 ms (and matplotlib's import ~0.4 s), more
-        than validating the demo's live sets; its numbers are in the scalars, and ``report``
-        adds its figures to the run.
-        """
-        trainer = self.trainer
-        if stage != "test" or not trainer.is_global_zero or not trainer.loggers:
-            return
-        wrong_on = [sum(x) for x in zip(*(digit_values(v) for v in on.values()), strict=True)]
-        wrong_off = [sum(x) for x in zip(*(digit_values(v) for v in off.values()), strict=True)] if off else None
-        title = f"test: mistakes per digit (step {trainer.global_step})"
-        images = {"test/mistakes_per_digit": mistakes_image(wrong_on, wrong_off, title)}
-        for prefix, values in on.items():
-            images[f"{prefix}/confusion_matrix"] = confusion_image(values["confusion"], f"{prefix}: adapter on")
-        for prefix, values in off.items():
-            images[f"{prefix}/confusion_matrix_base"] = confusion_image(values["confusion"], f"{prefix}: base")
-        log_images(self, images)
-
-
-class LitRegressor(NetModule):
-    """Fits ``net`` to real-valued targets with the mean squared error (logged as ``*/mse``)."""
-
-    def new_eval_metrics(self) -> RegressionMetrics:
-        return RegressionMetrics()
-
-    def model_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y = batch
-        preds = self(x)
-        return F.mse_loss(preds.float(), y), preds, y

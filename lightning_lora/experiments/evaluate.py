@@ -63,7 +63,7 @@ def evaluate_classifier(
     predictions = {"base": base_logits, "adapter_on": on_logits, "adapter_off": off_logits, "merged": merged_logits}
     runs: dict[str, Any] = {n: digit_counts(logits.argmax(1), labels, trained) for n, logits in predictions.items()}
     if merged is not None:
-        from lightning_lora.demo.mnist_datamodule import MNIST_MEAN, MNIST_STD
+        from lightning_lora.demo.mnist_files import MNIST_MEAN, MNIST_STD
 
         pixels = ((images * MNIST_STD + MNIST_MEAN) * 255).round().clamp(0, 255).to(torch.uint8)
         file_preds = torch.cat([merged.predict(chunk) for chunk in pixels.split(EVAL_BATCH)])

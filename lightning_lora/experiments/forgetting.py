@@ -47,7 +47,7 @@ replayed ones (the default, ``retain``)."""
 
 def run(data_dir: str, results: Path = RESULTS) -> Path:
     from lightning_lora.demo.mnist_datamodule import MNISTDataModule
-    from lightning_lora.integration.checkpoint_reader import build_net, load_base_checkpoint, load_run
+    from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run
 
     started = time.perf_counter()
     base_path = ensure_base(NAME, data_dir)

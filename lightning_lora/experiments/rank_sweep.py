@@ -54,7 +54,7 @@ def _accuracy(net, data) -> float:
 def run(data_dir: str, results: Path = RESULTS) -> Path:
     from lightning_lora.core.inject import count_parameters
     from lightning_lora.demo.mnist_datamodule import MNISTDataModule
-    from lightning_lora.integration.checkpoint_reader import build_net, load_base_checkpoint, load_run
+    from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run
 
     started = time.perf_counter()
     base_path = ensure_base(NAME, data_dir)

@@ -18,16 +18,11 @@ from torch import nn
 from lightning_lora.core.adapter_folder import save_adapter
 from lightning_lora.core.peft_format import ADAPTER_WEIGHTS_NAME
 from lightning_lora.core.safe_io import atomic_directory, atomic_file, check_folder_kind
+from lightning_lora.demo.run_loading import LoadedRun, build_net, load_base_checkpoint, load_run
 from lightning_lora.errors import UsageError
 from lightning_lora.experiments import evaluate, render
 from lightning_lora.experiments import figures as draw
-from lightning_lora.integration.checkpoint_reader import (
-    LoadedRun,
-    build_net,
-    describe_run,
-    load_base_checkpoint,
-    load_run,
-)
+from lightning_lora.integration.checkpoint_reader import describe_run
 
 REPORT_FILES = frozenset({"summary.json", "summary.md", "adapter", "figures"})
 """What a report folder holds (and so what a report may replace)."""
@@ -84,7 +79,7 @@ def _classification(tuned: LoadedRun, base: nn.Module, data_dir: str | None, mer
 
 
 def _regression(tuned: LoadedRun, base: nn.Module, data_dir: str | None, merged_file: str | None):
-    from lightning_lora.demo.mnist_datamodule import LinearShiftDataModule
+    from lightning_lora.demo.shift_datamodule import LinearShiftDataModule
 
     data = LinearShiftDataModule(**_data_args(tuned, None))
     data.setup("test")

@@ -46,10 +46,10 @@ def _quiet_stdout():
 
 def fit(args: list[str]) -> tuple[Any, float]:
     """Run ``lightning-lora fit`` with ``args`` in this process; the LightningCLI object and the seconds it took."""
-    from lightning_lora.integration import benign_warnings as quiet
-    from lightning_lora.integration.lora_cli import run_lightning
+    from lightning_lora.integration import benign_warnings
+    from lightning_lora.integration.lightning_verbs import run_lightning
 
-    quiet.install()
+    benign_warnings.install()
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
     lightning_log.setLevel(logging.WARNING)  # its per-run notices; warnings still show

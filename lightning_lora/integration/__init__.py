@@ -1,1 +1,17 @@
-"""TODO"""
+"""LoRA inside Lightning: the pieces a Trainer run needs, for any LightningModule.
+
+Owns: ``LoRAInjectionCallback`` (:mod:`.callback`), adapter-only checkpoints
+(``LoRACheckpointMixin``, :mod:`.checkpoint_mixin`), exact and checked resume (``ExactResume``,
+:mod:`.exact_resume`; ``ResumableCheckpoint``, :mod:`.resumable_checkpoint`;
+``ResumableDataLoader``, :mod:`.resumable_loader`), reading checkpoints safely
+(:mod:`.checkpoint_reader`, :mod:`.safe_checkpoint_io`), which classes a file may name
+(:mod:`.class_allowlist`), the CLI class (``LoRACLI``, :mod:`.lora_cli`) and the verbs it runs
+(:mod:`.lightning_verbs`), the run record for TensorBoard's HParams tab (:mod:`.run_record`),
+progress lines (:mod:`.line_progress`) and the list of benign library warnings
+(:mod:`.benign_warnings`).
+
+May import: Lightning, torch, jsonargparse, ``lightning_lora.core`` and ``lightning_lora.errors``;
+never ``demo``, ``experiments`` or ``cli``. Lightning is reached through public doors only
+(``tests/test_public_doors.py``). ``checkpoint_reader`` and ``class_allowlist`` import no Lightning,
+so the commands that train nothing start fast.
+"""

@@ -23,10 +23,10 @@ PACKAGE_CLASSES = frozenset(
         "lightning_lora.demo.nets.RichBoyNet",
         "lightning_lora.demo.nets.MLP",
         "lightning_lora.demo.nets.LinearModel",
-        "lightning_lora.demo.net_module.LitClassifier",
-        "lightning_lora.demo.net_module.LitRegressor",
+        "lightning_lora.demo.classifiers.LitClassifier",
+        "lightning_lora.demo.classifiers.LitRegressor",
         "lightning_lora.demo.mnist_datamodule.MNISTDataModule",
-        "lightning_lora.demo.mnist_datamodule.LinearShiftDataModule",
+        "lightning_lora.demo.shift_datamodule.LinearShiftDataModule",
     }
 )
 """This package's classes that files may name."""

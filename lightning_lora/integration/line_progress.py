@@ -18,6 +18,9 @@ from lightning.pytorch.callbacks import ProgressBar
 class LineProgress(ProgressBar):
     """One line every ``every_seconds`` of training (and at each epoch's end): batches, rate, loss.
 
+    The position is the batch's place in its epoch, out of the epoch's batches, also in a run
+    resumed inside an epoch or ended by ``max_steps``.
+
     Args:
         every_seconds: Seconds between lines while an epoch trains (default: ``default_every_seconds``).
     """
@@ -27,15 +30,18 @@ class LineProgress(ProgressBar):
     def __init__(self, every_seconds: float | None = None) -> None:
         super().__init__()
         self.every_seconds = self.default_every_seconds if every_seconds is None else every_seconds
-        self._enabled = True
+        self.showing = True
         self._epoch_start = self._last_line = 0.0
-        self._batches = 0
+        self._batches = self._position = 0
 
     def disable(self) -> None:
-        self._enabled = False
+        self.showing = False
 
     def enable(self) -> None:
-        self._enabled = True
+        self.showing = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_train_epoch_start(trainer, pl_module)  # a resumed run may start inside an epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = self._last_line = time.monotonic()
@@ -44,7 +50,8 @@ class LineProgress(ProgressBar):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batches += 1
+        self._batches += 1  # this process's batches, for the rate
+        self._position = batch_idx + 1  # where in the epoch (also after a resume), for the total
         if time.monotonic() - self._last_line >= self.every_seconds:
             self._line(trainer, pl_module)
 
@@ -52,12 +59,13 @@ class LineProgress(ProgressBar):
         self._line(trainer, pl_module, done=True)
 
     def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: bool = False) -> None:
-        if not self._enabled or not trainer.is_global_zero:
+        if not self.showing or not trainer.is_global_zero:
             return
         now = time.monotonic()
         self._last_line = now
-        batches, total = self._batches, self.total_train_batches
-        rate = batches / max(now - self._epoch_start, 1e-9)
+        # The epoch's own length: ProgressBar.total_train_batches shrinks to the steps left under max_steps.
+        batches, total = self._position, trainer.num_training_batches
+        rate = self._batches / max(now - self._epoch_start, 1e-9)
         of = f"/{total}" if isinstance(total, int) else ""  # (inf for an iterable without a length)
         loss = trainer.callback_metrics.get("train/loss")
         shown = f", train/loss {float(loss):.4f}" if loss is not None and loss.numel() == 1 else ""

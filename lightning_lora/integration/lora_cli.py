@@ -2,41 +2,40 @@
 
 ``--lora.rank 4 --lora.target_modules '[linear1]'`` (or a ``lora:`` section in a config) adds a
 :class:`~lightning_lora.integration.callback.LoRAInjectionCallback` with those settings; ``fit --help``
-lists them. Checkpoints are written atomically (:class:`AtomicCheckpointIO`), and a parse or
-type error is one line naming the option, the value and what it accepts.
+lists them. Every run gets ``ExactResume`` (``--new_data_order`` is its option) and ``RunRecord``;
+checkpoints are written atomically and read safely (:class:`SafeCheckpointIO`); a parse or type
+error is one line naming the option, the value and what it accepts.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-import lightning_lora.demo.mnist_datamodule  # noqa: F401  (imported so short class names such as MNISTDataModule resolve)
-import lightning_lora.demo.net_module  # noqa: F401
-import lightning_lora.demo.nets  # noqa: F401
 from lightning_lora.core.config import CALLBACK_ONLY_OPTIONS, LoRAConfig
 from lightning_lora.core.safe_io import sweep_stale_temporaries
 from lightning_lora.errors import UsageError, root_cause
 from lightning_lora.integration.callback import LoRAInjectionCallback
-from lightning_lora.integration.checkpoint_reader import describe_resolution, read_checkpoint_state, resolve_checkpoint
+from lightning_lora.integration.checkpoint_reader import describe_resolution, resolve_checkpoint
+from lightning_lora.integration.exact_resume import ExactResume
 from lightning_lora.integration.line_progress import LineProgress
 from lightning_lora.integration.run_record import RunRecord
-from lightning_lora.integration.safe_checkpoint_io import AtomicCheckpointIO
+from lightning_lora.integration.safe_checkpoint_io import SafeCheckpointIO
 
 LORA_GROUP = "lora"
+NEW_DATA_ORDER = "new_data_order"
 _RUN: dict[str, Any] = {}  # the trainer of the command running now, for an honest SIGTERM message
 
 
@@ -167,10 +166,42 @@ def _lora_help() -> str:
 
 
 class LoRACLI(LightningCLI):
-    """LightningCLI with the ``lora`` group, atomic checkpoints, short errors and checked ``--ckpt_path``."""
+    """LightningCLI with the ``lora`` group, exact and checked resume, safe checkpoints and short errors.
+
+    Args:
+        command: The command line to parse, without ``--ckpt_path`` (``sys.argv`` keeps the whole
+            command: Lightning's DDP launcher starts the other processes with it).
+        ckpt_path: ``--ckpt_path`` as the user gave it (a ``.ckpt`` file, a run or version folder,
+            or ``last``), taken off the command line before LightningCLI parses it. It reaches the
+            Trainer through its public ``ckpt_path`` property, never through LightningCLI's own
+            handling, which would read the checkpoint's hyper-parameters and let them override the
+            config (a stored ``base_checkpoint`` beating the one given; a stored class path switching
+            the model class). The config alone decides the model; the checkpoint is read once, by
+            Lightning's restore (through :class:`SafeCheckpointIO`), and its adapters are checked
+            against the config there.
+        args, kwargs: LightningCLI's.
+    """
+
+    def __init__(self, *args: Any, command: list[str], ckpt_path: str | None = None, **kwargs: Any) -> None:
+        self.command = command
+        self.requested_ckpt_path = ckpt_path
+        self.resolved_ckpt_path: Path | None = None
+        _RUN.clear()  # what an earlier command of this process ran is not this one's
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse :attr:`command` (``--ckpt_path`` taken off), not ``sys.argv``."""
+        self.config = parser.parse_args(self.command)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(f"--{LORA_GROUP}", type=LoRAInjectionCallback | None, default=None, help=_lora_help())
+        parser.add_argument(
+            f"--{NEW_DATA_ORDER}",
+            type=bool,
+            default=False,
+            help="With --ckpt_path: accept changed data-order settings (batch size, data seed, digits, replay "
+            "share, accumulate_grad_batches, seed); the data order restarts at the current epoch's first batch.",
+        )
 
     def instantiate_classes(self) -> None:
         try:
@@ -180,7 +211,8 @@ class LoRACLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        callbacks = list(config["trainer"].get("callbacks") or [])
+        callbacks = [ExactResume(new_data_order=bool(config.get(NEW_DATA_ORDER)))]  # first: it notes each hook's place
+        callbacks += list(config["trainer"].get("callbacks") or [])
         if config.get(LORA_GROUP) is not None:
             callbacks.append(config[LORA_GROUP])
         if not any(isinstance(c, RunRecord) for c in callbacks):
@@ -191,11 +223,31 @@ class LoRACLI(LightningCLI):
         plugins = config["trainer"].get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())
+            plugins.append(SafeCheckpointIO())
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
-        _RUN.update(trainer=trainer, started=time.time())
+        _RUN.update(trainer=trainer, started=time.time(), new_folder=_new_run_folder(trainer))
         _sweep_earlier_runs(trainer)
+        if self.requested_ckpt_path is not None:
+            self.resolved_ckpt_path = self._resolve_ckpt_path(self.requested_ckpt_path, trainer)
+            trainer.ckpt_path = str(self.resolved_ckpt_path)
         return trainer
+
+    def _resolve_ckpt_path(self, requested: str, trainer: pl.Trainer) -> Path:
+        """A checkpoint file from what ``--ckpt_path`` names (no file is read here: Lightning's restore reads it)."""
+        if requested in ("best", "hpc", "registry"):
+            raise UsageError(
+                f"--ckpt_path {requested} names a checkpoint of an earlier fit in the same Python process, which a "
+                "command line run has not; give a .ckpt file or a run folder (runs/<name> means its newest checkpoint)"
+            )
+        reference = _latest_run(trainer) if requested == "last" else requested
+        try:
+            resolved = resolve_checkpoint(reference, "ckpt_path")
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from err
+        note = describe_resolution(reference, resolved)
+        if note:
+            rank_zero_info(f"--ckpt_path {note}")
+        return resolved
 
     def before_fit(self) -> None:
         """Refuse to write into a checkpoint folder that holds another run's checkpoints.
@@ -205,8 +257,7 @@ class LoRACLI(LightningCLI):
         warns). Resuming a run in its own folder is the one exception.
         """
         trainer = self.trainer
-        resumed = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
-        resumed_from = Path(str(resumed)).resolve().parent if resumed else None
+        resumed_from = self.resolved_ckpt_path.resolve().parent if self.resolved_ckpt_path else None
         for callback in trainer.checkpoint_callbacks:
             dirpath = getattr(callback, "dirpath", None)
             if dirpath is None and trainer.loggers:
@@ -221,62 +272,46 @@ class LoRACLI(LightningCLI):
                     "--ckpt_path"
                 )
 
-    def _parse_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` (weights-only, run folders resolved) and do *not* read model settings from it.
 
-        LightningCLI's own version reads the checkpoint's hyper-parameters and lets them override
-        the config: a stored ``base_checkpoint`` then beats the one given on the command line,
-        and a stored ``_class_path`` can switch the model class (importing whatever it names).
-        Here the config (YAML and command line) alone decides the model; the checkpoint's
-        adapters are checked against it (LoRACheckpointMixin: same LoRA settings, same base).
-        LightningCLI offers no public switch for this, so this private method is overridden, in
-        this one place; ``tests/test_cli.py`` fails if LightningCLI stops calling it.
-        """
-        if not self.config.get("subcommand"):  # run=False: no subcommand, no ckpt_path
-            return
-        settings = self.config[self.config.subcommand]
-        path = settings.get("ckpt_path")
-        if path == "last":  # the latest run of this config (Lightning's "last" would look in the new run's folder)
-            path = self._latest_run(settings)
-        if path is not None and path not in ("best", "hpc", "registry"):  # Lightning's other keywords
-            try:
-                resolved = resolve_checkpoint(path, "ckpt_path")
-                checkpoint = read_checkpoint_state(resolved, "ckpt_path")
-            except (ValueError, FileNotFoundError) as err:
-                raise UsageError(str(err)) from err
-            note = describe_resolution(path, resolved)
-            if note:
-                rank_zero_info(f"--ckpt_path {note}")
-            if "pytorch-lightning_version" not in checkpoint:
-                raise UsageError(
-                    f"ckpt_path {resolved} holds weights only, not a Lightning run to resume or evaluate; "
-                    "to start from pretrained weights pass them as --model.base_checkpoint"
-                )
-            settings["ckpt_path"] = str(resolved)
-
-    @staticmethod
-    def _latest_run(settings: Any) -> str:
-        logger = settings.get("trainer", {}).get("logger")
-        if logger is False:
-            raise UsageError("--ckpt_path last needs the run folders a logger makes; pass the checkpoint file instead")
-        loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
-        found = [_init_args(entry) for entry in loggers if entry]
-        init_args = next((args for args in found if args.get("save_dir")), found[0] if found else {})
-        save_dir, name = init_args.get("save_dir", "runs"), init_args.get("name", "lightning_lora")
-        folder = Path(str(save_dir)) / str(name)
-        if not folder.is_dir():
-            raise UsageError(f"--ckpt_path last: there is no earlier run of this config in {folder} to resume")
-        return str(folder)
+def _latest_run(trainer: pl.Trainer) -> str:
+    """The run folder of this config's name (``runs/<name>``), for ``--ckpt_path last``."""
+    logger = trainer.logger
+    save_dir, name = getattr(logger, "save_dir", None), getattr(logger, "name", None)
+    if not save_dir or not name:
+        raise UsageError("--ckpt_path last needs the run folders a logger makes; pass the checkpoint file instead")
+    folder = Path(save_dir) / name
+    if not folder.is_dir():
+        raise UsageError(f"--ckpt_path last: there is no earlier run of this config in {folder} to resume")
+    return str(folder)
 
 
-def _init_args(entry: Any) -> dict[str, Any]:
-    """A logger's init_args from the parsed config (a Namespace or a dict), or ``{}``."""
-    args = getattr(entry, "init_args", None)
-    if args is None and isinstance(entry, dict):
-        args = entry.get("init_args")
-    if args is not None and not isinstance(args, dict):
-        args = vars(args) if hasattr(args, "__dict__") else dict(args)
-    return dict(args or {})
+def _new_run_folder(trainer: pl.Trainer) -> Path | None:
+    """The version folder this run's logger will create, if it does not exist yet (else ``None``).
+
+    Asked before anything is written: a TensorBoard logger names its next version folder without
+    creating it. A failed run that trained nothing leaves no such folder behind (:func:`discard_empty_run`).
+    """
+    logger = trainer.logger
+    if not isinstance(logger, TensorBoardLogger) or not trainer.is_global_zero:
+        return None
+    folder = Path(logger.log_dir)
+    return None if folder.exists() else folder
+
+
+def discard_empty_run() -> Path | None:
+    """After a failed command: remove the version folder it created if that holds nothing of value.
+
+    Nothing of value: no checkpoint in it, and no training step done (a refused resume, a target
+    that matches nothing, a failed ``test`` or ``predict``). Only a folder this very run created
+    is ever removed. Returns the folder removed, if any.
+    """
+    trainer, folder = _RUN.get("trainer"), _RUN.get("new_folder")
+    if trainer is None or folder is None or not folder.is_dir():
+        return None
+    if any(folder.rglob("*.ckpt")) or trainer.global_step > 0:
+        return None
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
 
 
 def _sweep_earlier_runs(trainer: pl.Trainer) -> None:
@@ -286,47 +321,3 @@ def _sweep_earlier_runs(trainer: pl.Trainer) -> None:
     if trainer.is_global_zero and save_dir and name and (Path(save_dir) / name).is_dir():
         for folder in (Path(save_dir) / name).glob("version_*/checkpoints"):
             sweep_stale_temporaries(folder)
-
-
-def _check_config_files(args: Sequence[str]) -> None:
-    """Each ``-c``/``--config`` file exists and is YAML (jsonargparse's errors do not name the file)."""
-    import yaml
-
-    for i, arg in enumerate(args):
-        path = args[i + 1] if arg in ("-c", "--config") and i + 1 < len(args) else None
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        if path is None:
-            continue
-        if not Path(path).is_file():
-            raise UsageError(f"config {path} does not exist")
-        try:
-            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise UsageError(f"config {path} is not valid YAML: {' '.join(str(err).split())}") from err
-        except (UnicodeDecodeError, OSError) as err:
-            raise UsageError(f"config {path} cannot be read as UTF-8 text ({err})") from err
-
-
-def run_lightning(args: Sequence[str]) -> LightningCLI:
-    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``).
-
-    Model and data are chosen by ``class_path`` (any ``LightningModule``: this package's
-    :class:`NetModule` classes or the user's own, and any ``LightningDataModule``), so the
-    classifier, the regression experiment and a user's module share one command.
-    """
-    _check_config_files(args)
-    sys.argv = [sys.argv[0], *args]  # LightningCLI parses sys.argv when not given args
-    return LoRACLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=None,
-        auto_configure_optimizers=False,  # its optimizer would be built before the adapters exist
-        save_config_kwargs={"overwrite": True},
-        parser_class=ShortErrorParser,
-        trainer_defaults={
-            "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="lightning_lora", default_hp_metric=False)
-        },
-    )

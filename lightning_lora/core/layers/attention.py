@@ -44,6 +44,12 @@ class LoRAMultiheadAttention(LoRALayer):
         "add_zero_attn",
     )
 
+    # Not a private attribute we read or write of torch's, but the name torch reads of us: an
+    # nn.TransformerEncoderLayer in eval without grad takes a fused kernel over its self_attn's
+    # in_proj_weight / out_proj.weight (the base weights, the adapter left out) unless this is False.
+    # tests/test_public_doors.py allows this one name here.
+    _qkv_same_embed_dim = False
+
     optional_parameters = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
                            "bias_k", "bias_v")  # fmt: skip
 
@@ -59,9 +65,6 @@ class LoRAMultiheadAttention(LoRALayer):
             )
         super().__init__(base, config)
         self.out_proj = LoRALinear(base.out_proj, config)
-        # nn.TransformerEncoderLayer reads this flag of its self_attn (which this layer now is) to decide
-        # on its fast path; it holds here by the check above, as nn.MultiheadAttention defines it.
-        self._qkv_same_embed_dim = True
 
     def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.embed_dim), (3 * self.embed_dim, rank)

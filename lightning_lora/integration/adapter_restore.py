@@ -1,0 +1,211 @@
+"""Re-creating a LoRA run's adapters from its checkpoint, without Lightning.
+
+A LoRA checkpoint (written by ``LoRACheckpointMixin``) holds a ``lightning_lora`` section: where the
+adapters live in the module, the LoRA config, a fingerprint of the frozen base, and which keys its
+state holds. :func:`restore_adapters` re-injects the adapters into a module built from its own
+``__init__``, checks the base against the fingerprint (naming the first tensor that differs) and
+the saved keys against the adapter's, and fills the state with the module's own base tensors, so
+that a strict ``load_state_dict`` restores the run. The mixin's ``on_load_checkpoint`` and the
+commands that rebuild a run without Lightning (``export``, ``merge``, ``report``) both use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_lora.core.config import LoRAConfig
+from lightning_lora.core.fingerprint import fingerprint, first_difference
+from lightning_lora.core.inject import get_lora_config, inject_lora
+from lightning_lora.core.layers import kept_biases
+from lightning_lora.core.layers.base import BASE_PREFIX
+from lightning_lora.core.targets import plan_targets, refuse_oversized
+from lightning_lora.errors import DataError, NonFiniteWeightsError, UsageError
+
+CHECKPOINT_KEY = "lightning_lora"
+FORMAT_VERSION = 1
+LEGACY_CONFIG_KEY = "lora_config"  # full checkpoints of the first release held the config here
+
+
+def resolve_module_path(root: nn.Module, path: str | None) -> tuple[str, nn.Module | None]:
+    """The module that holds (or will hold) the adapters, and its path from ``root``.
+
+    Default: ``root.net`` when ``root`` has a ``net`` attribute (built or still ``None``, for a
+    net built in ``configure_model``), else ``root`` itself. ``None`` means "not built yet".
+
+    Raises:
+        UsageError: a path segment does not exist, or names something that is not a module.
+    """
+    if path is None:
+        return ("net", root.net) if hasattr(root, "net") else ("", root)
+    module: Any = root
+    parts = path.split(".") if path else []
+    for i, part in enumerate(parts):
+        if module is None or not hasattr(module, part):
+            where = ".".join(parts[:i]) or type(root).__name__
+            children = [n for n, _ in module.named_children()] if isinstance(module, nn.Module) else []
+            raise UsageError(
+                f"module_path {path!r}: {where} has no attribute {part!r}; its submodules are {children}. "
+                "Set module_path to the dotted attribute path of the network to adapt, e.g. 'net' or 'model.backbone'"
+            )
+        module = getattr(module, part)
+    if module is not None and not isinstance(module, nn.Module):
+        raise UsageError(f"module_path {path!r} names a {type(module).__name__}, not an nn.Module")
+    return path, module
+
+
+def adapted_submodule(root: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(path, module)`` of the submodule holding LoRA adapters, or ``None``."""
+    for name, module in root.named_modules():
+        if get_lora_config(module) is not None:
+            return name, module
+    return None
+
+
+def frozen_parameter_keys(root: nn.Module) -> list[str]:
+    return [n for n, p in root.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+
+def base_tensors(root: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint leaves to the module itself: frozen parameters (base values while merged)
+    and the base values of trained biases."""
+    state = root.state_dict(keep_vars=True)  # merged layers report their base weights here
+    tensors = {k: state[k].detach() for k in frozen_parameter_keys(root) if k in state}
+    for module, param, qualified in kept_biases(root):
+        tensors[qualified] = getattr(module, BASE_PREFIX + param).detach()
+    return tensors
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write weights that hold NaN or infinity (the message names them)."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"refusing to write {what}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:5])}). "
+            "The last checkpoint written before this one is intact; resume from it with a lower learning rate "
+            "(lightning-lora: --ckpt_path <that checkpoint> --model.lr_on_resume <lower lr>)."
+        )
+
+
+def restore_adapters(root: nn.Module, checkpoint: dict[str, Any], base_hint: str) -> None:
+    """Prepare ``root`` (and the checkpoint) so that a strict ``load_state_dict`` restores the run.
+
+    LoRA checkpoints: re-inject, and check the base against the fingerprint. Adapter-only ones:
+    check the saved keys are exactly the adapter's and fill the checkpoint's state with the base
+    tensors from ``root`` itself. Full ones (written under a strategy that loads the state itself,
+    FSDP) are loaded by that strategy strictly, before this hook, so the keys the state holds are
+    checked there. Checkpoints without a LoRA section: inject from a first-release config if there
+    is one, and refuse a pretraining checkpoint for a model that already holds adapters.
+    """
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if meta is None:
+        _restore_full(root, checkpoint)
+        return
+    meta = _checked_meta(meta)
+    path, target = resolve_module_path(root, meta["module_path"])
+    if target is None:
+        raise UsageError(f"the checkpoint's adapters live in '{path}', which this module has not built")
+    _inject(target, LoRAConfig.from_dict(meta["lora_config"]))
+    problem = first_difference(meta["base_fingerprint"], _fingerprint_of(root))
+    if problem:
+        raise UsageError(
+            f"this base model is not the one the checkpoint's adapters were trained on: {problem}. {base_hint}"
+        )
+    state = checkpoint.get("state_dict")
+    if state is None:  # the strategy loaded it (strictly) before this hook: FSDP and its kind
+        if meta.get("adapter_only", True):
+            raise UsageError(
+                "this checkpoint holds adapters only, but the strategy loads a checkpoint's state before the module "
+                "can add the frozen base to it (FSDP, DeepSpeed): resume it with the strategy that wrote it"
+            )
+        _refuse_non_finite({k: v for k, v in root.state_dict().items() if k in set(meta["saved_keys"])})
+        return
+    if not meta.get("adapter_only", True):
+        return  # a full checkpoint: Lightning's strict load_state_dict compares every key
+    frozen = set(frozen_parameter_keys(root))
+    live = root.state_dict()
+    expected = {k for k in live if k not in frozen}
+    saved, values = set(state), state
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        raise DataError(
+            f"the checkpoint's saved tensors do not match this model's adapters: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}. Resume with the same module and LoRA settings."
+        )
+    _refuse_non_finite(values)
+    state.update({k: live[k] for k in frozen if k in live})
+
+
+def _refuse_non_finite(values: dict[str, Any]) -> None:
+    bad = [k for k, v in values.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DataError(
+            f"the checkpoint holds NaN or infinite values in {', '.join(bad[:5])}: it was damaged after it was "
+            "written (lightning-lora never writes such a checkpoint); use another checkpoint of the run"
+        )
+
+
+def _restore_full(root: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """A full checkpoint: a pretraining one, or a LoRA one from the first release (config top-level)."""
+    legacy = checkpoint.get(LEGACY_CONFIG_KEY)
+    _, target = resolve_module_path(root, None)
+    if legacy is not None:
+        _inject(target, LoRAConfig.from_dict(legacy))
+    elif adapted_submodule(root) is not None:
+        raise UsageError(
+            "this checkpoint holds no LoRA adapters, but the model has them: it looks like a pretraining "
+            "checkpoint passed as --ckpt_path to a LoRA run. ckpt_path resumes an interrupted run of the same "
+            "kind; to start fine-tuning from pretrained weights, pass them as --model.base_checkpoint instead."
+        )
+
+
+def _fingerprint_of(root: nn.Module) -> dict[str, dict[str, Any]]:
+    cached = getattr(root, "base_fingerprint", None)  # LoRACheckpointMixin hashes the frozen base once
+    return cached() if callable(cached) else fingerprint(base_tensors(root))
+
+
+def lora_settings_differ(recorded: LoRAConfig, current: LoRAConfig) -> str:
+    """Each LoRA field that differs, with both values (``""`` when none does)."""
+    return ", ".join(
+        f"{name} {getattr(recorded, name)!r} in the checkpoint, {getattr(current, name)!r} now"
+        for name in LoRAConfig.field_names()
+        if getattr(recorded, name) != getattr(current, name)
+    )
+
+
+def _inject(target: nn.Module, config: LoRAConfig) -> None:
+    existing = get_lora_config(target)
+    if existing is not None and existing != config:
+        differences = lora_settings_differ(config, existing)
+        raise UsageError(
+            f"the checkpoint was trained with other LoRA settings ({differences}); "
+            "resume with the same LoRA settings (e.g. --lora.rank), or start a new run without --ckpt_path"
+        )
+    try:
+        if existing is None:
+            plan = plan_targets(target, config)
+            refuse_oversized(target, config, "the checkpoint's LoRA config", plan=plan)
+            inject_lora(target, config, plan=plan)
+    except ValueError as err:
+        raise UsageError(f"the checkpoint's LoRA config does not fit this model: {err}") from err
+
+
+def _checked_meta(meta: Any) -> dict[str, Any]:
+    """The checkpoint's LoRA section, every field present and of the right type."""
+    shape = {
+        "format_version": int,
+        "module_path": str,
+        "lora_config": dict,
+        "base_fingerprint": dict,
+        "saved_keys": list,
+    }
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in shape.items()):
+        raise DataError(f"the checkpoint's '{CHECKPOINT_KEY}' section is damaged; expected the fields {sorted(shape)}")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise UsageError(
+            f"the checkpoint's LoRA section has format version {meta['format_version']}, newer than this "
+            f"lightning-lora reads ({FORMAT_VERSION}); upgrade lightning-lora"
+        )
+    return meta

@@ -1,0 +1,309 @@
+"""ExactResume: a resumed run repeats the uninterrupted one, or is refused before it trains.
+
+Three parts, all through Lightning's public callback hooks and its own checkpointing of callback
+state (``state_dict`` / ``load_state_dict``):
+
+- **Random streams.** At every training batch torch's generators are seeded from (run seed,
+  batch number, rank), so dropout masks and any other draw of batch ``k`` are the same whatever
+  ran before (validation, a DataLoader's own seed draw, a resume). The run seed is
+  ``seed_everything``'s, or one drawn once per run; the checkpoint keeps it.
+- **Where a checkpoint was written.** The callback notes which hook every checkpoint was written
+  in. Lightning 2.6 restores a checkpoint exactly when it was written at the end of a training
+  batch that completed an optimizer step, or at the end of a validation; one written at an
+  epoch's or the training's end only into a run that counts epochs; and one written at the end of
+  an epoch's last batch only once: the run resumed from it restarts its next epoch without
+  counting it started, so none of *its* checkpoints resume exactly. ``tests/test_exact_resume.py``
+  tries each of these against Lightning and fails if it changes. A resume from anything else is
+  refused, naming why and what to resume from instead. :class:`~lightning_lora.integration.
+  resumable_checkpoint.ResumableCheckpoint` writes only checkpoints of the first kind.
+- **What decides the data order.** The seed, the Trainer's ``accumulate_grad_batches`` and the
+  DataModule's ``resume_settings()`` (batch size, data seed, digits, replay share, for
+  :class:`~lightning_lora.demo.mnist_datamodule.MNISTDataModule`) are recorded; a resume that
+  changes one is refused naming the setting and both values, unless ``new_data_order`` is set:
+  then the run says that the order restarts and the training loader forgets its saved position.
+
+The refusal comes from ``load_state_dict``, which Lightning calls while it restores the model and
+callbacks, before the strategy wraps the model, before the optimizer exists and before any step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import RandomSampler
+
+from lightning_lora.errors import ResumeError
+
+EXACT_EVERYWHERE = ("batch_end", "validation_end")
+"""Hooks whose checkpoints Lightning resumes exactly into any run (at an optimizer-step boundary)."""
+
+EXACT_IN_EPOCH_RUNS = ("epoch_end", "train_end")
+"""Hooks whose checkpoints Lightning resumes exactly only into a run that counts epochs (``max_steps=-1``)."""
+
+_HOOK_NAMES = {
+    "batch_end": "the end of a training batch",
+    "validation_end": "the end of a validation",
+    "epoch_end": "the end of a training epoch (on_train_epoch_end)",
+    "train_end": "the end of training (on_train_end)",
+    "exception": "an exception (a crash, Ctrl-C or SIGTERM)",
+    "elsewhere": "the middle of a training step or another hook",
+}
+
+
+def _flat(loaders: Any) -> list[Any]:
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+class ExactResume(pl.Callback):
+    """Exact, checked resume for any LightningModule (the ``lightning-lora`` command adds it to every run).
+
+    Args:
+        new_data_order: On a resume, accept changed data-order settings (batch size, data seed,
+            digits, replay share, ``accumulate_grad_batches``, the seed): the data order restarts
+            from the current epoch's first batch and the run prints that it does.
+    """
+
+    def __init__(self, new_data_order: bool = False) -> None:
+        super().__init__()
+        if not isinstance(new_data_order, bool):
+            raise ValueError(f"new_data_order must be true or false, got {new_data_order!r}")
+        self.new_data_order = new_data_order
+        self.run_seed: int | None = None
+        self.batches_started = 0
+        self.inexact_from_restore: str | None = None  # why this run's own checkpoints cannot be resumed exactly
+        self._run_trainer: pl.Trainer | None = None
+        self._phase = "elsewhere"
+        self._step_at_batch_start = 0
+        self._stepped = True
+        self._epoch_last_batch = False
+        self._restart_order = False
+        self._resumed_mid_epoch = False
+
+    # -- settings -------------------------------------------------------------------------------
+
+    def order_settings(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """What decides the data order (and the random draws) of ``trainer``'s run, by name."""
+        settings: dict[str, Any] = {"trainer.accumulate_grad_batches": trainer.accumulate_grad_batches}
+        data = trainer.datamodule
+        own = data.resume_settings() if data is not None and callable(getattr(data, "resume_settings", None)) else {}
+        settings.update({f"data.{name}": value for name, value in own.items()})
+        return settings
+
+    def _run_seed(self, trainer: pl.Trainer) -> int:
+        """``seed_everything``'s seed; without one, a random seed drawn once (rank zero's, for every rank)."""
+        if self.run_seed is None:
+            self.run_seed = int(trainer.strategy.broadcast(_current_seed(), src=0))
+        return self.run_seed
+
+    # -- hooks: where are we? -------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._run_trainer = trainer
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaders = _flat(trainer.train_dataloader)
+        if self._restart_order:
+            for loader in loaders:
+                if callable(getattr(loader, "discard_saved_position", None)):
+                    loader.discard_saved_position()
+        elif self._resumed_mid_epoch:
+            _refuse_loaders_that_cannot_continue(trainer, loaders)
+        _seed_plain_shuffles(trainer, self._run_seed(trainer))
+        self._phase = "elsewhere"
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        """Seed torch's generators from (run seed, batch number, rank).
+
+        Only the generators a step can draw from are seeded, the CPU's and the module's device's:
+        ``torch.manual_seed`` also queues a seeding of every backend not yet initialised, capturing a
+        stack trace each time (0.2-0.7 ms a step, a quarter of a small network's step on the CPU).
+        """
+        seed = ((self._run_seed(trainer) * 1_000_003 + self.batches_started) * 8_191 + trainer.global_rank) % 2**63
+        torch.default_generator.manual_seed(seed)
+        device = pl_module.device
+        if device.type == "cuda":
+            torch.cuda.default_generators[device.index if device.index is not None else 0].manual_seed(seed)
+        elif device.type != "cpu":
+            torch.manual_seed(seed)
+        self.batches_started += 1
+        self._phase = "elsewhere"
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        batch_idx = args[-1]
+        self._phase = "batch_end"
+        self._stepped = trainer.global_step != self._step_at_batch_start
+        self._epoch_last_batch = batch_idx + 1 >= trainer.num_training_batches
+
+    def _fitting(self, trainer: pl.Trainer) -> bool:
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fitting(trainer):
+            self._phase = "elsewhere"
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fitting(trainer):
+            self._phase = "validation_end"
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._phase = "epoch_end"
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._phase = "train_end"
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._phase = "exception"
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._run_trainer
+        return {
+            "run_seed": self.run_seed,
+            "batches_started": self.batches_started,
+            "written_at": self._phase,
+            "step_boundary": self._stepped,
+            "epoch_last_batch": self._epoch_last_batch,
+            "inexact_from_restore": self.inexact_from_restore,
+            "settings": self.order_settings(trainer) if trainer is not None else {},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        trainer = self._run_trainer
+        if trainer is None:
+            raise RuntimeError("ExactResume.load_state_dict before setup(): Lightning no longer restores callbacks "
+                               "after setting them up; please report this")  # fmt: skip
+        _check_resumable(state_dict, trainer)
+        differences = self._differences(state_dict, trainer)
+        if differences and not self.new_data_order:
+            raise ResumeError(
+                "resume refused: this run's settings differ from the interrupted run's where they decide the data "
+                f"order ({'; '.join(differences)}). Resuming would apply the saved position to another order and train "
+                "on other batches than the interrupted run. Resume with the interrupted run's settings, or ask for a "
+                "new data order (--new_data_order true; in Python ExactResume(new_data_order=True))."
+            )
+        if self.new_data_order:
+            self._restart_order = True
+            rank_zero_info(
+                "--new_data_order: the data order restarts at the current epoch's first batch"
+                + (f" ({'; '.join(differences)})" if differences else "")
+                + "; this run no longer repeats the interrupted one"
+            )
+        self.batches_started = int(state_dict.get("batches_started", 0))
+        recorded = state_dict.get("run_seed")
+        if isinstance(recorded, int) and not self.new_data_order:
+            current = os.environ.get("PL_GLOBAL_SEED")
+            if current is not None and int(current) != recorded:
+                rank_zero_info(
+                    f"resuming with the interrupted run's seed {recorded}, not seed_everything {current}: the seed "
+                    "decides the data order and the dropout masks of the run being resumed (--new_data_order true "
+                    "would start a new order with the new seed)"
+                )
+            self.run_seed = recorded
+        self._resumed_mid_epoch = state_dict.get("written_at") in EXACT_EVERYWHERE and not state_dict.get(
+            "epoch_last_batch"
+        )
+        if state_dict.get("written_at") == "batch_end" and state_dict.get("epoch_last_batch"):
+            self.inexact_from_restore = (
+                "its run was itself resumed from a checkpoint written at the end of an epoch's last batch, with no "
+                "validation after it: Lightning 2.6 restores such a run with its epoch counters one behind, so the "
+                "checkpoints that run writes do not resume exactly"
+            )
+
+    def _differences(self, state: dict[str, Any], trainer: pl.Trainer) -> list[str]:
+        recorded = state.get("settings") or {}
+        current = self.order_settings(trainer)
+        return [
+            f"{name}: {recorded[name]!r} in the checkpoint, {current[name]!r} now"
+            for name in sorted(set(recorded) & set(current))
+            if recorded[name] != current[name]
+        ]
+
+
+def _current_seed() -> int:
+    seed = os.environ.get("PL_GLOBAL_SEED")  # what seed_everything (LightningCLI's too) sets
+    return int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little")
+
+
+def _check_resumable(state: dict[str, Any], trainer: pl.Trainer) -> None:
+    """Refuse a checkpoint that Lightning 2.6 would not resume exactly into this run (see the module docstring)."""
+    where = state.get("written_at", "elsewhere")
+    written = _HOOK_NAMES.get(where, where)
+    advice = (
+        "Resume from a checkpoint that ResumableCheckpoint wrote (lightning-lora's configs write only those; "
+        "every_n_train_steps sets how often)"
+    )
+    if state.get("inexact_from_restore"):
+        raise ResumeError(
+            f"resume refused: this checkpoint cannot be resumed exactly: {state['inexact_from_restore']}. Resume from "
+            "the checkpoint that run started from, or validate at every epoch end (then checkpoints at epoch ends "
+            "are written after the validation, where Lightning restores them exactly)"
+        )
+    if where in EXACT_EVERYWHERE:
+        if not state.get("step_boundary", True):
+            raise ResumeError(
+                f"resume refused: the checkpoint was written at {written} in the middle of an accumulated optimizer "
+                "step, so the gradient of that step's earlier batches is not in it and the run cannot continue "
+                f"exactly. {advice}."
+            )
+        return
+    if where in EXACT_IN_EPOCH_RUNS and trainer.max_steps == -1:
+        return
+    kind = " into a run that counts steps (max_steps)" if where in EXACT_IN_EPOCH_RUNS else ""
+    raise ResumeError(
+        f"resume refused: the checkpoint was written at {written}, which Lightning 2.6 does not resume exactly{kind}. "
+        f"{advice}"
+        + (", or resume this one with --trainer.max_epochs instead of --trainer.max_steps." if kind else ".")
+    )
+
+
+def _refuse_loaders_that_cannot_continue(trainer: pl.Trainer, loaders: list[Any]) -> None:
+    """A mid-epoch resume needs training loaders that saved their position (``state_dict``/``load_state_dict``).
+
+    Lightning would restart such an epoch from its first batch, with only a warning. The step
+    restored is not saved again: a checkpoint callback's save-on-exception is switched off first.
+    """
+    stuck = [type(loader).__name__ for loader in loaders if not callable(getattr(loader, "load_state_dict", None))]
+    if not stuck:
+        return
+    for callback in trainer.checkpoint_callbacks:
+        if hasattr(callback, "save_on_exception"):
+            callback.save_on_exception = False
+    raise ResumeError(
+        f"resume refused: the checkpoint was written in the middle of an epoch, but the training DataLoader "
+        f"({', '.join(stuck)}) cannot continue where the run stopped (it has no state_dict()/load_state_dict()), so "
+        "training would not repeat the interrupted run. Resume from a checkpoint written at an epoch's end, or use "
+        "a loader that saves its position (lightning_lora.integration.resumable_loader.ResumableDataLoader)."
+    )
+
+
+def _seed_plain_shuffles(trainer: pl.Trainer, run_seed: int) -> None:
+    """Give a plain ``DataLoader(shuffle=True)`` an order that depends only on (run seed, epoch).
+
+    Its ``RandomSampler`` draws each epoch's order from torch's global random state, which no
+    checkpoint restores, so a resumed run would see other batches. Lightning calls ``set_epoch``
+    on every training sampler that has one before each epoch (also the first after a resume),
+    so the sampler gets a generator reseeded there. Such a loader cannot continue mid-epoch (a
+    resume there is refused). Under DDP Lightning's own DistributedSampler does the same.
+    """
+    for loader in _flat(trainer.train_dataloader):
+        sampler = getattr(loader, "sampler", None)
+        if type(sampler) is RandomSampler and sampler.generator is None and not hasattr(sampler, "set_epoch"):
+            sampler.generator = torch.Generator()
+
+            def set_epoch(epoch: int, generator: torch.Generator = sampler.generator) -> None:
+                generator.manual_seed((run_seed * 1_000_003 + epoch) % 2**63)
+
+            sampler.set_epoch = set_epoch
+            set_epoch(trainer.current_epoch)
+
+
+__all__ = ["ExactResume"]

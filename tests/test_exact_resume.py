@@ -1,0 +1,242 @@
+"""Exact resume by design (lightning_lora.integration.exact_resume, resumable_checkpoint, resumable_loader).
+
+Every checkpoint ResumableCheckpoint writes resumes into the run that was never stopped, bit for bit:
+chains of resumes, at and across epoch boundaries, max_epochs continued with max_steps and the
+reverse, with validation or without, gradient accumulation, dropout. Checkpoints written elsewhere
+(ModelCheckpoint at an epoch's end, at train end, mid-accumulation) are refused where Lightning 2.6
+would resume them inexactly; the tests marked "Lightning's own behaviour" check that it really
+would, so they fail loudly when Lightning changes (then the refusals may be relaxed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lora.errors import ResumeError
+from lightning_lora.integration.exact_resume import ExactResume
+from lightning_lora.integration.resumable_checkpoint import ResumableCheckpoint
+from lightning_lora.integration.resumable_loader import EpochShuffle, ResumableDataLoader
+
+BATCHES, BATCH = 4, 2  # four batches an epoch
+
+
+class Tiny(pl.LightningModule):
+    """A module whose weights depend on every batch's order and on dropout's draws; it records what it saw."""
+
+    def __init__(self, dropout: float = 0.0, validate: bool = False, batch_size: int = BATCH, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Dropout(dropout), nn.Linear(8, 1))
+        self.validate, self.batch_size, self.seed = validate, batch_size, seed
+        self.seen: list[tuple[int, ...]] = []
+        generator = torch.Generator().manual_seed(1)
+        self.x = torch.randn(BATCHES * BATCH, 3, generator=generator)
+        self.ids = torch.arange(BATCHES * BATCH).float()[:, None]
+
+    def training_step(self, batch, batch_idx):
+        x, ids = batch
+        self.seen.append(tuple(int(i) for i in ids.flatten()))
+        return (self.net(x) - ids).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.net(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        data = TensorDataset(self.x, self.ids)
+        sampler = EpochShuffle(torch.arange(len(data)), seed=self.seed)
+        return ResumableDataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.ids), batch_size=4) if self.validate else []
+
+
+def fit(root, ckpt=None, callbacks=None, module=None, exact=True, **trainer_args):
+    """One fit: (its module, the checkpoints folder). ``callbacks=None``: ResumableCheckpoint every 3 steps."""
+    module = module or Tiny()
+    if callbacks is None:
+        callbacks = [ResumableCheckpoint(every_n_train_steps=3, dirpath=str(root))]
+    trainer = pl.Trainer(
+        default_root_dir=str(root), logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", num_sanity_val_steps=0, callbacks=([ExactResume()] if exact else []) + callbacks,
+        limit_val_batches=None if module.validate else 0, **trainer_args,
+    )  # fmt: skip
+    trainer.fit(module, ckpt_path=None if ckpt is None else str(ckpt))
+    return module, root
+
+
+def weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_run(resumed_seen, resumed, reference_seen, reference):
+    assert resumed_seen == reference_seen, "the resumed run trained on other batches"
+    for key, value in weights(reference).items():
+        assert torch.equal(weights(resumed)[key], value), f"{key} differs from the uninterrupted run's"
+
+
+CHAINS = {
+    "steps 4 -> 8 -> 13 (each ends on an epoch boundary)": [{"max_steps": 4}, {"max_steps": 8}, {"max_steps": 13}],
+    "steps 3 -> 6 -> 9 -> 13": [{"max_steps": 3}, {"max_steps": 6}, {"max_steps": 9}, {"max_steps": 13}],
+    "epochs 1 -> epochs 2 -> steps 15": [{"max_epochs": 1}, {"max_epochs": 2}, {"max_steps": 15}],
+    "steps 6 -> epochs 3 -> steps 14": [{"max_steps": 6}, {"max_epochs": 3}, {"max_steps": 14}],
+    "steps 4 -> epochs 3": [{"max_steps": 4}, {"max_epochs": 3}],
+}
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validating", "no validation"])
+@pytest.mark.parametrize("chain", list(CHAINS), ids=list(CHAINS))
+def test_every_checkpoint_it_writes_resumes_exactly_in_any_chain(tmp_path, chain, validate):
+    legs = CHAINS[chain]
+    if not validate and chain.startswith(("steps 4", "epochs 1")) and len(legs) > 2:
+        pytest.skip("a chain through an epoch-boundary resume needs validation at epoch ends (see the refusal test)")
+    reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3, validate=validate), **legs[-1])
+    seen, ckpt, module = [], None, None
+    for i, leg in enumerate(legs):
+        module, root = fit(tmp_path / str(i), ckpt, module=Tiny(dropout=0.3, validate=validate), **leg)
+        done = torch.load(ckpt, weights_only=True)["global_step"] if ckpt else 0
+        seen = seen[:done] + module.seen
+        ckpt = root / "last.ckpt"
+    assert_same_run(seen, module, reference.seen, reference)
+
+
+def test_gradient_accumulation_and_a_resume_inside_an_epoch(tmp_path):
+    args = {"accumulate_grad_batches": 2}
+    reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3), max_steps=5, **args)
+    first, root = fit(tmp_path / "a", module=Tiny(dropout=0.3), max_steps=3, **args)  # stops inside epoch 1
+    resumed, _ = fit(tmp_path / "b", root / "last.ckpt", module=Tiny(dropout=0.3), max_steps=5, **args)
+    assert_same_run(first.seen[:6] + resumed.seen, resumed, reference.seen, reference)
+
+
+def lightning_resumes_exactly(tmp_path, checkpoint_callback, first: dict, then: dict, validate=False) -> bool:
+    """Lightning's own behaviour, without ExactResume: does a resume from ``checkpoint_callback``'s last.ckpt repeat
+    the uninterrupted run?"""
+    reference, _ = fit(tmp_path / "ref", module=Tiny(validate=validate), exact=False, callbacks=[], **then)
+    first_run, root = fit(tmp_path / "a", module=Tiny(validate=validate), exact=False, callbacks=[checkpoint_callback],
+                          **first)  # fmt: skip
+    ckpt = root / "last.ckpt"
+    done = torch.load(ckpt, weights_only=True)["global_step"]
+    resumed, _ = fit(tmp_path / "b", ckpt, module=Tiny(validate=validate), exact=False, callbacks=[], **then)
+    return first_run.seen[:done] + resumed.seen == reference.seen
+
+
+def epoch_end_checkpoint(root):
+    return ModelCheckpoint(dirpath=str(root), every_n_epochs=1, save_on_train_epoch_end=True, save_last=True)
+
+
+def train_end_checkpoint(root):
+    return ModelCheckpoint(dirpath=str(root), every_n_train_steps=1000, save_last=True)
+
+
+REFUSED = {
+    "epoch-end checkpoint, resumed counting steps": (epoch_end_checkpoint, {"max_epochs": 1}, {"max_steps": 10}),
+    "train-end checkpoint, resumed counting steps": (train_end_checkpoint, {"max_steps": 3}, {"max_steps": 10}),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
+def test_lightnings_own_behaviour_these_checkpoints_do_not_resume_exactly(tmp_path, case):
+    make, first, then = REFUSED[case]
+    assert not lightning_resumes_exactly(tmp_path, make(tmp_path / "a"), first, then), (
+        "Lightning now resumes this checkpoint exactly: ExactResume's refusal of it can be relaxed"
+    )
+
+
+@pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
+def test_such_checkpoints_are_refused_before_anything_trains(tmp_path, case):
+    make, first, then = REFUSED[case]
+    _, root = fit(tmp_path / "a", callbacks=[make(tmp_path / "a")], **first)
+    module = Tiny()
+    with pytest.raises(ResumeError, match="does not resume exactly into a run that counts steps"):
+        fit(tmp_path / "b", root / "last.ckpt", module=module, callbacks=[], **then)
+    assert module.seen == []
+
+
+def test_an_epoch_end_checkpoint_resumes_exactly_into_a_run_that_counts_epochs(tmp_path):
+    assert lightning_resumes_exactly(tmp_path / "lightning", epoch_end_checkpoint(tmp_path / "lightning/a"),
+                                     {"max_epochs": 1}, {"max_epochs": 3})  # fmt: skip
+    reference, _ = fit(tmp_path / "ref", callbacks=[], max_epochs=3)
+    first, root = fit(tmp_path / "a", callbacks=[epoch_end_checkpoint(tmp_path / "a")], max_epochs=1)
+    resumed, _ = fit(tmp_path / "b", root / "last.ckpt", callbacks=[], max_epochs=3)
+    assert_same_run(first.seen + resumed.seen, resumed, reference.seen, reference)
+
+
+class SaveEveryBatch(pl.Callback):
+    """Writes a checkpoint at the end of every training batch, inside accumulated steps too."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.save_checkpoint(self.folder / f"batch={batch_idx}.ckpt")
+
+
+def test_a_mid_accumulation_checkpoint_is_refused(tmp_path):
+    fit(tmp_path / "a", callbacks=[SaveEveryBatch(tmp_path / "a")], max_steps=2, accumulate_grad_batches=2)
+    with pytest.raises(ResumeError, match="in the middle of an accumulated optimizer step"):
+        fit(tmp_path / "b", tmp_path / "a/batch=0.ckpt", callbacks=[], max_steps=4, accumulate_grad_batches=2)
+    resumed, _ = fit(tmp_path / "c", tmp_path / "a/batch=1.ckpt", callbacks=[], max_steps=4, accumulate_grad_batches=2)
+    assert len(resumed.seen) == 6  # a step boundary: accepted, and three more steps of two batches
+
+
+def test_a_run_resumed_at_an_epochs_last_batch_without_validation_is_not_resumed_again(tmp_path):
+    """Lightning restores such a run with its epoch counters one behind: its own checkpoints are refused."""
+    chain = [{"max_epochs": 1}, {"max_epochs": 2}, {"max_epochs": 4}]
+    assert not _chain_is_exact_in_plain_lightning(tmp_path / "lightning", chain), (
+        "Lightning now restores a run resumed at an epoch's last batch correctly: the refusal can go"
+    )
+    _, root = fit(tmp_path / "a", **chain[0])
+    _, root = fit(tmp_path / "b", root / "last.ckpt", **chain[1])
+    module = Tiny()
+    with pytest.raises(ResumeError, match="epoch counters one behind"):
+        fit(tmp_path / "c", root / "last.ckpt", module=module, **chain[2])
+    assert module.seen == []
+
+
+def _chain_is_exact_in_plain_lightning(root, legs) -> bool:
+    reference, _ = fit(root / "ref", exact=False, callbacks=[], **legs[-1])
+    seen, ckpt = [], None
+    for i, leg in enumerate(legs):
+        every = ModelCheckpoint(dirpath=str(root / str(i)), every_n_train_steps=4, save_last=True)
+        module, _ = fit(root / str(i), ckpt, exact=False, callbacks=[every], **leg)
+        done = torch.load(ckpt, weights_only=True)["global_step"] if ckpt else 0
+        seen, ckpt = seen[:done] + module.seen, root / str(i) / "last.ckpt"
+    return seen == reference.seen
+
+
+def test_changed_data_order_settings_are_refused_naming_both_values(tmp_path):
+    _, root = fit(tmp_path / "a", max_steps=3)
+    module = Tiny(batch_size=4)
+    with pytest.raises(ResumeError, match=r"batch_size 2 then, 4 now|accumulate_grad_batches: 1 in the checkpoint, 2"):
+        fit(tmp_path / "b", root / "last.ckpt", module=module, max_steps=6, accumulate_grad_batches=2)
+    assert module.seen == []
+
+
+def test_a_new_data_order_is_taken_when_asked_for_and_said(tmp_path, caplog):
+    _, root = fit(tmp_path / "a", max_steps=3)
+    module = Tiny(seed=7)  # another order
+    trainer_callbacks = [ResumableCheckpoint(dirpath=str(tmp_path / "b"))]
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer = pl.Trainer(default_root_dir=str(tmp_path / "b"), logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", limit_val_batches=0, max_steps=6,
+                             callbacks=[ExactResume(new_data_order=True), *trainer_callbacks])  # fmt: skip
+        trainer.fit(module, ckpt_path=str(root / "last.ckpt"))
+    assert "the data order restarts" in caplog.text
+    first_of_new_order = tuple(int(i) for i in EpochShuffle(torch.arange(8), seed=7))[:BATCH]
+    assert len(module.seen) == 3 and module.seen[0] == first_of_new_order  # epoch 0's last batch: the new order's first
+
+
+def test_the_loader_refuses_a_position_from_another_order_on_its_own(tmp_path):
+    """Without ExactResume (any Trainer), the stateful loader still refuses a position taken in another order."""
+    _, root = fit(tmp_path / "a", max_steps=3)
+    with pytest.raises(ResumeError, match="this loader's order differs"):
+        fit(tmp_path / "b", root / "last.ckpt", module=Tiny(batch_size=4), exact=False, callbacks=[], max_steps=6)
