@@ -123,7 +123,7 @@ def test_two_process_ddp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp
     run([*prepared(straight, fake_mnist), *ddp], straight)
     folder = tmp_path / "killed"
     args = [*prepared(folder, fake_mnist, slow=0.3), *ddp]
-    kill_after(args, folder, "epoch=0-step=4.ckpt", 0.1)
+    kill_after(args, folder, "epoch=0-step=2.ckpt", 0.1)
     run([*args, "--ckpt_path", "runs/finetune_lora"], folder)
     assert_same(adapter(straight, "version_0"), adapter(folder, "version_1"))
 
