@@ -1,4 +1,5 @@
-"""Shared fixtures: a fixed seed for every test, the gpu marker's skip, synthetic MNIST, a trained run."""
+"""Shared fixtures: a fixed seed for every test, the gpu marker's skip, synthetic MNIST, a working folder
+with pretraining checkpoints, a trained run."""
 
 from __future__ import annotations
 
@@ -44,6 +45,24 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> t
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     return torch.device(request.param)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in a fresh folder holding the pretraining checkpoints the fine-tune configs point at."""
+    import sys
+
+    from helpers import write_base_checkpoint
+
+    from lightning_lora.demo.nets import MLP, LinearModel, RichBoyNet
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-lora"])
+    torch.manual_seed(0)
+    write_base_checkpoint(tmp_path / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
+    write_base_checkpoint(tmp_path / "runs/mlp_pretrain/checkpoints/last.ckpt", MLP())
+    write_base_checkpoint(tmp_path / "runs/shift_pretrain/checkpoints/last.ckpt", LinearModel())
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from helpers import write_base_checkpoint
 from lightning_lora import load_adapter
 from lightning_lora.cli import main
 from lightning_lora.demo.classifiers import LitClassifier
-from lightning_lora.demo.nets import MLP, LinearModel, RichBoyNet
+from lightning_lora.demo.nets import RichBoyNet
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -40,18 +40,6 @@ PARSED_ONLY = [["finetune_lora.yaml", "ddp.yaml"], ["finetune_lora.yaml", "gpu.y
 
 def config_args(names: list[str]) -> list[str]:
     return [arg for name in names for arg in ("-c", str(CONFIGS / name))]
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, fake_mnist):
-    """Run in a fresh folder holding the pretrain checkpoint the finetune configs point at."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lightning-lora"])
-    torch.manual_seed(0)
-    write_base_checkpoint(tmp_path / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
-    write_base_checkpoint(tmp_path / "runs/mlp_pretrain/checkpoints/last.ckpt", MLP())
-    write_base_checkpoint(tmp_path / "runs/shift_pretrain/checkpoints/last.ckpt", LinearModel())
-    return tmp_path
 
 
 def test_every_config_is_exercised():

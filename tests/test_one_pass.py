@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_base_checkpoint
 from torch import nn
 
 from lightning_lora import LoRAConfig, inject_lora, load_adapter, save_adapter
 from lightning_lora.cli import main
 from lightning_lora.core.targets import plan_targets
 from lightning_lora.demo.classifiers import LitClassifier
-from lightning_lora.demo.nets import RichBoyNet
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -65,16 +63,12 @@ def test_inspect_plans_the_targets_once(tmp_path, monkeypatch, capsys):
 
 
 @pytest.fixture
-def fine_tuned(tmp_path, monkeypatch, fake_mnist):
-    """A short fine-tune through the command line: its working folder and ``last.ckpt``."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["lightning-lora"])
-    torch.manual_seed(0)
-    write_base_checkpoint(tmp_path / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
+def fine_tuned(workdir, fake_mnist):
+    """A short fine-tune through the command line: its options and ``last.ckpt``."""
     common = ["-c", str(CONFIGS / "finetune_lora.yaml"), "--data.data_dir", str(fake_mnist)]
     common += ["--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"]
     main(["fit", *common, "--trainer.max_steps", "2"])
-    return common, tmp_path / "runs/finetune_lora/version_0/checkpoints/last.ckpt"
+    return common, workdir / "runs/finetune_lora/version_0/checkpoints/last.ckpt"
 
 
 def test_a_resume_reads_its_checkpoint_once(fine_tuned):

@@ -201,8 +201,7 @@ def inspect_command(argv: Sequence[str]) -> int:
     settings = _lora_settings(config, overrides)
     if settings is None:
         raise UsageError("the config has no 'lora:' section or LoRAInjectionCallback: nothing would be injected")
-    from lightning_lora.core.inject import count_parameters, inject_lora, lora_layers
-    from lightning_lora.core.targets import plan_targets, refuse_oversized
+    from lightning_lora.core.inject import count_parameters, inject_checked, lora_layers
     from lightning_lora.demo.run_loading import build_net
 
     names = set(LoRAConfig.field_names())
@@ -212,10 +211,7 @@ def inspect_command(argv: Sequence[str]) -> int:
         raise UsageError(str(err)) from err
     net = build_net(net_config, "model.net")
     try:  # a pattern that matches nothing, a layer that cannot be adapted: a usage error, as in fit
-        plan = plan_targets(net, lora)
-        skipped = plan.describe_skipped()
-        refuse_oversized(net, lora, "these LoRA settings", plan=plan)
-        inject_lora(net, lora, plan=plan)
+        skipped = inject_checked(net, lora, "these LoRA settings").describe_skipped()
     except ValueError as err:
         raise UsageError(str(err)) from err
     rows = [

@@ -18,7 +18,7 @@ from torch import nn
 from lightning_lora.core.config import LoRAConfig
 from lightning_lora.core.layers import LoRALayer, ModuleToSave, keep_base_bias, kept_biases, lora_class_for
 from lightning_lora.core.layers.base import BASE_PREFIX
-from lightning_lora.core.targets import TargetPlan, log, log_skipped, plan_targets
+from lightning_lora.core.targets import TargetPlan, log, log_skipped, plan_targets, refuse_oversized
 
 _CONFIG_ATTR = "lora_config"
 
@@ -72,6 +72,25 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules(remove_duplicate=False) if m is module and n]
+
+
+def inject_checked(model: nn.Module, config: LoRAConfig, where: str) -> TargetPlan:
+    """:func:`inject_lora` for a config from outside the code (a file, a command line): targets
+    planned once, and a config that would outgrow the model refused before anything is allocated.
+
+    Args:
+        where: How the refusal names the config (``"these LoRA settings"``, ``"adapter <folder>"``).
+
+    Returns:
+        The plan the adapters were injected by (what was skipped, and why).
+
+    Raises:
+        ValueError: as :func:`inject_lora`, or the adapter would hold more numbers than the model.
+    """
+    plan = plan_targets(model, config)
+    refuse_oversized(model, config, where, plan=plan)
+    inject_lora(model, config, plan=plan)
+    return plan
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, *, plan: TargetPlan | None = None) -> nn.Module:

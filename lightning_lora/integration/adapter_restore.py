@@ -18,10 +18,9 @@ from torch import nn
 
 from lightning_lora.core.config import LoRAConfig
 from lightning_lora.core.fingerprint import fingerprint, first_difference
-from lightning_lora.core.inject import get_lora_config, inject_lora
+from lightning_lora.core.inject import get_lora_config, inject_checked
 from lightning_lora.core.layers import kept_biases
 from lightning_lora.core.layers.base import BASE_PREFIX
-from lightning_lora.core.targets import plan_targets, refuse_oversized
 from lightning_lora.errors import DataError, NonFiniteWeightsError, UsageError
 
 CHECKPOINT_KEY = "lightning_lora"
@@ -166,28 +165,27 @@ def _fingerprint_of(root: nn.Module) -> dict[str, dict[str, Any]]:
     return cached() if callable(cached) else fingerprint(base_tensors(root))
 
 
-def lora_settings_differ(recorded: LoRAConfig, current: LoRAConfig) -> str:
-    """Each LoRA field that differs, with both values (``""`` when none does)."""
-    return ", ".join(
+def refuse_other_lora_settings(recorded: LoRAConfig, current: LoRAConfig) -> None:
+    """Refuse a resume whose LoRA settings differ from the checkpoint's, naming each field and both values."""
+    differences = ", ".join(
         f"{name} {getattr(recorded, name)!r} in the checkpoint, {getattr(current, name)!r} now"
         for name in LoRAConfig.field_names()
         if getattr(recorded, name) != getattr(current, name)
     )
-
-
-def _inject(target: nn.Module, config: LoRAConfig) -> None:
-    existing = get_lora_config(target)
-    if existing is not None and existing != config:
-        differences = lora_settings_differ(config, existing)
+    if differences:
         raise UsageError(
             f"the checkpoint was trained with other LoRA settings ({differences}); "
             "resume with the same LoRA settings (e.g. --lora.rank), or start a new run without --ckpt_path"
         )
+
+
+def _inject(target: nn.Module, config: LoRAConfig) -> None:
+    existing = get_lora_config(target)
+    if existing is not None:
+        refuse_other_lora_settings(config, existing)
+        return
     try:
-        if existing is None:
-            plan = plan_targets(target, config)
-            refuse_oversized(target, config, "the checkpoint's LoRA config", plan=plan)
-            inject_lora(target, config, plan=plan)
+        inject_checked(target, config, "the checkpoint's LoRA config")
     except ValueError as err:
         raise UsageError(f"the checkpoint's LoRA config does not fit this model: {err}") from err
 

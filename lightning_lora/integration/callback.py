@@ -29,11 +29,10 @@ from torch import nn
 
 from lightning_lora.core.adapter_folder import save_adapter
 from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
-from lightning_lora.core.inject import count_parameters, get_lora_config, inject_lora, merge_lora
+from lightning_lora.core.inject import count_parameters, get_lora_config, inject_checked, inject_lora, merge_lora
 from lightning_lora.core.safe_io import ADAPTER_FILES, OutputInTheWay, check_folder_kind
-from lightning_lora.core.targets import plan_targets, refuse_oversized
 from lightning_lora.errors import UsageError
-from lightning_lora.integration.adapter_restore import lora_settings_differ, resolve_module_path
+from lightning_lora.integration.adapter_restore import refuse_other_lora_settings, resolve_module_path
 from lightning_lora.integration.checkpoint_mixin import LoRACheckpointMixin
 
 _TOLD: set[type] = set()  # module classes already told how to get adapter-only checkpoints
@@ -112,9 +111,7 @@ class LoRAInjectionCallback(pl.Callback):
         target = self.target(pl_module)
         try:
             if get_lora_config(target) is None:
-                plan = plan_targets(target, self.config)
-                refuse_oversized(target, self.config, "these LoRA settings", plan=plan)
-                inject_lora(target, self.config, plan=plan)
+                inject_checked(target, self.config, "these LoRA settings")
             else:
                 inject_lora(target, self.config)  # the same settings (a no-op), or a clear refusal
         except ValueError as err:  # targets that match nothing, a layer that cannot be adapted: the config is wrong
@@ -210,12 +207,7 @@ class LoRAInjectionCallback(pl.Callback):
         """Refuse to resume a run trained with other LoRA settings, naming each field that differs."""
         recorded = state_dict.get("lora_config")
         if isinstance(recorded, dict):
-            differences = lora_settings_differ(LoRAConfig.from_dict(recorded), self.config)
-            if differences:
-                raise UsageError(
-                    f"the checkpoint was trained with other LoRA settings ({differences}); resume with the same "
-                    "LoRA settings (e.g. --lora.rank), or start a new run without --ckpt_path"
-                )
+            refuse_other_lora_settings(LoRAConfig.from_dict(recorded), self.config)
 
 
 def _check_optimizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
