@@ -414,6 +414,22 @@ def test_a_pretraining_checkpoint_as_ckpt_path_is_a_usage_error(workdir, fake_mn
     assert "pass them as --model.base_checkpoint instead" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("verb", ["fit", "test", "predict"])
+def test_a_failed_run_leaves_no_empty_version_folder(workdir, fake_mnist, capsys, verb):
+    """A run that fails before it trained or saved anything (here: a pretraining checkpoint given as the
+    fine-tune's --ckpt_path, and a target that matches nothing) leaves nothing under runs/<name>/."""
+    data = ["--data.data_dir", str(fake_mnist), "--trainer.enable_progress_bar", "false"]
+    main(
+        ["fit", *config_args(["pretrain.yaml"]), *data, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1"]
+    )
+    for extra in (["--ckpt_path", "runs/pretrain/version_0"], ["--lora.target_modules", "[no_such_layer]"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([verb, *config_args(["finetune_lora.yaml"]), *data, *extra])
+        assert exit_info.value.code == 2, capsys.readouterr().err
+        runs = workdir / "runs/finetune_lora"
+        assert not runs.exists() or not any(runs.iterdir()), sorted(p.name for p in runs.iterdir())
+
+
 def test_the_command_line_base_checkpoint_wins_and_a_stored_class_never_switches_the_model(workdir, fake_mnist, capsys):
     common = [*config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
     common += ["--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"]
