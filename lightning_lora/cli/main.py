@@ -64,9 +64,16 @@ def _fail(verb: str, message: str, code: int) -> NoReturn:
 
 
 def _runtime_errors() -> tuple[type[BaseException], ...]:
-    from lightning_lora.errors import NonFiniteLossError, NonFiniteWeightsError
+    from lightning_lora.errors import LightningLoRAError
 
-    return (ValueError, OSError, NonFiniteLossError, NonFiniteWeightsError)
+    return (LightningLoRAError, ValueError, OSError)
+
+
+def _is_sigterm(err: SystemExit) -> bool:
+    """Lightning's ``SIGTERMException`` (a ``SystemExit``), recognised by type; only a run that imported
+    Lightning can raise it."""
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    return exceptions is not None and isinstance(err, exceptions.SIGTERMException)
 
 
 def _sigterm_report() -> str:
@@ -112,7 +119,7 @@ def main(args: Sequence[str] | None = None) -> None:
     try:
         _run(verb, argv[1:])
     except SystemExit as err:
-        if type(err).__name__ == "SIGTERMException" and not traceback_wanted:  # Lightning's is a SystemExit
+        if _is_sigterm(err) and not traceback_wanted:
             _fail(verb, _sigterm_report(), 143)  # 128 + SIGTERM, so a chain of commands stops here
         if isinstance(err.__context__, KeyboardInterrupt) and not traceback_wanted:
             _fail(verb, "interrupted", 130)  # Lightning turns Ctrl-C into exit code 1 after its clean shutdown
