@@ -264,6 +264,17 @@ def test_a_different_base_is_refused_naming_the_first_differing_tensor(tmp_path,
         trainer(tmp_path / "more", [lora()], max_steps=8).fit(UserModule(base_seed=1), data(fake_mnist), ckpt_path=last)
 
 
+def test_an_adapter_of_another_shape_in_the_checkpoint_is_named(tmp_path, fake_mnist):
+    from lightning_lora.errors import DataError
+
+    trainer(tmp_path, [lora(), checkpoints(tmp_path)]).fit(UserModule(), data(fake_mnist))
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    saved["state_dict"]["net.1.lora_A"] = torch.zeros(3, 784)  # rank 3 where the adapter has rank 2
+    torch.save(saved, tmp_path / "altered.ckpt")
+    with pytest.raises(DataError, match=r"net.1.lora_A \(3, 784\) in the checkpoint, \(2, 784\) in the model"):
+        UserModule.load_from_checkpoint(tmp_path / "altered.ckpt")
+
+
 def test_resuming_with_other_lora_settings_is_refused(tmp_path, fake_mnist):
     trainer(tmp_path, [lora(), checkpoints(tmp_path)]).fit(UserModule(), data(fake_mnist))
     with pytest.raises(UsageError, match="resume with the same LoRA settings"):

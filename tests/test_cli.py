@@ -414,6 +414,16 @@ def test_a_pretraining_checkpoint_as_ckpt_path_is_a_usage_error(workdir, fake_mn
     assert "pass them as --model.base_checkpoint instead" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("interval", ["0", "-2", "0.0"])
+def test_a_validation_interval_of_zero_or_less_is_a_usage_error(workdir, fake_mnist, capsys, interval):
+    """Lightning itself divides by it at the first batch (ZeroDivisionError): refused before the run."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist),
+              "--trainer.val_check_interval", interval])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "val_check_interval must be > 0" in err and "limit_val_batches 0" in err
+
+
 @pytest.mark.parametrize("verb", ["fit", "test", "predict"])
 def test_a_failed_run_leaves_no_empty_version_folder(workdir, fake_mnist, capsys, verb):
     """A run that fails before it trained or saved anything (here: a pretraining checkpoint given as the

@@ -180,6 +180,19 @@ class SaveEveryBatch(pl.Callback):
         trainer.save_checkpoint(self.folder / f"batch={batch_idx}.ckpt")
 
 
+@pytest.mark.parametrize("dropped", ["optimizer_states", "loops"])
+def test_a_checkpoint_without_optimizer_or_loop_state_is_refused_naming_it(tmp_path, dropped):
+    """A weights-only (or altered) checkpoint cannot continue a fit: refused before anything trains."""
+    _, root = fit(tmp_path / "a", max_steps=3)
+    checkpoint = torch.load(root / "last.ckpt", weights_only=True)
+    del checkpoint[dropped]
+    torch.save(checkpoint, tmp_path / "weights_only.ckpt")
+    module = Tiny()
+    with pytest.raises(ResumeError, match=f"holds no {'optimizer' if dropped == 'optimizer_states' else 'loop'} state"):
+        fit(tmp_path / "b", tmp_path / "weights_only.ckpt", module=module, callbacks=[], max_steps=6)
+    assert module.seen == []
+
+
 def test_a_mid_accumulation_checkpoint_is_refused(tmp_path):
     fit(tmp_path / "a", callbacks=[SaveEveryBatch(tmp_path / "a")], max_steps=2, accumulate_grad_batches=2)
     with pytest.raises(ResumeError, match="in the middle of an accumulated optimizer step"):

@@ -133,6 +133,16 @@ def restore_adapters(root: nn.Module, checkpoint: dict[str, Any], base_hint: str
             f"the checkpoint's saved tensors do not match this model's adapters: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]}. Resume with the same module and LoRA settings."
         )
+    wrong = [
+        f"{k} {tuple(v.shape)} in the checkpoint, {tuple(live[k].shape)} in the model"
+        for k, v in values.items()
+        if torch.is_tensor(v) and tuple(v.shape) != tuple(live[k].shape)
+    ]
+    if wrong:
+        raise DataError(
+            f"the checkpoint's saved tensors do not fit this model's adapters: {'; '.join(wrong[:4])}. It was altered "
+            "after it was written, or comes from other LoRA settings; use another checkpoint of the run"
+        )
     _refuse_non_finite(values)
     state.update({k: live[k] for k in frozen if k in live})
 

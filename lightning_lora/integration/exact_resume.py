@@ -45,6 +45,9 @@ EXACT_EVERYWHERE = ("batch_end", "validation_end")
 EXACT_IN_EPOCH_RUNS = ("epoch_end", "train_end")
 """Hooks whose checkpoints Lightning resumes exactly only into a run that counts epochs (``max_steps=-1``)."""
 
+RESUME_NEEDS = {"optimizer_states": "optimizer state", "loops": "loop state"}
+"""What a checkpoint must hold for a fit to continue from it (Lightning's own keys), and how to name it."""
+
 _HOOK_NAMES = {
     "batch_end": "the end of a training batch",
     "validation_end": "the end of a validation",
@@ -161,6 +164,17 @@ class ExactResume(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._phase = "exception"
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]):
+        """Refuse, before anything is restored into the run, a checkpoint that cannot continue a fit."""
+        missing = [key for key in RESUME_NEEDS if key not in checkpoint]
+        if missing:
+            lacking = " and no ".join(RESUME_NEEDS[key] for key in missing)
+            raise ResumeError(
+                f"resume refused: checkpoint {trainer.ckpt_path} holds no {lacking} "
+                "(it was written weights-only, or altered), so a fit cannot continue from it. Resume from a full "
+                "checkpoint of the run (runs/<name>/version_N/checkpoints/last.ckpt); test or predict can use this one"
+            )
 
     # -- state ----------------------------------------------------------------------------------
 

@@ -211,6 +211,12 @@ class LoRACLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        interval = config["trainer"].get("val_check_interval")
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+            raise UsageError(
+                f"trainer.val_check_interval must be > 0 (a number of batches, or a fraction of an epoch), got "
+                f"{interval!r}; to switch validation off, set --trainer.limit_val_batches 0"
+            )
         callbacks = [ExactResume(new_data_order=bool(config.get(NEW_DATA_ORDER)))]  # first: it notes each hook's place
         callbacks += list(config["trainer"].get("callbacks") or [])
         if config.get(LORA_GROUP) is not None:
