@@ -63,9 +63,10 @@ def sigterm_report() -> str:
             f"resume with --ckpt_path {newest}"
         )
     return (
-        f"stopped by SIGTERM at step {stopped}; no checkpoint was written at the signal (its ModelCheckpoint has "
-        f"save_on_exception off). The newest checkpoint of this run is {newest}, from step {step}: resuming with "
-        f"--ckpt_path {newest} repeats the steps after it"
+        f"stopped by SIGTERM at step {stopped}; no checkpoint was written at the signal (it came while validating, "
+        "where no checkpoint can be resumed exactly, or the run's checkpoint callback does not save at a signal). "
+        f"The newest checkpoint of this run is {newest}, from step {step}: resuming with --ckpt_path {newest} "
+        "repeats the steps after it"
     )
 
 
