@@ -4,12 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean demo demo-mlp demo-shift demo-forgetting demo-rank-sweep results test-time
+.PHONY: install test lint format clean demo demo-mlp demo-shift demo-forgetting demo-rank-sweep demo-seeds results readme test-time
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the versions the committed records were measured with (pip freeze of that venv).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,test]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,test]" -c constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,35 +32,46 @@ clean:
 
 # The experiments (README "Results"). DATA_DIR: a folder holding MNIST/raw/. Every run gets a new
 # version folder under runs/<name>/; a fine-tune starts from the latest pretraining run, and the
-# report reads the latest fine-tune (nothing earlier is overwritten or removed). Each writes its
-# record to benchmarks/results/, from which `make results` regenerates the README's tables.
+# report reads the latest fine-tune (nothing earlier is overwritten or removed). A user's run writes
+# its record to runs/records/ (git-ignored); `make results` runs them all into benchmarks/results/,
+# the committed records, and regenerates the README's tables from them.
 DATA_DIR ?= data
 EXPERIMENTS := $(BIN)/python -m lightning_lora.experiments
+RESULTS ?= runs/records
 
 # Experiment 1: pretrain RichBoyNet, LoRA on digit 9, test adapter on/off, report.
 demo: $(STAMP)
-	$(EXPERIMENTS).pipeline demo --data-dir $(DATA_DIR)
+	$(EXPERIMENTS).pipeline demo --data-dir $(DATA_DIR) --results $(RESULTS)
 
 # Experiment 2: MLP 784-128-256-10, rank-4 LoRA, merged versus unmerged.
 demo-mlp: $(STAMP)
-	$(EXPERIMENTS).pipeline demo-mlp --data-dir $(DATA_DIR)
+	$(EXPERIMENTS).pipeline demo-mlp --data-dir $(DATA_DIR) --results $(RESULTS)
 
 # Experiment 3: a rank-1 shift of a linear model's weights, recovered by a rank-1 adapter.
 demo-shift: $(STAMP)
-	$(EXPERIMENTS).pipeline demo-shift --data-dir $(DATA_DIR)
+	$(EXPERIMENTS).pipeline demo-shift --data-dir $(DATA_DIR) --results $(RESULTS)
 
 # Experiment 4: forgetting, and replay / distillation against it (on the demo's base and digit).
 demo-forgetting: $(STAMP)
-	$(EXPERIMENTS).forgetting --data-dir $(DATA_DIR)
+	$(EXPERIMENTS).forgetting --data-dir $(DATA_DIR) --results $(RESULTS)
 
 # Experiment 5: LoRA ranks 1-64 and full fine-tuning on rotated digits: learning vs forgetting.
 demo-rank-sweep: $(STAMP)
-	$(EXPERIMENTS).rank_sweep --data-dir $(DATA_DIR)
+	$(EXPERIMENTS).rank_sweep --data-dir $(DATA_DIR) --results $(RESULTS)
 
-# The README's results tables and timings, regenerated from benchmarks/results/*.json.
+# The demo once per seed (5 seeds): each headline number's mean and range.
+demo-seeds: $(STAMP)
+	$(EXPERIMENTS).pipeline demo-seeds --data-dir $(DATA_DIR) --results $(RESULTS)
+
+# Every experiment again, into the committed records, then the README from them (about 15 minutes).
 results: $(STAMP)
+	$(MAKE) demo demo-mlp demo-shift demo-forgetting demo-rank-sweep demo-seeds RESULTS=benchmarks/results
+	$(MAKE) readme
+
+# Only the README's results tables and timings, regenerated from benchmarks/results/*.json.
+readme: $(STAMP)
 	$(EXPERIMENTS).readme
 
 # Time the test suite for the README (the same run as `make test`).
 test-time: lint
-	$(EXPERIMENTS).pipeline test-suite
+	$(EXPERIMENTS).pipeline test-suite --results benchmarks/results

@@ -11,6 +11,7 @@ would, so they fail loudly when Lightning changes (then the refusals may be rela
 from __future__ import annotations
 
 import logging
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -253,3 +254,48 @@ def test_the_loader_refuses_a_position_from_another_order_on_its_own(tmp_path):
     _, root = fit(tmp_path / "a", max_steps=3)
     with pytest.raises(ResumeError, match="this loader's order differs"):
         fit(tmp_path / "b", root / "last.ckpt", module=Tiny(batch_size=4), exact=False, callbacks=[], max_steps=6)
+
+
+def _tampered(root, tmp_path, change):
+    checkpoint = torch.load(root / "last.ckpt", weights_only=True)
+    change(checkpoint)
+    path = tmp_path / "tampered.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def _exact_state(checkpoint):
+    return checkpoint["callbacks"]["ExactResume"]
+
+
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        (lambda c: c["optimizer_states"][0]["state"][0].update(exp_avg=torch.zeros(3)), "shape (3,)"),
+        (lambda c: c["optimizer_states"][0]["state"][1].update(exp_avg_sq=torch.full((8,), float("inf"))), "infinite"),
+        (lambda c: _exact_state(c).update(batches_started="abc"), "batches_started='abc'"),
+        (lambda c: c["callbacks"].pop("ExactResume"), "holds no ExactResume state"),
+        (lambda c: _exact_state(c)["settings"].update({"trainer.limit_train_batches": 3}),
+         "trainer.limit_train_batches: 3 in the checkpoint, 1.0 now"),
+        (lambda c: _exact_state(c)["settings"].update({"trainer.world_size (processes: devices x num_nodes)": 2}),
+         "trainer.world_size (processes: devices x num_nodes): 2 in the checkpoint, 1 now"),
+    ],
+    ids=["optimizer tensor of another shape", "infinite optimizer state", "a count that is not one",
+         "no ExactResume state", "another limit_train_batches", "another number of processes"],
+)  # fmt: skip
+def test_a_tampered_or_foreign_checkpoint_is_refused_before_any_step(tmp_path, change, said):
+    """A wrongly shaped Adam state would reach the fused kernel and corrupt memory; the rest resume inexactly."""
+    _, root = fit(tmp_path / "a", max_steps=3)
+    module = Tiny()
+    with pytest.raises(ResumeError, match=re.escape(said)):
+        fit(tmp_path / "b", _tampered(root, tmp_path, change), module=module, max_steps=6)
+    assert module.seen == []
+
+
+def test_a_checkpoint_without_exact_resume_state_continues_when_a_new_order_is_asked_for(tmp_path):
+    _, root = fit(tmp_path / "a", max_steps=3)
+    foreign = _tampered(root, tmp_path, lambda c: c["callbacks"].pop("ExactResume"))
+    module = Tiny()
+    fit(tmp_path / "b", foreign, module=module, callbacks=[ExactResume(new_data_order=True)], exact=False,
+        max_steps=6)  # fmt: skip
+    assert len(module.seen) == 3

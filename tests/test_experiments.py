@@ -92,3 +92,84 @@ def test_the_readme_generator_rewrites_only_its_blocks_and_refuses_a_missing_rec
     assert readme.render(fresh, {"startup": record}) == fresh
     with pytest.raises(KeyError, match="has no record"):
         readme.render(text, {})
+
+
+def _summary(base_wrong: int, adapter_wrong: int, base_acc: float = 0.95) -> dict:
+    def side(accuracy, wrong):
+        return {"accuracy": accuracy, "retain_accuracy": accuracy, "wrong_per_digit": [0] * 9 + [wrong]}
+
+    return {"trained_digits": [9], "base": side(base_acc, base_wrong), "adapter_on": side(0.93, adapter_wrong)}
+
+
+def test_a_users_run_writes_its_record_under_runs_never_into_the_committed_records(monkeypatch):
+    """`make demo` then `make test` must pass: the demo may not rewrite a tracked record (test_readme reads them)."""
+    import subprocess
+
+    chosen = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda name, data, results: chosen.append(results))
+    monkeypatch.setattr(pipeline, "run_spread", lambda data, results: chosen.append(results))
+    for experiment in ["demo", "demo-mlp", "demo-shift", "demo-seeds"]:
+        pipeline.main([experiment])
+    for sweep in (forgetting, rank_sweep):
+        monkeypatch.setattr(sweep, "run", lambda data, results: chosen.append(results))
+        sweep.command_line("x", None, sweep.run)([])
+    assert chosen and set(chosen) == {pipeline.RUN_RECORDS}
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(pipeline.RUN_RECORDS / "demo.json")], cwd=REPO)
+    assert ignored.returncode == 0, f"{pipeline.RUN_RECORDS} must be git-ignored"
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "demo", "demo-mlp", "demo-shift", "demo-forgetting",
+                          "demo-rank-sweep", "demo-seeds"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert dry.returncode == 0 and "lightning_lora.experiments" in dry.stdout
+    assert str(pipeline.RESULTS) not in dry.stdout, "a make target other than `make results` writes the records"
+    publish = subprocess.run(["make", "-n", "results"], cwd=REPO, capture_output=True, text=True)
+    assert f"RESULTS={pipeline.RESULTS}" in publish.stdout and "experiments.readme" in publish.stdout
+
+
+def test_a_seeded_stage_runs_its_whole_chain_in_its_own_folder_with_that_seed():
+    fit_base, fit_tune, test, report = pipeline.PIPELINES["demo"].stages
+    root = "runs/seeds/seed_7"
+    tune = pipeline.seeded(fit_tune, 7, root)
+    assert tune[: len(fit_tune)] == fit_tune and "--seed_everything" in tune and tune[tune.index("--data.seed") + 1] == "7"
+    assert tune[tune.index("--trainer.logger.init_args.save_dir") + 1] == root
+    assert tune[tune.index("--model.init_args.base_checkpoint") + 1] == f"{root}/pretrain"
+    assert "--model.init_args.base_checkpoint" not in pipeline.seeded(fit_base, 7, root)  # pretraining has no base
+    assert pipeline.seeded(test, 7, root)[test.index("--ckpt_path") + 1] == f"{root}/finetune_lora"
+    assert pipeline.seeded(report, 7, root) == [a.replace("runs/", f"{root}/") for a in report]
+
+
+def test_the_spread_records_every_seed_and_each_headlines_mean_and_range(tmp_path, monkeypatch):
+    import subprocess
+
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: ran.append(args) or subprocess.CompletedProcess(args, 0))
+    monkeypatch.setattr(pipeline, "latest_report", lambda run: _summary(60, int(run.split("seed_")[1].split("/")[0])))
+    monkeypatch.chdir(REPO)  # the configs are read to move base_checkpoint
+    record = json.loads(pipeline.run_spread("mnist", tmp_path, seeds=(10, 20, 30)).read_text())
+    assert len(ran) == 3 * len(pipeline.PIPELINES["demo"].stages)
+    assert [row["seed"] for row in record["per_seed"]] == [10, 20, 30]
+    mistakes = record["headlines"]["adapter mistakes on the trained digit"]
+    assert mistakes == {"mean": 20, "min": 10, "max": 30}
+    table = readme.demo_seeds(record)
+    assert "| adapter mistakes on the trained digit | 10 | 20 | 30 | 20 | 10 to 30 |" in table
+
+
+def test_the_demo_says_where_its_result_falls_against_the_published_spread(tmp_path):
+    spread = {"seeds": [1, 2], "environment": {"cpu": "Some CPU", "torch": "2.x"}, "headlines": {
+        "adapter mistakes on the trained digit": {"mean": 12, "min": 10, "max": 14},
+        "base accuracy": {"mean": 0.95, "min": 0.94, "max": 0.96}}}  # fmt: skip
+    (tmp_path / f"{pipeline.SPREAD}.json").write_text(json.dumps(spread))
+    lines = "\n".join(pipeline.against_the_spread(_summary(60, 16), tmp_path))
+    assert "adapter mistakes on the trained digit: 16, above the range 10 to 14 (mean 12)" in lines
+    assert "base accuracy: 95.00%, inside the range 94.00% to 96.00%" in lines and "depend on the CPU" in lines
+    assert "no published spread" in pipeline.against_the_spread(_summary(60, 16), tmp_path / "none")[0]
+
+
+def test_the_constraints_pin_the_versions_the_committed_records_were_measured_with():
+    pins = dict(
+        line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line
+    )
+    makefile = (REPO / "Makefile").read_text()
+    assert "-c constraints.txt" in makefile, "make's install must use the constraints"
+    env = json.loads((REPO / "benchmarks/results/demo.json").read_text())["environment"]
+    assert pins["torch"] == env["torch"].split("+")[0] and pins["lightning"] == env["lightning"]
+    for package in ("torchvision", "torchmetrics", "tensorboard", "safetensors", "peft", "transformers"):
+        assert package in pins, f"{package} is not pinned"

@@ -177,8 +177,8 @@ class MNISTDataModule(pl.LightningDataModule):
         raise FileNotFoundError(
             f"MNIST is not in {self.raw_folder} and could not be downloaded ({reason}). "
             f"Expected the files {', '.join(MNIST_FILES)} (uncompressed, torchvision layout). "
-            "Point data_dir at a folder that holds MNIST/raw/, e.g. --data.data_dir ../shared/datasets, "
-            "or link it: ln -s ../shared/datasets data"
+            "Online, torchvision downloads them into data_dir (download: true); offline, point data_dir at a "
+            "folder that holds MNIST/raw/: --data.data_dir /path/to/folder (make demo DATA_DIR=/path/to/folder)"
         )
 
     def _try_download(self) -> str | None:

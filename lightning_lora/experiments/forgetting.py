@@ -15,7 +15,7 @@ from typing import Any
 
 from lightning_lora.experiments import figures
 from lightning_lora.experiments.evaluate import digit_counts
-from lightning_lora.experiments.pipeline import RESULTS, duration
+from lightning_lora.experiments.pipeline import RUN_RECORDS, duration
 from lightning_lora.experiments.sweep import command_line, ensure_base, finish, fit, predictions, say, shown
 
 NAME = "demo-forgetting"
@@ -45,7 +45,7 @@ digits in its batches, so it distils on every sample (``distill_on: all``); with
 replayed ones (the default, ``retain``)."""
 
 
-def run(data_dir: str, results: Path = RESULTS) -> Path:
+def run(data_dir: str, results: Path = RUN_RECORDS) -> Path:
     from lightning_lora.demo.mnist_datamodule import MNISTDataModule
     from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run
 

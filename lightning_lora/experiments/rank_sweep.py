@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_lora.experiments import figures
-from lightning_lora.experiments.pipeline import RESULTS, duration
+from lightning_lora.experiments.pipeline import RUN_RECORDS, duration
 from lightning_lora.experiments.sweep import command_line, ensure_base, finish, fit, predictions, say, shown
 
 NAME = "demo-rank-sweep"
@@ -51,7 +51,7 @@ def _accuracy(net, data) -> float:
     return float((predictions(net, data.inputs) == data.targets).float().mean())
 
 
-def run(data_dir: str, results: Path = RESULTS) -> Path:
+def run(data_dir: str, results: Path = RUN_RECORDS) -> Path:
     from lightning_lora.core.inject import count_parameters
     from lightning_lora.demo.mnist_datamodule import MNISTDataModule
     from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run

@@ -1,10 +1,11 @@
 """The README's results, generated from the experiments' records (``benchmarks/results/*.json``).
 
-``make results`` (``python -m lightning_lora.experiments.readme``) rewrites every block of the
+``make readme`` (``python -m lightning_lora.experiments.readme``; ``make results`` runs it after
+every experiment) rewrites every block of the
 README (and of ``benchmarks/RESULTS.md``) between ``<!-- results:NAME -->`` and
 ``<!-- /results:NAME -->`` from the record it names;
 ``--check`` only says whether the README is up to date (``tests/test_readme.py`` runs it). The
-numbers are never typed: rerun an experiment, then ``make results``.
+numbers are never typed: ``make results`` reruns the experiments into the records, then this.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import yaml
 
 from lightning_lora.core.safe_io import atomic_file
 from lightning_lora.demo.mnist_datamodule import replay_count
-from lightning_lora.experiments.pipeline import RESULTS, duration
+from lightning_lora.experiments.pipeline import RESULTS, duration, shown_value
 from lightning_lora.experiments.readme_gpu import gpu, gpu_details
 
 README = Path("README.md")
@@ -214,6 +215,28 @@ def demo_rank_sweep(record: dict[str, Any]) -> str:
     )
 
 
+def demo_seeds(record: dict[str, Any]) -> str:
+    """The demo's headline numbers over several seeds: each seed's value, the mean and the range."""
+    seeds = record["seeds"]
+    lines = [
+        "| headline | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | range |",
+        "|---|" + "---|" * (len(seeds) + 2),
+    ]
+    for name, stats in record["headlines"].items():
+        values = [shown_value(name, row[name]) for row in record["per_seed"]]
+        low, high = shown_value(name, stats["min"]), shown_value(name, stats["max"])
+        lines.append(f"| {name} | {' | '.join(values)} | {shown_value(name, stats['mean'])} | {low} to {high} |")
+    env = record["environment"]
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"Each seed is the training seed and the data seed (`--seed_everything S --data.seed S`), the whole demo "
+            f"run again (`make demo-seeds`, {duration(record['total_seconds'])}) on {env['cpu']}, torch {env['torch']}.",
+        ]
+    )
+
+
 def startup(record: dict[str, Any]) -> str:
     lines = ["| command | wall time (median) | vs importing Lightning |", "|---|---|---|"]
     lines += [f"| `{r['command']}` | {r['seconds']:.2f} s | {r['ratio']:.2f}x |" for r in record["rows"]]
@@ -274,6 +297,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "demo-shift": demo_shift,
     "demo-forgetting": demo_forgetting,
     "demo-rank-sweep": demo_rank_sweep,
+    "demo-seeds": demo_seeds,
 }
 
 
@@ -294,7 +318,7 @@ def render(readme: str, records: dict[str, dict[str, Any]]) -> str:
         if name == "environment":
             body = environment(records)
         elif record not in records:
-            raise KeyError(f"the results:{name} block has no record {RESULTS / (record + '.json')}")
+            raise KeyError(f"the results:{name} block has no record {RESULTS / (record + '.json')} (`make results`)")
         else:
             body = RENDERERS[name](records[record])
         return f"{match.group(1)}{body}\n{match.group(4)}"

@@ -97,12 +97,16 @@ def finish(name: str, record: dict[str, Any], started: float, figure: Path, resu
 
 def command_line(module: str, doc: str | None, run: Callable[[str, Path], Path]) -> Callable[..., int]:
     """The ``python -m`` entry point of a sweep: ``--data-dir`` and ``--results``."""
-    from lightning_lora.experiments.pipeline import RESULTS
+    from lightning_lora.experiments.pipeline import RESULTS, RUN_RECORDS
 
     def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc)
         parser.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: %(default)s)")
-        parser.add_argument("--results", default=str(RESULTS), help="where the record goes (default: %(default)s)")
+        parser.add_argument(
+            "--results",
+            default=str(RUN_RECORDS),
+            help=f"where the record goes (default: %(default)s; `make results` gives {RESULTS}, the committed ones)",
+        )
         opts = parser.parse_args(argv)
         run(opts.data_dir, Path(opts.results))
         return 0

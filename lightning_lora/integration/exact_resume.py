@@ -16,11 +16,18 @@ state (``state_dict`` / ``load_state_dict``):
   tries each of these against Lightning and fails if it changes. A resume from anything else is
   refused, naming why and what to resume from instead. :class:`~lightning_lora.integration.
   resumable_checkpoint.ResumableCheckpoint` writes only checkpoints of the first kind.
-- **What decides the data order.** The seed, the Trainer's ``accumulate_grad_batches`` and the
-  DataModule's ``resume_settings()`` (batch size, data seed, digits, replay share, for
+- **What decides the data order.** The Trainer's ``accumulate_grad_batches``,
+  ``limit_train_batches`` and number of processes, and the DataModule's ``resume_settings()``
+  (batch size, data seed, digits, replay share, for
   :class:`~lightning_lora.demo.mnist_datamodule.MNISTDataModule`) are recorded; a resume that
   changes one is refused naming the setting and both values, unless ``new_data_order`` is set:
   then the run says that the order restarts and the training loader forgets its saved position.
+  The seed is recorded too: a changed ``seed_everything`` is not refused, the interrupted run's
+  seed holds and the run says so. A checkpoint that holds no ExactResume state (a plain Trainer
+  run's, or altered) cannot be checked, so it is refused unless ``new_data_order`` is set.
+- **What the optimizer restored.** At the start of a resumed fit, before any step, every
+  optimizer state tensor must have its parameter's shape and be finite: a tampered state would
+  otherwise reach the optimizer's kernels (a wrong shape corrupts memory in fused Adam).
 
 The refusal comes from ``load_state_dict``, which Lightning calls while it restores the model and
 callbacks, before the strategy wraps the model, before the optimizer exists and before any step.
@@ -81,6 +88,7 @@ class ExactResume(pl.Callback):
         self.run_seed: int | None = None
         self.batches_started = 0
         self.inexact_from_restore: str | None = None  # why this run's own checkpoints cannot be resumed exactly
+        self.step_at_start = 0  # the global step this run's training began at (restored by a resume)
         self._run_trainer: pl.Trainer | None = None
         self._phase = "elsewhere"
         self._step_at_batch_start = 0
@@ -93,7 +101,11 @@ class ExactResume(pl.Callback):
 
     def order_settings(self, trainer: pl.Trainer) -> dict[str, Any]:
         """What decides the data order (and the random draws) of ``trainer``'s run, by name."""
-        settings: dict[str, Any] = {"trainer.accumulate_grad_batches": trainer.accumulate_grad_batches}
+        settings: dict[str, Any] = {
+            "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "trainer.limit_train_batches": trainer.limit_train_batches,
+            "trainer.world_size (processes: devices x num_nodes)": trainer.world_size,
+        }
         data = trainer.datamodule
         own = data.resume_settings() if data is not None and callable(getattr(data, "resume_settings", None)) else {}
         settings.update({f"data.{name}": value for name, value in own.items()})
@@ -119,6 +131,9 @@ class ExactResume(pl.Callback):
         elif self._resumed_mid_epoch:
             _refuse_loaders_that_cannot_continue(trainer, loaders)
         _seed_plain_shuffles(trainer, self._run_seed(trainer))
+        self.step_at_start = trainer.global_step
+        if trainer.ckpt_path:
+            _refuse_damaged_optimizer_state(trainer)
         self._phase = "elsewhere"
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
@@ -175,6 +190,14 @@ class ExactResume(pl.Callback):
                 "(it was written weights-only, or altered), so a fit cannot continue from it. Resume from a full "
                 "checkpoint of the run (runs/<name>/version_N/checkpoints/last.ckpt); test or predict can use this one"
             )
+        if self.state_key not in (checkpoint.get("callbacks") or {}) and not self.new_data_order:
+            raise ResumeError(
+                f"resume refused: checkpoint {trainer.ckpt_path} holds no ExactResume state (it was written by a run "
+                "without it, such as a plain Trainer, or altered), so where it was written and which settings decided "
+                "its data order cannot be checked, and the resumed run would not repeat the interrupted one. Resume a "
+                "checkpoint of a lightning-lora run, or continue this one with a new data order (--new_data_order "
+                "true; in Python ExactResume(new_data_order=True))"
+            )
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -211,7 +234,7 @@ class ExactResume(pl.Callback):
                 + (f" ({'; '.join(differences)})" if differences else "")
                 + "; this run no longer repeats the interrupted one"
             )
-        self.batches_started = int(state_dict.get("batches_started", 0))
+        self.batches_started = _whole_number(state_dict, "batches_started", trainer)
         recorded = state_dict.get("run_seed")
         if isinstance(recorded, int) and not self.new_data_order:
             current = os.environ.get("PL_GLOBAL_SEED")
@@ -229,7 +252,8 @@ class ExactResume(pl.Callback):
             self.inexact_from_restore = (
                 "its run was itself resumed from a checkpoint written at the end of an epoch's last batch, with no "
                 "validation after it: Lightning 2.6 restores such a run with its epoch counters one behind, so the "
-                "checkpoints that run writes do not resume exactly"
+                "checkpoints that run writes do not resume exactly; the checkpoint it started from, "
+                f"{trainer.ckpt_path}, does"
             )
 
     def _differences(self, state: dict[str, Any], trainer: pl.Trainer) -> list[str]:
@@ -240,6 +264,35 @@ class ExactResume(pl.Callback):
             for name in sorted(set(recorded) & set(current))
             if recorded[name] != current[name]
         ]
+
+
+def _whole_number(state: dict[str, Any], key: str, trainer: pl.Trainer) -> int:
+    value = state.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ResumeError(
+            f"resume refused: checkpoint {trainer.ckpt_path} holds ExactResume {key}={value!r}, not a count: it was "
+            "altered after it was written; resume another checkpoint of the run"
+        )
+    return value
+
+
+def _refuse_damaged_optimizer_state(trainer: pl.Trainer) -> None:
+    """Every restored optimizer state tensor has its parameter's shape and finite values, or the resume stops."""
+    for number, optimizer in enumerate(trainer.optimizers):
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                for key, value in optimizer.state.get(param, {}).items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    wrong = value.ndim > 0 and value.shape != param.shape
+                    if wrong or (value.is_floating_point() and not bool(torch.isfinite(value).all())):
+                        what = f"shape {tuple(value.shape)} for a parameter of {tuple(param.shape)}" if wrong else (
+                            "NaN or infinite values")  # fmt: skip
+                        raise ResumeError(
+                            f"resume refused: checkpoint {trainer.ckpt_path} holds optimizer {number}'s state "
+                            f"{key!r} with {what}: it was altered or damaged after it was written (stepping with it "
+                            "would corrupt the run). Resume another checkpoint of the run"
+                        )
 
 
 def _current_seed() -> int:

@@ -9,6 +9,7 @@ error is one line naming the option, the value and what it accepts.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import sys
@@ -50,8 +51,20 @@ def sigterm_report() -> str:
         if p
     ]
     written = [p for p in paths if p.is_file() and p.stat().st_mtime >= started]
+    reasons = ["it came while validating, where no checkpoint can be resumed exactly"]
+    if trainer is not None and trainer.accumulate_grad_batches > 1:
+        reasons.insert(0, f"it came in the middle of an optimizer step of {trainer.accumulate_grad_batches} "
+                          "accumulated batches, whose first batches' gradients no checkpoint holds")  # fmt: skip
+    reasons.append("the run's checkpoint callback does not save at a signal")
+    why = "; or ".join(reasons)
     if not written:
-        return "stopped by SIGTERM before any checkpoint of this run could be saved; nothing to resume from"
+        earlier = trainer.ckpt_path if trainer is not None else None
+        if earlier:
+            return (
+                f"stopped by SIGTERM at step {stopped} before this run saved a checkpoint ({why}); the checkpoint it "
+                f"resumed from is unchanged: resume again with --ckpt_path {earlier}"
+            )
+        return f"stopped by SIGTERM before any checkpoint of this run could be saved ({why}); nothing to resume from"
     newest = max(written, key=lambda p: p.stat().st_mtime)
     try:
         step = torch.load(newest, map_location="cpu", weights_only=True, mmap=True).get("global_step")
@@ -63,8 +76,7 @@ def sigterm_report() -> str:
             f"resume with --ckpt_path {newest}"
         )
     return (
-        f"stopped by SIGTERM at step {stopped}; no checkpoint was written at the signal (it came while validating, "
-        "where no checkpoint can be resumed exactly, or the run's checkpoint callback does not save at a signal). "
+        f"stopped by SIGTERM at step {stopped}; no checkpoint was written at the signal ({why}). "
         f"The newest checkpoint of this run is {newest}, from step {step}: resuming with --ckpt_path {newest} "
         "repeats the steps after it"
     )
@@ -315,9 +327,13 @@ def discard_empty_run() -> Path | None:
     trainer, folder = _RUN.get("trainer"), _RUN.get("new_folder")
     if trainer is None or folder is None or not folder.is_dir():
         return None
-    if any(folder.rglob("*.ckpt")) or trainer.global_step > 0:
+    began = max((getattr(cb, "step_at_start", 0) for cb in trainer.callbacks if isinstance(cb, ExactResume)),
+                default=0)  # fmt: skip
+    if any(folder.rglob("*.ckpt")) or trainer.global_step > began:
         return None
     shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # runs/<name>/ too, when nothing else is in it
+        folder.parent.rmdir()
     return folder
 
 
