@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import interleaved  # noqa: E402
 
-from lightning_lora.experiments.pipeline import environment, write_record  # noqa: E402
+from lightning_lora.experiments.pipeline import RESULTS, environment, write_record  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "lightning-lora")
 
@@ -34,8 +34,9 @@ def commands(ckpt: str | None, out: Path) -> dict[str, list[str]]:
         "lightning-lora inspect -c configs/finetune_lora.yaml": [CLI, "inspect", "-c", "configs/finetune_lora.yaml"],
     }
     if ckpt:
-        measured[f"lightning-lora export --ckpt {ckpt}"] = [CLI, "export", "--ckpt", ckpt, "--out", str(out / "a")]
-        measured[f"lightning-lora merge --ckpt {ckpt}"] = [CLI, "merge", "--ckpt", ckpt, "--out", str(out / "m.st")]
+        export, merge = f"export --ckpt {ckpt} --out adapter/", f"merge --ckpt {ckpt} --out merged.safetensors"
+        measured[f"lightning-lora {export}"] = [CLI, "export", "--ckpt", ckpt, "--out", str(out / "a")]
+        measured[f"lightning-lora {merge}"] = [CLI, "merge", "--ckpt", ckpt, "--out", str(out / "m.st")]
     return measured
 
 
@@ -57,7 +58,9 @@ def main() -> None:
     for row in rows:
         row["ratio"] = round(row["seconds"] / yardstick, 2)
         print(f"{row['seconds']:6.2f} s  {row['ratio']:5.2f}x  {row['command']}")
-    write_record("startup", {"experiment": "startup", "runs": opts.runs, "rows": rows, "environment": environment()})
+    write_record(
+        "startup", {"experiment": "startup", "runs": opts.runs, "rows": rows, "environment": environment()}, RESULTS
+    )
 
 
 if __name__ == "__main__":

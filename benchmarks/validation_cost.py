@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import interleaved  # noqa: E402
 
-from lightning_lora.experiments.pipeline import environment, write_record  # noqa: E402
+from lightning_lora.experiments.pipeline import RESULTS, environment, write_record  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "lightning-lora")
 
@@ -44,7 +44,7 @@ def main() -> None:
     print(f"validation adds {extra:.1%}")
     seconds = {name: round(value, 2) for name, value in medians.items()}
     record = {"experiment": "validation-cost", "rounds": opts.rounds, "seconds": seconds, "extra": round(extra, 4)}
-    write_record("validation-cost", {**record, "environment": environment()})
+    write_record("validation-cost", {**record, "environment": environment()}, RESULTS)
 
 
 if __name__ == "__main__":

@@ -238,16 +238,24 @@ def test_a_full_disk_names_the_file_and_leaves_nothing_half_written(lora_run, fu
         main(["merge", "--ckpt", str(checkpoint), "--out", str(out)])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert f"no space left on the device while writing {out}" in err and "Traceback" not in err
+    assert f"cannot write {out}: the device holding it is full (ENOSPC)" in err and "Traceback" not in err
     assert list(full_disk.iterdir()) == []
 
 
-def test_a_simulated_full_disk_during_a_checkpoint_names_the_file(lora_run, tmp_path, monkeypatch, fake_mnist, capsys):
+@pytest.mark.parametrize(
+    "code, said",
+    [(errno.ENOSPC, "full (ENOSPC)"), (errno.EDQUOT, "quota is used up (EDQUOT)"), (errno.EFBIG, "(EFBIG"),
+     (errno.EROFS, "read-only (EROFS)")],
+    ids=["ENOSPC", "EDQUOT", "EFBIG", "EROFS"],
+)  # fmt: skip
+def test_a_simulated_write_failure_during_a_checkpoint_names_the_file_and_its_cause(
+    lora_run, tmp_path, monkeypatch, fake_mnist, capsys, code, said
+):
     root, _ = lora_run
     monkeypatch.chdir(root)
 
     def no_space(obj, path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(SystemExit) as exit_info:
@@ -255,8 +263,24 @@ def test_a_simulated_full_disk_during_a_checkpoint_names_the_file(lora_run, tmp_
               "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"])  # fmt: skip
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert "error: no space left on the device while writing runs/finetune_lora/" in err and ".ckpt" in err
-    assert "Traceback" not in err
+    assert "error: cannot write runs/finetune_lora/" in err and ".ckpt" in err and said in err
+    assert "Traceback" not in err and "most likely full" not in err
+
+
+@pytest.mark.parametrize("verb", ["merge", "export"])
+def test_a_file_size_limit_is_named_as_such_not_as_a_full_disk(lora_run, tmp_path, verb):
+    """Under `ulimit -f`, export and merge said a bare "[Errno 27] File too large", fit "disk most likely full"."""
+    _, checkpoint = lora_run
+    out = tmp_path / ("merged.safetensors" if verb == "merge" else "adapter")
+    script = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY)); "
+        "from lightning_lora.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script, verb, "--ckpt", str(checkpoint), "--out", str(out)],
+                          capture_output=True, text=True, cwd=checkpoint.parents[4], timeout=300)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"cannot write {out}" in done.stderr and "(EFBIG" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_two_runs_never_share_a_checkpoint_folder(lora_run, fake_mnist, monkeypatch):

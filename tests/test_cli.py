@@ -543,3 +543,33 @@ def test_output_that_is_not_a_terminal_gets_progress_lines(workdir, fake_mnist, 
         "epoch 0: 3/36 batches training",
         "epoch 0: 3/36 batches done",
     ]
+
+
+def test_a_sigterm_report_names_accumulation_and_the_checkpoint_a_resumed_run_came_from(tmp_path):
+    """A SIGTERM inside an accumulated step saves nothing: the report says why and what to resume instead."""
+    from types import SimpleNamespace
+
+    from lightning_lora.integration import lora_cli
+
+    trainer = SimpleNamespace(global_step=7, checkpoint_callbacks=[], accumulate_grad_batches=4,
+                              ckpt_path=str(tmp_path / "step=4.ckpt"))  # fmt: skip
+    lora_cli._RUN.update(trainer=trainer, started=0.0)
+    try:
+        report = lora_cli.sigterm_report()
+    finally:
+        lora_cli._RUN.clear()
+    assert "optimizer step of 4 accumulated batches" in report
+    assert f"resume again with --ckpt_path {tmp_path / 'step=4.ckpt'}" in report
+
+
+def test_a_bare_run_name_means_that_run_under_runs(tmp_path, monkeypatch):
+    """`report --finetuned finetune_lora` (the logger's name, without runs/) was not understood."""
+    from lightning_lora.integration.checkpoint_reader import resolve_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    last = tmp_path / "runs/finetune_lora/version_0/checkpoints/last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"x")
+    assert resolve_checkpoint("finetune_lora").resolve() == last.resolve()
+    with pytest.raises(FileNotFoundError, match="no run of that name in runs/ either"):
+        resolve_checkpoint("pretrain")

@@ -49,6 +49,7 @@ def test_the_rank_sweep_tunes_a_rate_per_setting_and_compares_lora_with_full_fin
     monkeypatch.setattr(rank_sweep, "LORA_RATES", (1e-3, 1e-2))
     monkeypatch.setattr(rank_sweep, "FULL_RATES", (1e-4,))
     monkeypatch.setattr(rank_sweep, "STEPS", 3)
+    monkeypatch.setattr(rank_sweep, "MAX_WIDENING", 0)  # the widening has its own test
     record = json.loads(rank_sweep.run("mnist", workdir / "results").read_text())
     assert [row["label"] for row in record["settings"]] == ["r=1", "r=4", "full"]
     low, high, full = record["settings"]
@@ -128,7 +129,8 @@ def test_a_seeded_stage_runs_its_whole_chain_in_its_own_folder_with_that_seed():
     fit_base, fit_tune, test, report = pipeline.PIPELINES["demo"].stages
     root = "runs/seeds/seed_7"
     tune = pipeline.seeded(fit_tune, 7, root)
-    assert tune[: len(fit_tune)] == fit_tune and "--seed_everything" in tune and tune[tune.index("--data.seed") + 1] == "7"
+    assert tune[: len(fit_tune)] == fit_tune and tune[tune.index("--seed_everything") + 1] == "7"
+    assert tune[tune.index("--data.seed") + 1] == "7"
     assert tune[tune.index("--trainer.logger.init_args.save_dir") + 1] == root
     assert tune[tune.index("--model.init_args.base_checkpoint") + 1] == f"{root}/pretrain"
     assert "--model.init_args.base_checkpoint" not in pipeline.seeded(fit_base, 7, root)  # pretraining has no base
@@ -164,12 +166,50 @@ def test_the_demo_says_where_its_result_falls_against_the_published_spread(tmp_p
 
 
 def test_the_constraints_pin_the_versions_the_committed_records_were_measured_with():
-    pins = dict(
-        line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line
-    )
+    pins = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines() if "==" in line)
     makefile = (REPO / "Makefile").read_text()
     assert "-c constraints.txt" in makefile, "make's install must use the constraints"
     env = json.loads((REPO / "benchmarks/results/demo.json").read_text())["environment"]
     assert pins["torch"] == env["torch"].split("+")[0] and pins["lightning"] == env["lightning"]
     for package in ("torchvision", "torchmetrics", "tensorboard", "safetensors", "peft", "transformers"):
         assert package in pins, f"{package} is not pinned"
+
+
+def test_the_half_decade_grid_steps_both_ways():
+    assert [rank_sweep.neighbour(r, up=True) for r in (1e-3, 3e-3, 1e-2)] == pytest.approx([3e-3, 1e-2, 3e-2])
+    assert [rank_sweep.neighbour(r, up=False) for r in (1e-3, 3e-3, 1e-2)] == pytest.approx([3e-4, 1e-3, 3e-3])
+
+
+def test_the_rank_sweep_widens_its_grid_until_the_best_rate_is_inside(workdir, monkeypatch):
+    """A best rate at the grid's edge says nothing about the rates beyond it: the sweep tries them."""
+    monkeypatch.setattr(rank_sweep, "RANKS", (1,))
+    monkeypatch.setattr(rank_sweep, "LORA_RATES", (1e-3, 3e-3))
+    monkeypatch.setattr(rank_sweep, "FULL_RATES", (1e-4,))
+    monkeypatch.setattr(rank_sweep, "STEPS", 2)
+    monkeypatch.setattr(rank_sweep, "MAX_WIDENING", 2)
+    peak = {"r=1": 1e-2, "full": 1e-5}  # pretend validation accuracy peaks there
+    real_fit = rank_sweep.fit
+
+    def fit(args):
+        cli, seconds = real_fit(args)
+        rate = float(args[args.index("--model.optimizer.init_args.lr") + 1])
+        cli.model.net.fake_rate = rate
+        return cli, seconds
+
+    def accuracy(net, data):
+        label = "full" if not any("lora" in n for n, _ in net.named_parameters()) else "r=1"
+        return 1 / (1 + abs(math.log10(net.fake_rate / peak[label])))
+
+    import math
+
+    monkeypatch.setattr(rank_sweep, "fit", fit)
+    monkeypatch.setattr(rank_sweep, "_accuracy", lambda net, data: accuracy(net, data) if hasattr(net, "fake_rate")
+                        else 0.5)  # fmt: skip
+    record = json.loads(rank_sweep.run("mnist", workdir / "results").read_text())
+    lora, full = record["settings"]
+    assert lora["learning_rates_tried"] == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2])  # widened up to 1e-2, past it
+    assert lora["lr"] == pytest.approx(1e-2) and lora["best_inside_grid"]
+    assert [s["lr"] for s in lora["scores"]] == lora["learning_rates_tried"]
+    assert full["learning_rates_tried"] == pytest.approx([1e-5, 3e-5, 1e-4, 3e-4])  # one rate: both sides first
+    assert not full["best_inside_grid"]  # 1e-5 is beyond two widenings: recorded, and said in the README
+    assert "still at the edge after widening: full" in readme.demo_rank_sweep(record)

@@ -85,7 +85,32 @@ def test_tensor_hash_is_dtype_and_layout_independent_for_equal_values():
 
 def test_a_folder_that_cannot_hold_files_is_named_as_given():
     target = "/proc/lightning_lora_test.safetensors"  # /proc accepts no new files, even for root
-    with pytest.raises(OSError, match=f"cannot write {target} there") as caught:
+    with pytest.raises(OSError, match=f"cannot write {target}: cannot write there") as caught:
         with atomic_file(target):
             pass
     assert ".tmp" not in str(caught.value)
+
+
+@pytest.mark.parametrize("twice", ["lora_A", "__metadata__"])
+def test_a_safetensors_header_naming_one_tensor_twice_is_refused(tmp_path, twice):
+    """JSON keeps the last of two equal keys without a word: one tensor would silently shadow the other."""
+    import json
+    import re
+
+    from lightning_lora.core.safe_io import read_safetensors, write_safetensors
+    from lightning_lora.errors import DataError
+
+    good = tmp_path / "good.safetensors"
+    write_safetensors(good, {"lora_A": torch.ones(2), "lora_B": torch.zeros(2)}, {"a": "1"})
+    raw = good.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    text = json.dumps(header)
+    entry = f'"{twice}": {json.dumps(header[twice])}'
+    forged = text[:-1] + ", " + entry + "}"  # the same name again, pointing at the same bytes
+    forged = forged.encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(len(forged).to_bytes(8, "little") + forged + raw[8 + size :])
+    assert len(read_safetensors(good, "adapter weights")[0]) == 2
+    with pytest.raises(DataError, match=re.escape(f"names '{twice}' twice")):
+        read_safetensors(bad, "adapter weights")

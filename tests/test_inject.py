@@ -361,3 +361,28 @@ class TestWhatAStrangerFound:
         model.add_module("alias", shared)
         inject_lora(model, LoRAConfig(rank=2, alpha=2, target_modules=["alias"], alpha_pattern={"alias": 16}))
         assert model.fc.scale == 8.0
+
+
+def test_two_targets_sharing_one_tied_weight_are_said_to_lose_their_tie_on_merge(caplog):
+    """GPT-2's lm_head is its token embedding's tensor: two updates untie them on merge, and the user is told."""
+    from torch import nn
+
+    from lightning_lora import LoRAConfig, inject_lora
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(11, 4)
+            self.lm_head = nn.Linear(4, 11, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+        def forward(self, ids):
+            return self.lm_head(self.wte(ids))
+
+    with caplog.at_level("WARNING", logger="lightning_lora"):
+        inject_lora(TiedLM(), LoRAConfig(rank=2, target_modules=["wte", "lm_head"]))
+    assert "'wte' and 'lm_head' share one weight tensor" in caplog.text and "no longer tied" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_lora"):
+        inject_lora(TiedLM(), LoRAConfig(rank=2, target_modules=["lm_head"]))  # one of them: the tie is kept
+    assert "share one weight tensor" not in caplog.text

@@ -144,7 +144,7 @@ def test_every_feature_round_trips_both_ways(bias, tmp_path):
     assert all(torch.equal(lora_state_dict(back)[k], v) for k, v in lora_state_dict(ours).items())
 
 
-def test_attention_matches_peft_except_peft_adds_the_out_proj_update_twice(tmp_path):
+def test_attention_matches_peft_except_peft_adds_the_out_proj_update_twice(tmp_path, caplog):
     """PEFT's open bug: its MultiheadAttention adds ``out_proj``'s update twice, merged or not.
 
     With that update zero the two agree; with it non-zero PEFT equals a model whose out_proj
@@ -160,7 +160,9 @@ def test_attention_matches_peft_except_peft_adds_the_out_proj_update_twice(tmp_p
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         ours.layer.out_proj.lora_B.normal_()
-    save_adapter(ours, tmp_path / "b")
+    with caplog.at_level("WARNING", logger="lightning_lora"):
+        save_adapter(ours, tmp_path / "b")
+    assert "MultiheadAttention layer" in caplog.text and "adds out_proj's update twice" in caplog.text
     with quiet_peft():
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b", is_trainable=True)
         doubled = copy.deepcopy(ours)

@@ -10,20 +10,25 @@ needs must be present, and PEFT features this package does not implement are ref
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from lightning_lora.core.bounded_regex import UnsupportedPattern, compile_bounded
 from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.core.inject import get_lora_config, kept_biases, lora_layers, saved_modules, unwrap_model
-from lightning_lora.core.layers import LoRAConv1D, LoRALayer
+from lightning_lora.core.layers import LoRAConv1D, LoRALayer, LoRAMultiheadAttention
 from lightning_lora.core.safe_io import read_json
 from lightning_lora.core.targets import TargetPlan, plan_targets
 from lightning_lora.errors import DataError
+
+log = logging.getLogger("lightning_lora")
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -104,6 +109,14 @@ def peft_config(model: nn.Module) -> dict[str, Any]:
     model = unwrap_model(model)
     config = get_lora_config(model)
     layers = top_level_targets(model)
+    attention = [n for n, layer in layers if isinstance(layer, LoRAMultiheadAttention)]
+    if attention:
+        log.warning(
+            "the adapter of MultiheadAttention %s is written in PEFT's layout, which lightning-lora loads exactly; "
+            "PEFT itself (0.21) adds out_proj's update twice in such a layer, so its outputs differ from this "
+            "model's. Use lightning_lora.load_adapter to serve it, not PEFT",
+            ", ".join(attention),
+        )
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -169,10 +182,8 @@ def _peft_names(names: list[str], patterns: Any, where: str, field: str) -> list
     if patterns is None:
         return None
     if isinstance(patterns, str):
-        try:
-            return [n for n in names if re.fullmatch(patterns, n)]
-        except re.error as err:
-            raise DataError(f"{where}: {field} {patterns!r} is not a valid regex ({err})") from err
+        matches = _bounded(patterns, where, field)
+        return [n for n in names if matches(n)]
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"{where}: {field} must be a regex or a list of module names, got {patterns!r}")
     return [n for n in names if any(n == p or n.endswith("." + p) for p in patterns)]
@@ -186,14 +197,22 @@ def _peft_per_layer(patterns: Any, targets: list[str], default: Any, where: str,
     """
     if not isinstance(patterns, dict):
         raise ValueError(f"{where}: {field} must be a mapping, got {patterns!r}")
+    keys = [(key, _bounded(rf"(?:.*\.)?(?:{key})", where, f"{field} key {key!r}")) for key in patterns]
     resolved = {}
     for name in sorted(targets, key=lambda n: (-len(n), n)):
-        try:
-            hit = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
-        except re.error as err:
-            raise DataError(f"{where}: {field} holds an invalid regex ({err})") from err
+        hit = next((key for key, matches in keys if matches(name)), None)
         resolved[name] = patterns[hit] if hit is not None else default
     return resolved
+
+
+def _bounded(pattern: str, where: str, field: str) -> Callable[[str], bool]:
+    """PEFT's regex as a matcher that cannot hang on a hostile file (:mod:`~lightning_lora.core.bounded_regex`)."""
+    try:
+        return compile_bounded(pattern)
+    except re.error as err:
+        raise DataError(f"{where}: {field} {pattern!r} is not a valid regex ({err})") from err
+    except UnsupportedPattern as err:
+        raise DataError(f"{where}: {field}: {err}") from err
 
 
 def config_from_peft(

@@ -8,7 +8,7 @@ Writers:
   files are replaced one by one inside the existing folder);
 - refuse to replace anything that is not their own kind of output, and say what is in the way;
 - sweep the temporary files an interrupted run (a dead process) left beside the destination;
-- turn a full disk into an error that names the file.
+- turn a failed write into an error that names the file and its cause (``core/write_errors.py``).
 
 Readers check sizes and structure before trusting anything.
 """
@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from lightning_lora.errors import DataError, WriteError
+from lightning_lora.core.write_errors import disk_errors, write_failure
+from lightning_lora.errors import DataError
 
 MAX_JSON_BYTES = 1 << 20
 """Adapter and run configs are a few KB; anything past 1 MB is refused unread."""
@@ -104,28 +105,6 @@ def sweep_stale_temporaries(parent: Path, name: str | None = None) -> list[Path]
 
 
 @contextmanager
-def disk_errors(path: Path) -> Iterator[None]:
-    """Name the file when the disk (or quota) is full, instead of a bare ``[Errno 28]``."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WriteError(f"no space left on the device while writing {path}; free some space") from err
-        raise
-    except RuntimeError as err:  # torch and safetensors report a failed write as a RuntimeError
-        text = str(err)
-        if "No space left" in text or "error code: 28" in text:
-            raise WriteError(f"no space left on the device while writing {path}; free some space") from err
-        if "inline_container" in text or "unexpected pos" in text or "write failed" in text.lower():
-            free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
-            raise WriteError(
-                f"writing {path} failed ({text.strip().splitlines()[0][:120]}); the device has {free:,} bytes "
-                "free, so it is most likely full: free some space"
-            ) from err
-        raise
-
-
-@contextmanager
 def atomic_file(path: str | os.PathLike, replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` in one rename.
 
@@ -147,11 +126,11 @@ def atomic_file(path: str | os.PathLike, replaceable: Callable[[Path], bool] | N
         sweep_stale_temporaries(path.parent, path.name)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as err:  # name the file asked for, not the temporary one beside it
-        raise WriteError(err.errno, f"cannot write {path} there ({err.strerror})") from err
+        raise write_failure(path, err.errno, f"cannot write there ({err.strerror})") from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        with disk_errors(path):
+        with disk_errors(path, tmp_path):
             yield tmp_path
             _fsync(tmp_path)
         _give_default_permissions(tmp_path)
@@ -268,6 +247,7 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torc
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    _refuse_duplicate_names(path, what)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -278,6 +258,38 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torc
             "corrupted or a pickle. lightning-lora reads tensors only as safetensors: re-export it."
         ) from err
     return tensors, metadata
+
+
+def _refuse_duplicate_names(path: Path, what: str) -> None:
+    """A header naming one tensor (or metadata key) twice is refused: JSON readers keep the last silently.
+
+    The header is read on its own (its length is the file's first 8 bytes), so a file whose header
+    claims to be larger than the file is left to the safetensors library's own error.
+    """
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < size <= min(path.stat().st_size - 8, 100_000_000):
+            return
+        header = f.read(size)
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                raise DataError(
+                    f"{what} {path} names {key!r} twice in its safetensors header: one of the two would be dropped "
+                    "without a word. The file was altered or badly written; re-export it."
+                )
+            seen.add(key)
+        return dict(items)
+
+    try:
+        json.loads(header, object_pairs_hook=pairs)
+    except ValueError as err:
+        if isinstance(err, DataError):
+            raise
+        # not JSON: the safetensors library reports it
 
 
 _SAFETENSORS_DTYPES = {

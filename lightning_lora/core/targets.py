@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lightning_lora.core.config import ALL_LINEAR, LoRAConfig, _is_glob, matches
@@ -193,7 +194,31 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> TargetPlan:
             f"Adaptable layers: {_adaptable_names(model) or 'none'}"
         )
     _check_patterns_match(plan, config)
+    _warn_of_two_targets_of_one_tensor(plan)
     return plan
+
+
+def _warn_of_two_targets_of_one_tensor(plan: TargetPlan) -> None:
+    """Two targets sharing one weight (GPT-2's ``lm_head`` and its tied ``wte``) each get their own update.
+
+    That is what was asked for, and merging keeps it right (each module gets its own merged copy,
+    the shared base tensor is never written), but the merged model no longer ties them: a library
+    that re-ties them on saving (``save_pretrained``) keeps only one of the two. Said at injection.
+    """
+    owners: dict[int, str] = {}
+    for name, module in plan.targets.items():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if id(weight) in owners:
+            log.warning(
+                "LoRA targets '%s' and '%s' share one weight tensor (tied, as GPT-2's lm_head and its token embedding "
+                "are): each gets its own update, so after a merge they are no longer tied (the outputs stay right; a "
+                "save that re-ties them keeps only one). Target only one of them to keep the tie",
+                owners[id(weight)],
+                name,
+            )
+        owners[id(weight)] = name
 
 
 def find_targets(model: nn.Module, config: LoRAConfig) -> dict[str, nn.Module]:

@@ -2,13 +2,16 @@
 
 The pretrained RichBoyNet (the latest ``runs/pretrain``) is fine-tuned on all ten digits rotated
 by 45 degrees, a new task for the same network: with LoRA at ranks 1, 2, 4, 8, 16 and 64 and with
-full fine-tuning, the same number of steps each and a learning rate tuned for each (the best of a
-grid of four on the rotated validation split). For each: rotated test accuracy (what was learned),
+full fine-tuning, the same number of steps each and a learning rate tuned for each: the best on
+the rotated validation split of a grid of four, widened by half-decade steps (1, 3, 10, ...) while
+the best lies at the grid's edge, so that every setting's best rate has a worse one on each side.
+Every rate's scores are kept in the record. For each: rotated test accuracy (what was learned),
 upright test accuracy (what was kept), trainable parameters and wall time.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,17 @@ BATCH = 64
 RANKS = (1, 2, 4, 8, 16, 64)
 LORA_RATES = (1e-3, 3e-3, 1e-2, 3e-2)
 FULL_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
+MAX_WIDENING = 4
+"""At most this many rates are added beyond a grid's edge (a best rate still at the edge is then recorded so)."""
+
+
+def neighbour(rate: float, up: bool) -> float:
+    """The next rate of the half-decade grid (1, 3, 10, 30, ...) above or below ``rate``."""
+    exponent = math.floor(math.log10(rate) + 1e-9)
+    mantissa = round(rate / 10**exponent)
+    if up:
+        return 3 * 10**exponent if mantissa < 3 else 10 ** (exponent + 1)
+    return 10**exponent if mantissa >= 3 else 3 * 10 ** (exponent - 1)
 
 
 def common() -> list[str]:
@@ -51,8 +65,25 @@ def _accuracy(net, data) -> float:
     return float((predictions(net, data.inputs) == data.targets).float().mean())
 
 
-def run(data_dir: str, results: Path = RUN_RECORDS) -> Path:
+def _score(rate: float, options: list[str], rotated: Any, upright: Any) -> dict[str, Any]:
+    """One fit at learning rate ``rate``: its scores, trainable parameters, time and command."""
     from lightning_lora.core.inject import count_parameters
+
+    args = [*options, "--model.optimizer.init_args.lr", f"{rate:g}"]
+    cli, seconds = fit(args)
+    net = cli.model.net
+    return {
+        "lr": rate,
+        "seconds": round(seconds, 1),
+        "rotated_val_accuracy": _accuracy(net, rotated.val_set),
+        "rotated_accuracy": _accuracy(net, rotated.test_set),
+        "upright_accuracy": _accuracy(net, upright.test_set),
+        "trainable": count_parameters(net).trainable,
+        "command": shown(["fit", *args]),
+    }
+
+
+def run(data_dir: str, results: Path = RUN_RECORDS) -> Path:
     from lightning_lora.demo.mnist_datamodule import MNISTDataModule
     from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run
 
@@ -75,25 +106,32 @@ def run(data_dir: str, results: Path = RUN_RECORDS) -> Path:
     )
     rows = []
     for label, options, rates in settings(base_path):
-        tried = []
-        for rate in rates:
-            args = [*options, "--data.data_dir", data_dir, "--model.base_checkpoint", str(base_path), *common(),
-                    "--model.optimizer.init_args.lr", f"{rate:g}"]  # fmt: skip
-            cli, seconds = fit(args)
-            net = cli.model.net
-            tried.append({
-                "lr": rate,
-                "seconds": round(seconds, 1),
-                "rotated_val_accuracy": _accuracy(net, rotated.val_set),
-                "rotated_accuracy": _accuracy(net, rotated.test_set),
-                "upright_accuracy": _accuracy(net, upright.test_set),
-                "trainable": count_parameters(net).trainable,
-                "command": shown(["fit", *args]),
-            })  # fmt: skip
+        tried: list[dict[str, Any]] = []
+
+        def score(rate: float, options: list[str] = options, label: str = label, tried: list = tried) -> None:
+            tried.append(_score(rate, [*options, "--data.data_dir", data_dir, "--model.base_checkpoint",
+                                       str(base_path), *common()], rotated, upright))  # fmt: skip
             say(NAME, f"{label}, lr {rate:g}: rotated validation {100 * tried[-1]['rotated_val_accuracy']:.2f}% "
-                      f"({duration(seconds)})")  # fmt: skip
+                      f"({duration(tried[-1]['seconds'])})")  # fmt: skip
+
+        for rate in rates:
+            score(rate)
+        for _ in range(MAX_WIDENING):
+            best = max(tried, key=lambda t: t["rotated_val_accuracy"])
+            lowest, highest = min(t["lr"] for t in tried), max(t["lr"] for t in tried)
+            if lowest < best["lr"] < highest:
+                break
+            say(NAME, f"{label}: the best rate {best['lr']:g} is at the grid's edge; widening it")
+            for up in [up for up, edge in ((False, lowest), (True, highest)) if best["lr"] == edge]:
+                score(neighbour(best["lr"], up))
+        tried.sort(key=lambda t: t["lr"])
         best = max(tried, key=lambda t: t["rotated_val_accuracy"])
-        rows.append({"label": label, **best, "learning_rates_tried": [t["lr"] for t in tried]})
+        rates_tried = [t["lr"] for t in tried]
+        inside = rates_tried[0] < best["lr"] < rates_tried[-1]
+        scores = [{k: t[k] for k in ("lr", "rotated_val_accuracy", "rotated_accuracy", "upright_accuracy")}
+                  for t in tried]  # fmt: skip
+        rows.append({"label": label, **best, "learning_rates_tried": rates_tried, "best_inside_grid": inside,
+                     "scores": scores})  # fmt: skip
         say(NAME, f"{label}: lr {best['lr']:g} -> rotated {100 * best['rotated_accuracy']:.2f}%, upright "
                   f"{100 * best['upright_accuracy']:.2f}% ({best['trainable']:,} trainable)")  # fmt: skip
     figure = figures.learning_vs_forgetting(

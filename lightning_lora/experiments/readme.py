@@ -204,7 +204,10 @@ def demo_rank_sweep(record: dict[str, Any]) -> str:
             *lines,
             "",
             f"{record['steps']} steps of batch {record['batch_size']} each, digits rotated by {record['rotation']:g} "
-            "degrees; each learning rate is the best of those tried on the rotated validation split.",
+            "degrees; each learning rate is the best of those tried on the rotated validation split, the grid "
+            "widened until a worse rate lies on each side of it"
+            + _rates_at_the_edge(record)
+            + " (every rate's scores are in `benchmarks/results/demo-rank-sweep.json`).",
             "",
             _against_the_paper(record),
             "",
@@ -232,7 +235,8 @@ def demo_seeds(record: dict[str, Any]) -> str:
             *lines,
             "",
             f"Each seed is the training seed and the data seed (`--seed_everything S --data.seed S`), the whole demo "
-            f"run again (`make demo-seeds`, {duration(record['total_seconds'])}) on {env['cpu']}, torch {env['torch']}.",
+            f"run again (`make demo-seeds`, {duration(record['total_seconds'])}) on {env['cpu']}, "
+            f"torch {env['torch']}.",
         ]
     )
 
@@ -251,6 +255,11 @@ def validation_cost(record: dict[str, Any]) -> str:
         f"without it (median of {record['rounds']} interleaved runs each, start-up included; "
         "`benchmarks/validation_cost.py`)."
     )
+
+
+def _rates_at_the_edge(record: dict[str, Any]) -> str:
+    edge = [row["label"] for row in record["settings"] if not row.get("best_inside_grid", False)]
+    return f"; still at the edge after widening: {', '.join(edge)}" if edge else ""
 
 
 def _against_the_paper(record: dict[str, Any]) -> str:

@@ -20,6 +20,10 @@ from lightning_lora.errors import DataError
 LAST = "last.ckpt"
 
 
+RUNS = Path("runs")
+"""Where the shipped configs' runs go (``trainer.logger.init_args.save_dir``); a bare run name is looked up there."""
+
+
 def resolve_checkpoint(reference: str | Path, what: str = "checkpoint") -> Path:
     """A checkpoint file from a file path, a run version folder, or a run folder (its latest version).
 
@@ -31,8 +35,14 @@ def resolve_checkpoint(reference: str | Path, what: str = "checkpoint") -> Path:
     path = Path(reference)
     if path.is_file():
         return path
+    if not path.exists() and len(path.parts) == 1 and (RUNS / path).is_dir():
+        path = RUNS / path  # a run's name, as the configs' logger names it: runs/<name>
     if not path.exists():
-        raise FileNotFoundError(f"{what} {path} does not exist; check the path (a .ckpt file or a run folder)")
+        hint = f" (no run of that name in {RUNS}/ either)" if len(path.parts) == 1 else ""
+        raise FileNotFoundError(
+            f"{what} {path} does not exist{hint}; check the path (a .ckpt file, a run folder such as "
+            f"{RUNS}/finetune_lora, or a run's name)"
+        )
     for candidate in (path / LAST, path / "checkpoints" / LAST):
         if candidate.is_file():
             return candidate

@@ -1,0 +1,83 @@
+"""lightning_lora.core.bounded_regex: PEFT's regexes from untrusted files, matched without backtracking."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_lora.core.bounded_regex import UnsupportedPattern, compile_bounded
+
+ATOMS = st.sampled_from(["a", "b", ".", r"\.", r"\d", r"\w", "[ab]", "[^a]", "[a-c]", "x", "0", "^", "$"])
+QUANTIFIERS = st.sampled_from(["", "", "*", "+", "?", "*?", "{2}", "{1,2}", "{0,}", "{,2}"])
+
+
+def patterns():
+    atom = st.tuples(ATOMS, QUANTIFIERS).map("".join)
+    return st.recursive(
+        st.lists(atom, min_size=0, max_size=4).map("".join),
+        lambda inner: st.tuples(st.lists(inner, min_size=1, max_size=3), QUANTIFIERS, st.booleans()).map(
+            lambda t: ("(?:" if t[2] else "(") + "|".join(t[0]) + ")" + t[1]
+        ),
+        max_leaves=6,
+    )
+
+
+@settings(max_examples=600, deadline=None)
+@given(pattern=patterns(), name=st.text(alphabet="ab.x0_", max_size=8))
+def test_on_its_subset_it_answers_as_re_fullmatch(pattern, name):
+    try:
+        expected = bool(re.fullmatch(pattern, name))
+    except re.error:
+        with pytest.raises(re.error):
+            compile_bounded(pattern)
+        return
+    assert compile_bounded(pattern)(name) == expected, (pattern, name)
+
+
+@pytest.mark.parametrize(
+    "pattern, names",
+    [
+        (r".*\.(q_proj|v_proj)", ["model.layers.0.q_proj", "model.k_proj", "q_proj"]),
+        (r"model\.layers\.\d+\.self_attn\.(q|v)_proj", ["model.layers.12.self_attn.q_proj", "model.layers.x.q_proj"]),
+        (r"(?:.*\.)?(^net\.fc1)", ["net.fc1", "a.net.fc1"]),  # how a rank_pattern key is matched
+        (r"(?P<layer>fc\d)|head", ["fc1", "head", "fc"]),
+        (r"[]a-]+", ["]a-", "b"]),
+    ],
+)
+def test_the_patterns_adapter_files_use(pattern, names):
+    for name in names:
+        assert compile_bounded(pattern)(name) == bool(re.fullmatch(pattern, name)), name
+
+
+@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(a|a)*b", r"(.*a){12}", r"(\w+\.?)+x", r"(a*)*(a*)*b"])
+def test_catastrophic_backtracking_patterns_take_linear_time(pattern):
+    name = "a" * 3000 + "!"
+    began = time.perf_counter()
+    assert compile_bounded(pattern)(name) is False
+    assert time.perf_counter() - began < 5  # re.fullmatch would not finish this in years
+
+
+@pytest.mark.parametrize(
+    "pattern, said",
+    [
+        (r"(a)\1", r"\1"),
+        (r"(?=a)a", "lookaround"),
+        (r"(?i)fc1", "inline flag"),
+        (r"a++", "possessive"),
+        (r"a{101}", "over 100"),
+        ("(" * 10 + "a{1,100}" + "){1,100}" * 10, "too large"),
+        ("a" * 1001, "longer than"),
+    ],
+)
+def test_what_it_cannot_bound_is_refused_naming_the_construct(pattern, said):
+    with pytest.raises(UnsupportedPattern, match=re.escape(said)):
+        compile_bounded(pattern)
+
+
+def test_an_invalid_regex_gets_pythons_own_error():
+    with pytest.raises(re.error):
+        compile_bounded("(a")
