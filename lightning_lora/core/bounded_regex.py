@@ -39,6 +39,7 @@ _CLASS_ESCAPES: dict[str, Test] = {
     "s": str.isspace,
     "S": lambda c: not c.isspace(),
 }
+_COUNTED = re.compile(r"\{(\d*)(,(\d*))?\}")  # a counted repeat {m}, {m,}, {m,n}, {,n}
 _LITERAL_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
 
 
@@ -135,13 +136,12 @@ class _Builder:
         if char in ("*", "+", "?"):
             self.take()
             bounds = {"*": (0, None), "+": (1, None), "?": (0, 1)}[char]
-        elif char == "{" and re.match(r"\{(\d*)(,(\d*))?\}", self.pattern[self.pos :]):
-            match = re.match(r"\{(\d*)(,(\d*))?\}", self.pattern[self.pos :])
+        elif char == "{" and (match := _COUNTED.match(self.pattern, self.pos)):
             low = int(match.group(1) or 0)
             high = low if match.group(2) is None else (int(match.group(3)) if match.group(3) else None)
             if match.group(1) == "" and match.group(2) is None:
                 return 1, 1  # "{}" is a literal in Python's re; parse_atom takes it
-            self.pos += match.end()
+            self.pos = match.end()
             if max(low, high or 0) > 100:
                 raise self.refuse("a repeat count over 100")
             bounds = (low, high)

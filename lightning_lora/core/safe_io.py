@@ -286,10 +286,19 @@ def _refuse_duplicate_names(path: Path, what: str) -> None:
 
     try:
         json.loads(header, object_pairs_hook=pairs)
-    except ValueError as err:
-        if isinstance(err, DataError):
-            raise
-        # not JSON: the safetensors library reports it
+    except DataError:
+        raise
+    except ValueError:  # not JSON: the safetensors library reports it
+        pass
+
+
+def non_finite_names(tensors: dict[str, Any]) -> list[str]:
+    """The keys whose value is a floating-point tensor holding NaN or infinity (other values are skipped)."""
+    return [
+        key
+        for key, value in tensors.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
 
 
 _SAFETENSORS_DTYPES = {

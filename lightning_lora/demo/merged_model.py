@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lightning_lora._version import __version__
-from lightning_lora.core.safe_io import atomic_file, read_safetensors, write_safetensors
+from lightning_lora.core.safe_io import atomic_file, non_finite_names, read_safetensors, write_safetensors
 from lightning_lora.errors import DataError, UsageError
 from lightning_lora.integration import class_allowlist
 
@@ -172,7 +172,7 @@ def load_merged(path: str | os.PathLike, allow_classes: list[str] | tuple[str, .
     own = net.state_dict()
     if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
         raise ValueError(f"{path}: its weights do not fit the network its metadata names; merge the run again")
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite_names(tensors)
     if bad:
         raise ValueError(f"{path} holds NaN or infinite weights ({bad[:5]}); merge a good run again")
     net.load_state_dict(tensors, strict=True)

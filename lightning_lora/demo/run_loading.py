@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.inject import get_lora_config
+from lightning_lora.core.safe_io import non_finite_names
 from lightning_lora.errors import UsageError
 from lightning_lora.integration import class_allowlist
 from lightning_lora.integration.adapter_restore import CHECKPOINT_KEY, LEGACY_CONFIG_KEY, restore_adapters
@@ -119,7 +120,7 @@ def load_base_checkpoint(net: nn.Module, path: str | Path) -> Path:
             + "; ".join(problems)
             + ". Use the same net and sizes as the pretraining run."
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite_names(state)
     if bad:
         raise ValueError(f"base_checkpoint {path} holds NaN or infinite weights ({bad[:5]}); it cannot be a base")
     net.load_state_dict(state, strict=True)

@@ -21,6 +21,7 @@ from lightning_lora.core.fingerprint import fingerprint, first_difference
 from lightning_lora.core.inject import get_lora_config, inject_checked
 from lightning_lora.core.layers import kept_biases
 from lightning_lora.core.layers.base import BASE_PREFIX
+from lightning_lora.core.safe_io import non_finite_names
 from lightning_lora.errors import DataError, NonFiniteWeightsError, UsageError
 
 CHECKPOINT_KEY = "lightning_lora"
@@ -79,7 +80,7 @@ def base_tensors(root: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     """Refuse to write weights that hold NaN or infinity (the message names them)."""
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite_names(state)
     if bad:
         raise NonFiniteWeightsError(
             f"refusing to write {what}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:5])}). "
@@ -148,7 +149,7 @@ def restore_adapters(root: nn.Module, checkpoint: dict[str, Any], base_hint: str
 
 
 def _refuse_non_finite(values: dict[str, Any]) -> None:
-    bad = [k for k, v in values.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite_names(values)
     if bad:
         raise DataError(
             f"the checkpoint holds NaN or infinite values in {', '.join(bad[:5])}: it was damaged after it was "

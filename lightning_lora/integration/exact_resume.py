@@ -44,6 +44,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import RandomSampler
 
+from lightning_lora.core.safe_io import non_finite_names
 from lightning_lora.errors import ResumeError
 
 EXACT_EVERYWHERE = ("batch_end", "validation_end")
@@ -279,20 +280,21 @@ def _whole_number(state: dict[str, Any], key: str, trainer: pl.Trainer) -> int:
 def _refuse_damaged_optimizer_state(trainer: pl.Trainer) -> None:
     """Every restored optimizer state tensor has its parameter's shape and finite values, or the resume stops."""
     for number, optimizer in enumerate(trainer.optimizers):
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                for key, value in optimizer.state.get(param, {}).items():
-                    if not isinstance(value, torch.Tensor):
-                        continue
-                    wrong = value.ndim > 0 and value.shape != param.shape
-                    if wrong or (value.is_floating_point() and not bool(torch.isfinite(value).all())):
-                        what = f"shape {tuple(value.shape)} for a parameter of {tuple(param.shape)}" if wrong else (
-                            "NaN or infinite values")  # fmt: skip
-                        raise ResumeError(
-                            f"resume refused: checkpoint {trainer.ckpt_path} holds optimizer {number}'s state "
-                            f"{key!r} with {what}: it was altered or damaged after it was written (stepping with it "
-                            "would corrupt the run). Resume another checkpoint of the run"
-                        )
+        params = [param for group in optimizer.param_groups for param in group["params"]]
+        for param, state in ((p, optimizer.state[p]) for p in params if p in optimizer.state):
+            wrong = {
+                key: v for key, v in state.items() if isinstance(v, torch.Tensor) and v.ndim and v.shape != param.shape
+            }
+            bad = next(iter(wrong), None) or next(iter(non_finite_names(state)), None)
+            if bad is None:
+                continue
+            what = (f"shape {tuple(wrong[bad].shape)} for a parameter of {tuple(param.shape)}" if bad in wrong
+                    else "NaN or infinite values")  # fmt: skip
+            raise ResumeError(
+                f"resume refused: checkpoint {trainer.ckpt_path} holds optimizer {number}'s state {bad!r} with {what}: "
+                "it was altered or damaged after it was written (stepping with it would corrupt the run). Resume "
+                "another checkpoint of the run"
+            )
 
 
 def _current_seed() -> int:
