@@ -267,6 +267,23 @@ class TestAttention:
             want = base.layer(x, x, x, key_padding_mask=mask, need_weights=False)[0]
         assert torch.equal(got, want)
 
+    @pytest.mark.parametrize("trainable", [True, False], ids=["base_trainable", "base_frozen"])
+    @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+    def test_disabled_takes_the_kernel_the_base_takes_so_is_bit_exact(self, trainable, grad):
+        """In eval, torch's fused attention kernel runs only when no weight requires grad, and it rounds
+        differently (1e-7): a disabled adapter must pick what the base module, as injected, picks."""
+        torch.manual_seed(0)
+        base = Single(nn.MultiheadAttention(16, 2, batch_first=True)).requires_grad_(trainable).eval()
+        model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, target_modules=["layer"])).eval()
+        with torch.no_grad():
+            model.layer.lora_B.normal_()
+        x = torch.randn(3, 5, 16)
+        with torch.set_grad_enabled(grad), disable_lora(model):
+            got = model.layer(x, x, x, need_weights=False)[0]
+        with torch.set_grad_enabled(grad):
+            want = base.layer(x, x, x, need_weights=False)[0]
+        assert torch.equal(got, want)
+
     def test_out_proj_alone_is_refused_with_the_fix(self):
         base, _ = zoo_model("attention_batch_first")
         with pytest.raises(ValueError, match="target 'layer' instead"):

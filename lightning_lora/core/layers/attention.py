@@ -63,6 +63,9 @@ class LoRAMultiheadAttention(LoRALayer):
                 "LoRA adapts nn.MultiheadAttention only when query, key and value have the same size "
                 f"(kdim={base.kdim}, vdim={base.vdim}, embed_dim={base.embed_dim}); exclude this module"
             )
+        # torch takes its fused kernel in eval with grad enabled only when no weight requires grad; the
+        # kernels round differently. Injection freezes the base, so keep the choice the module had.
+        self.base_was_trainable = any(p.requires_grad for p in base.parameters())
         super().__init__(base, config)
         self.out_proj = LoRALinear(base.out_proj, config)
 
@@ -84,6 +87,8 @@ class LoRAMultiheadAttention(LoRALayer):
         tensors["out_proj.weight"] = self.out_proj.effective_weight()
         if self.out_proj.bias is not None:
             tensors["out_proj.bias"] = self.out_proj.effective_bias()
+        if self.base_was_trainable and torch.is_grad_enabled() and not any(t.requires_grad for t in tensors.values()):
+            tensors[self.weight_name] = tensors[self.weight_name].detach().requires_grad_()  # the base's kernel
         self.base_layer.training = self.training  # the original is not registered, so eval() does not reach it
         return functional_call(self.base_layer, tensors, args, kwargs)
 
