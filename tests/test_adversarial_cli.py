@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +155,20 @@ def test_commands_that_train_nothing_never_import_lightning(args):
     )
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
+
+
+MADE_BY_MAKE = os.environ.get("LIGHTNING_LORA_REQUIRE_EXTRAS") == "1"
+
+
+@pytest.mark.skipif(not MADE_BY_MAKE, reason="checks the venv `make test` sets up; run it with make test")
+def test_the_runs_of_make_s_venv_never_import_transformers():
+    """torchmetrics imports transformers at every `import lightning` when it is installed (~0.7 s): make keeps the
+    test extra in a folder only the tests put on PYTHONPATH, so `make demo` or `lightning-lora fit` loads none."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    code = "import sys, lightning.pytorch, lightning_lora.demo.classifiers\nprint('transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
+    assert importlib.util.find_spec("transformers") is not None  # while the tests themselves do see it
 
 
 def test_a_checkpoint_of_another_network_is_named_not_a_traceback(here, capsys, fake_mnist):
