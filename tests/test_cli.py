@@ -238,27 +238,67 @@ def test_every_run_records_its_settings_and_final_numbers_for_the_hparams_tab(tr
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     root, _ = trained_run
-    for version, stage in (("version_0", "val/target/acc_base"), ("version_1", "test/acc_base")):
-        folder = root / "runs/finetune_lora" / version
-        hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
-        assert hparams["lora"]["rank"] == 1 and hparams["lora"]["target_modules"] == "all-linear"
-        assert hparams["batch_size"] == 10 and hparams["data"]["trained_digits"] == [9]
-        if version == "version_1":
-            continue  # a test run has no optimizer; its numbers are checked below
-        assert hparams["optimizer"]["class"] == "Adam" and hparams["optimizer"]["lr"] == 0.001
-        assert hparams["trainer"]["max_steps"] == 4
-        events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
-        events.Reload()
-        content = events.summary_metadata["_hparams_/session_start_info"].plugin_data.content
-        start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
-        assert start.hparams["lora/rank"].number_value == 1 and start.hparams["optimizer/lr"].number_value == 0.001
-        # the module's and the data's own arguments too, so runs compare by them
-        assert start.hparams["batch_size"].number_value == 10 and start.hparams["val_per_digit"].number_value == 50
-        assert start.hparams["distill_weight"].number_value == 0
-        experiment = plugin_data_pb2.HParamsPluginData.FromString(
-            events.summary_metadata["_hparams_/experiment"].plugin_data.content
-        ).experiment
-        assert stage in {m.name.tag for m in experiment.metric_infos}
+    folder = root / "runs/finetune_lora/version_0"  # the fit's, and the test's beside it
+    hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
+    assert hparams["lora"]["rank"] == 1 and hparams["lora"]["target_modules"] == "all-linear"
+    assert hparams["batch_size"] == 10 and hparams["data"]["trained_digits"] == [9]
+    assert hparams["optimizer"]["class"] == "Adam" and hparams["optimizer"]["lr"] == 0.001  # the fit's, kept
+    assert hparams["trainer"]["max_steps"] == 4
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    events.Reload()
+    content = events.summary_metadata["_hparams_/session_start_info"].plugin_data.content
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert start.hparams["lora/rank"].number_value == 1 and start.hparams["optimizer/lr"].number_value == 0.001
+    # the module's and the data's own arguments too, so runs compare by them
+    assert start.hparams["batch_size"].number_value == 10 and start.hparams["val_per_digit"].number_value == 50
+    assert start.hparams["distill_weight"].number_value == 0
+    # LightningCLI's bookkeeping (_instantiator, _class_path) would be the tab's first columns
+    assert not [name for name in start.hparams if name.startswith("_")]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        events.summary_metadata["_hparams_/experiment"].plugin_data.content
+    ).experiment
+    assert {"val/target/acc_base", "test/acc_base"} & {m.name.tag for m in experiment.metric_infos}
+
+
+def test_a_test_logs_beside_its_fit_at_the_fit_s_last_step(trained_run):
+    """No version folder of its own (which TensorBoard shows as a run of its own, at step 0): the
+    test's scalars and figures join the fine-tune's, at its last step; its config does not replace the fit's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = trained_run
+    assert [p.name for p in (root / "runs/finetune_lora").iterdir()] == ["version_0"]
+    folder = root / "runs/finetune_lora/version_0"
+    assert yaml.safe_load((folder / "config.yaml").read_text())["trainer"]["val_check_interval"] == 2  # the fit's
+    assert (folder / "test_config.yaml").is_file()
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert {s.step for s in events.Scalars("test/acc")} == {4}
+    assert {s.step for s in events.Scalars("test/wrong_digit_9_base")} == {4}
+    for tag in ("test/mistakes_per_digit", "test/confusion_matrix", "test/confusion_matrix_base"):
+        assert [image.step for image in events.Images(tag)] == [4]
+
+
+def test_validate_prints_each_number_once_adapter_on_beside_off_names_whole(trained_run, fake_mnist, capsys):
+    """Lightning prints a metric logged over two dataloaders in both columns, long names cut."""
+    root, _ = trained_run
+    common = [*config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        main(["validate", *common, "--trainer.enable_progress_bar", "false", "--ckpt_path", "runs/finetune_lora"])
+    out = capsys.readouterr().out
+    assert "DataLoader 0" not in out and "…" not in out
+    assert "validate of runs/finetune_lora/version_0/checkpoints/last.ckpt (step 4)" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("val/")]
+    names = [row[0] for row in rows]
+    assert len(names) == len(set(names)) and "val/retain/wrong_digit_8" in names and "val/target/acc" in names
+    assert not [name for name in names if name.endswith("_base")]  # in the adapter-off column instead
+    assert all(len(row) == 3 for row in rows), rows
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        main(["validate", *common, "--trainer.enable_progress_bar", "false", "--ckpt_path", "runs/finetune_lora",
+              "--verbose", "false"])  # fmt: skip
+    assert "val/target/acc" not in capsys.readouterr().out
+    assert [p.name for p in (root / "runs/finetune_lora").iterdir()] == ["version_0"]
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ Tiny MLPs on synthetic MNIST through a real Trainer and TensorBoard logger.
 from __future__ import annotations
 
 import functools
+import io
 
 import lightning.pytorch as pl
 import pytest
@@ -85,9 +86,17 @@ def test_validation_shows_target_and_retain_with_the_base_computed_once(tmp_path
 def test_tensorboard_gets_paired_charts_and_a_mistakes_picture(tmp_path, fake_mnist, base_ckpt):
     logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
     trainer(tmp_path, logger=logger).fit(model(base_ckpt), data(fake_mnist))
-    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "images": 0})
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "images": 0, "scalars": 0})
     events.Reload()
-    assert events.Tags()["images"] == []  # validation draws nothing: a picture costs more than validating
+    assert events.Tags()["images"] == ["val/mistakes_per_digit"]  # at every validation: the per-digit picture
+    validated_at = [image.step for image in events.Images("val/mistakes_per_digit")]
+    assert validated_at == [2, 4, 7]  # after optimizer steps 2, 4 and 7 (5 batches an epoch): the global steps
+    # one step axis: the picture and the numbers of one validation share its step (Lightning's own is one less)
+    assert [s.step for s in events.Scalars("val/target/acc")][:3] == validated_at
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(events.Images("val/mistakes_per_digit")[-1].encoded_image_string))
+    assert picture.size == (520, 260) and len(picture.convert("RGB").getcolors(maxcolors=1 << 16)) > 4  # not blank
     from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
     layout = layout_pb2.Layout()

@@ -14,6 +14,8 @@ from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from lightning_lora.integration.evaluation_log import BASE_SUFFIX, evaluation_step
+
 
 class DigitMetrics(nn.Module):
     """Loss, accuracy, per-digit accuracy and wrong counts, from one confusion matrix.
@@ -126,7 +128,7 @@ def mistakes_image(wrong_on: list[float], wrong_off: list[float] | None, title: 
     return _render(figure)
 
 
-def paired_layout(tags: list[str], base_suffix: str = "_base") -> dict[str, dict[str, list]]:
+def paired_layout(tags: list[str], base_suffix: str = BASE_SUFFIX) -> dict[str, dict[str, list]]:
     """A TensorBoard custom-scalars layout: each metric drawn in one chart with its ``_base`` twin.
 
     Categories are the tags' prefixes (``val/target``, ``test``); a tag whose twin was not
@@ -154,7 +156,7 @@ def log_images(module: pl.LightningModule, images: dict[str, np.ndarray]) -> Non
     for logger in trainer.loggers:
         if hasattr(logger.experiment, "add_image"):
             for tag, image in images.items():
-                logger.experiment.add_image(tag, image, trainer.global_step, dataformats="HWC")
+                logger.experiment.add_image(tag, image, evaluation_step(trainer), dataformats="HWC")
 
 
 def write_scalar_layout(module: pl.LightningModule, tags: list[str]) -> None:

@@ -23,6 +23,7 @@ from lightning_lora.demo.run_loading import base_shapes, build_net, load_base_ch
 from lightning_lora.errors import NonFiniteLossError, UsageError
 from lightning_lora.integration.checkpoint_mixin import LoRACheckpointMixin
 from lightning_lora.integration.class_allowlist import MODULE_CLASS_KEY
+from lightning_lora.integration.evaluation_log import BASE_SUFFIX, evaluation_step
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -254,15 +255,19 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
 
     def _log_eval(self, stage: str) -> None:
         """Log every set's numbers, adapter on and off; then the pictures of them."""
+        # Lightning logs an evaluation at step 0 outside fit, and during fit one step before the training
+        # curves (its batches-that-stepped count); a logged "step" is its public way to say which step.
+        step = float(evaluation_step(self.trainer))  # every rank's is the same: max says so to DDP
+        self.log("step", step, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
         on, off = {}, {}
         for prefix in self._set_prefixes:
             on[prefix] = self._metrics(prefix, base=False).log(self, prefix)
             if self._comparing():
-                off[prefix] = self._metrics(prefix, base=True).log(self, prefix, suffix="_base")
+                off[prefix] = self._metrics(prefix, base=True).log(self, prefix, suffix=BASE_SUFFIX)
         self.log_eval_images(stage, on, off)
         if not self.trainer.sanity_checking and stage not in self._layouts_written:
             self._layouts_written.add(stage)
-            suffixes = ("", "_base") if off else ("",)
+            suffixes = ("", BASE_SUFFIX) if off else ("",)
             tags = [f"{p}/{n}{x}" for p, values in on.items() for n in values if n != "confusion" for x in suffixes]
             write_scalar_layout(self, tags)
 

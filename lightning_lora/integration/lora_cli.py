@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -30,6 +30,7 @@ from lightning_lora.core.safe_io import sweep_stale_temporaries
 from lightning_lora.errors import UsageError, root_cause
 from lightning_lora.integration.callback import LoRAInjectionCallback
 from lightning_lora.integration.checkpoint_reader import describe_resolution, resolve_checkpoint
+from lightning_lora.integration.evaluation_log import evaluation_step, logger_beside_its_fit, results_table
 from lightning_lora.integration.exact_resume import ExactResume
 from lightning_lora.integration.line_progress import LineProgress
 from lightning_lora.integration.run_record import RunRecord
@@ -37,6 +38,7 @@ from lightning_lora.integration.safe_checkpoint_io import SafeCheckpointIO
 
 LORA_GROUP = "lora"
 NEW_DATA_ORDER = "new_data_order"
+EVALUATIONS = ("validate", "test")
 _RUN: dict[str, Any] = {}  # the trainer of the command running now, for an honest SIGTERM message
 
 
@@ -243,22 +245,56 @@ class LoRACLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
+        logger = config["trainer"].get("logger")
+        if self.requested_ckpt_path is not None and self.subcommand in EVALUATIONS and isinstance(logger, Logger):
+            self.resolved_ckpt_path = self._resolve_ckpt_path(self.requested_ckpt_path, logger)
+            kwargs = {**self._log_beside_the_fit(logger), **kwargs}  # so the logger is known before the trainer
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
         _RUN.update(trainer=trainer, started=time.time(), new_folder=_new_run_folder(trainer))
         _sweep_earlier_runs(trainer)
         if self.requested_ckpt_path is not None:
-            self.resolved_ckpt_path = self._resolve_ckpt_path(self.requested_ckpt_path, trainer)
+            if self.resolved_ckpt_path is None:
+                self.resolved_ckpt_path = self._resolve_ckpt_path(self.requested_ckpt_path, trainer.logger)
             trainer.ckpt_path = str(self.resolved_ckpt_path)
         return trainer
 
-    def _resolve_ckpt_path(self, requested: str, trainer: pl.Trainer) -> Path:
+    def _log_beside_the_fit(self, logger: Any) -> dict[str, Any]:
+        """For ``validate``/``test`` of a fit's checkpoint: log into that fit's folder (:func:`logger_beside_its_fit`),
+        the config saved as ``<command>_config.yaml`` (the fit's ``config.yaml`` stays)."""
+        settings = getattr(self.config[self.subcommand]["trainer"]["logger"], "init_args", None)
+        beside = logger_beside_its_fit(logger, self.resolved_ckpt_path, settings.as_dict()) if settings else None
+        if beside is None:
+            return {}
+        self.save_config_kwargs = {
+            **self.save_config_kwargs,
+            "config_filename": f"{self.subcommand}_config.yaml",
+            "overwrite": True,  # the latest evaluation's settings; the numbers of earlier ones stay in the events
+        }
+        return {"logger": beside}
+
+    def _take_over_the_table(self) -> None:
+        """Print :func:`results_table` after the run instead of Lightning's table (``--verbose`` still decides)."""
+        config = self.config_init[self.subcommand]
+        self._verbose = bool(config.get("verbose", True))
+        config["verbose"] = False
+
+    def _print_results(self) -> None:
+        trainer = self.trainer
+        if getattr(self, "_verbose", False) and trainer.is_global_zero and trainer.callback_metrics:
+            where = f" of {trainer.ckpt_path} (step {evaluation_step(trainer)})" if trainer.ckpt_path else ""
+            print(results_table(trainer.callback_metrics, f"{self.subcommand}{where}"), flush=True)
+
+    before_validate = before_test = _take_over_the_table
+    after_validate = after_test = _print_results
+
+    def _resolve_ckpt_path(self, requested: str, logger: Any) -> Path:
         """A checkpoint file from what ``--ckpt_path`` names (no file is read here: Lightning's restore reads it)."""
         if requested in ("best", "hpc", "registry"):
             raise UsageError(
                 f"--ckpt_path {requested} names a checkpoint of an earlier fit in the same Python process, which a "
                 "command line run has not; give a .ckpt file or a run folder (runs/<name> means its newest checkpoint)"
             )
-        reference = _latest_run(trainer) if requested == "last" else requested
+        reference = _latest_run(logger) if requested == "last" else requested
         try:
             resolved = resolve_checkpoint(reference, "ckpt_path")
         except FileNotFoundError as err:
@@ -292,9 +328,8 @@ class LoRACLI(LightningCLI):
                 )
 
 
-def _latest_run(trainer: pl.Trainer) -> str:
+def _latest_run(logger: Any) -> str:
     """The run folder of this config's name (``runs/<name>``), for ``--ckpt_path last``."""
-    logger = trainer.logger
     save_dir, name = getattr(logger, "save_dir", None), getattr(logger, "name", None)
     if not save_dir or not name:
         raise UsageError("--ckpt_path last needs the run folders a logger makes; pass the checkpoint file instead")

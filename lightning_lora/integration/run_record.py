@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_lora.core.inject import get_lora_config
+from lightning_lora.integration.evaluation_log import evaluation_step
 
 
 class RunRecord(pl.Callback):
@@ -30,6 +31,9 @@ class RunRecord(pl.Callback):
     Final metrics are the headline ones (loss and accuracy per set, adapter on and off, and the
     trained digits' mistakes); per-digit numbers of every digit stay in the scalars.
     """
+
+    def __init__(self) -> None:
+        self._found: set[Path] = set()
 
     def settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """The settings beyond ``__init__`` arguments, grouped by where they come from."""
@@ -81,14 +85,25 @@ class RunRecord(pl.Callback):
             metrics.update(self.headline_metrics(trainer, prefix))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab: settings beside final numbers
-                # The tab shows only what this call passes: the module's and data's arguments too.
+                # The tab shows only what this call passes: the module's and data's arguments too, but not
+                # LightningCLI's bookkeeping (_instantiator, _class_path), which would be its first columns.
                 logger.hparams.update(settings)
-                logger.log_hyperparams(dict(logger.hparams), metrics=metrics or None, step=trainer.global_step)
+                shown = {key: value for key, value in logger.hparams.items() if not str(key).startswith("_")}
+                logger.log_hyperparams(shown, metrics=metrics or None, step=evaluation_step(trainer))
                 hparams_file = Path(logger.log_dir) / logger.NAME_HPARAMS_FILE
-                if hparams_file.is_file():  # the logger writes it once, maybe before these settings existed
-                    save_hparams_to_yaml(hparams_file, logger.hparams)
+                if hparams_file.is_file() and hparams_file not in self._found:
+                    save_hparams_to_yaml(hparams_file, logger.hparams)  # written once, maybe before these settings
             else:
                 logger.log_hyperparams(settings)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before Lightning writes this run's hparams.yaml: one that is already there is another run's
+        # (a `test` logging beside its fit) and stays as it is.
+        self._found = {
+            Path(logger.log_dir) / logger.NAME_HPARAMS_FILE
+            for logger in trainer.loggers
+            if isinstance(logger, TensorBoardLogger) and (Path(logger.log_dir) / logger.NAME_HPARAMS_FILE).is_file()
+        }
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._record(trainer, pl_module)
