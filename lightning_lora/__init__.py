@@ -35,6 +35,7 @@ _LAZY = {
     "remove_lora": "lightning_lora.core.inject",
     "unmerge_lora": "lightning_lora.core.inject",
     "unwrap_model": "lightning_lora.core.inject",
+    "lora_plus_param_groups": "lightning_lora.core.lora_plus",
     "LoRAConv": "lightning_lora.core.layers",
     "LoRAConv1D": "lightning_lora.core.layers",
     "LoRAEmbedding": "lightning_lora.core.layers",

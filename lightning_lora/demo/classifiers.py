@@ -33,7 +33,7 @@ class LitClassifier(NetModule):
     frozen), in eval mode and before the adapted forward.
 
     Args:
-        net, optimizer, base_checkpoint, compare_base, lr_on_resume: See :class:`NetModule`.
+        net, optimizer, base_checkpoint, compare_base, lr_on_resume, lora_plus_ratio: See :class:`NetModule`.
         num_classes: Size of the output layer (10 for MNIST, also for digit subsets, so the
             head keeps the pretrained base's shape).
         distill_weight: Weight of the distillation term; 0 turns it off.
@@ -51,6 +51,7 @@ class LitClassifier(NetModule):
         lr_on_resume: float | None = None,
         distill_weight: float = 0.0,
         distill_on: Literal["retain", "all"] = "retain",
+        lora_plus_ratio: float | None = None,
     ) -> None:
         self.num_classes = num_classes
         if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) or not distill_weight >= 0:
@@ -61,7 +62,7 @@ class LitClassifier(NetModule):
             raise ValueError(f"distill_on must be 'retain' or 'all', got {distill_on!r}")
         self.distill_weight, self.distill_on = float(distill_weight), distill_on
         self._target_digits: torch.Tensor | None = None
-        super().__init__(net, optimizer, base_checkpoint, compare_base, lr_on_resume)
+        super().__init__(net, optimizer, base_checkpoint, compare_base, lr_on_resume, lora_plus_ratio)
 
     def new_eval_metrics(self) -> DigitMetrics:
         return DigitMetrics(self.num_classes)

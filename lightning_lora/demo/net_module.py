@@ -15,9 +15,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from lightning_lora.core.inject import disable_lora, get_lora_config
+from lightning_lora.core.lora_plus import lora_plus_param_groups
 from lightning_lora.demo.digit_metrics import write_scalar_layout
 from lightning_lora.demo.run_loading import base_shapes, build_net, load_base_checkpoint, net_spec
 from lightning_lora.errors import NonFiniteLossError, UsageError
@@ -52,7 +54,9 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
             ``_base`` suffix (``test/acc_base``, ``test/wrong_digit_9_base``).
         lr_on_resume: When resuming (``--ckpt_path``), replace the learning rate the checkpoint
             restores with this one: after a NaN, resume from the last good checkpoint with a
-            lower rate.
+            lower rate. (With LoRA+ it is ``A``'s rate; ``B``'s stays ``lora_plus_ratio`` times it.)
+        lora_plus_ratio: Train with LoRA+ (:func:`~lightning_lora.core.lora_plus.lora_plus_param_groups`):
+            ``B`` at this many times the optimizer's learning rate (16 in Hayou et al., 2024).
     """
 
     hyper_parameters_are_plain = True
@@ -64,6 +68,7 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         base_checkpoint: str | None = None,
         compare_base: bool = True,
         lr_on_resume: float | None = None,
+        lora_plus_ratio: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(net, dict):  # a spec (from a checkpoint's hparams): checked against the base before building
@@ -84,6 +89,11 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
             self.hparams["base_checkpoint"] = str(load_base_checkpoint(net, base_checkpoint).resolve())
         self.compare_base = compare_base
         self.lr_on_resume = lr_on_resume
+        if lora_plus_ratio is not None and (
+            isinstance(lora_plus_ratio, bool) or not 1 <= lora_plus_ratio < float("inf")
+        ):
+            raise ValueError(f"lora_plus_ratio must be a number >= 1 (B's rate over A's), got {lora_plus_ratio!r}")
+        self.lora_plus_ratio = lora_plus_ratio
         self.eval_metrics = nn.ModuleDict()  # one metrics object per (evaluation set, adapter on/off), made on use
         self._set_prefixes: list[str] = []
         self._base_cache: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
@@ -181,9 +191,17 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
         if self.lr_on_resume is not None and self.trainer.ckpt_path is not None:
             for optimizer in self.trainer.optimizers:
                 for group in optimizer.param_groups:
-                    group["lr"] = self.lr_on_resume
+                    group["lr"] = self._rate_on_resume(group)
             for config in self.trainer.lr_scheduler_configs:
-                config.scheduler.base_lrs = [self.lr_on_resume] * len(config.scheduler.base_lrs)
+                groups = config.scheduler.optimizer.param_groups
+                config.scheduler.base_lrs = [self._rate_on_resume(group) for group in groups]
+
+    def _rate_on_resume(self, group: dict[str, Any]) -> float:
+        """``lr_on_resume`` for a group; LoRA+'s ``B`` group at its ratio, its embedding group as it was."""
+        name = group.get("name")
+        if name == "lora_plus_B":
+            return self.lr_on_resume * (self.lora_plus_ratio or 1.0)
+        return group["lr"] if name == "lora_plus_embedding" else self.lr_on_resume
 
     def on_train_epoch_start(self) -> None:
         self._train_sums = None
@@ -282,10 +300,46 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
                 "(trainer.callbacks) or unfreeze part of the net."
             )
         try:
-            return self.optimizer(trainable)
+            optimizer = self.optimizer(trainable)
+            if self.lora_plus_ratio is None:
+                return optimizer
+            # The optimizer's own rate (from its config) is A's; built again over LoRA+'s groups.
+            return self.optimizer(lora_plus_param_groups(self, optimizer.defaults["lr"], self.lora_plus_ratio))
         except ValueError as err:  # torch's own check, e.g. "Invalid learning rate: -1.0"
             raise UsageError(f"model.optimizer: {err}; fix its setting (e.g. --model.optimizer.init_args.lr)") from err
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        try:
+            fitting = self.trainer.state.fn == TrainerFn.FITTING
+        except RuntimeError:  # load_from_checkpoint: no trainer, no optimizer to restore
+            fitting = False
+        if fitting:
+            self._check_lora_plus_on_resume(checkpoint)
+
+    def _check_lora_plus_on_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning restores the optimizer: the checkpoint's LoRA+ groups must be this run's.
+
+        A resume restores the checkpoint's rates, so a changed ratio would be dropped without a word
+        (unless ``lr_on_resume`` sets new rates), and another grouping fails inside torch.
+        """
+        states = checkpoint.get("optimizer_states") or [{}]
+        groups = {g.get("name"): g.get("lr") for g in states[0].get("param_groups", []) if isinstance(g, dict)}
+        a, b = groups.get("lora_plus_A"), groups.get("lora_plus_B")
+        saved = b / a if isinstance(a, float) and isinstance(b, float) and a > 0 else None
+        had_plus = any(str(name).startswith("lora_plus_") for name in groups)
+        if had_plus and self.lora_plus_ratio is None:
+            ratio = f" {saved:g}" if saved else ""
+            raise UsageError(f"the checkpoint was trained with LoRA+ (B at{ratio} times A's rate); resume with "
+                             f"--model.lora_plus_ratio{ratio or ' <its ratio>'}")  # fmt: skip
+        if not had_plus and self.lora_plus_ratio is not None and groups:
+            raise UsageError("the checkpoint was trained without LoRA+; resume without --model.lora_plus_ratio")
+        if saved and self.lr_on_resume is None and abs(saved / self.lora_plus_ratio - 1) > 1e-6:
+            raise UsageError(
+                f"model.lora_plus_ratio: {saved:g} in the checkpoint, {self.lora_plus_ratio:g} now; a resume restores "
+                f"the checkpoint's rates: keep {saved:g}, or give --model.lr_on_resume to set new ones"
+            )

@@ -89,7 +89,7 @@ class ExactResume(pl.Callback):
         self.run_seed: int | None = None
         self.batches_started = 0
         self.inexact_from_restore: str | None = None  # why this run's own checkpoints cannot be resumed exactly
-        self.step_at_start = 0  # the global step this run's training began at (restored by a resume)
+        self.step_at_start: int | None = None  # the global step this run's training began at; None: not begun
         self._run_trainer: pl.Trainer | None = None
         self._phase = "elsewhere"
         self._step_at_batch_start = 0

@@ -362,9 +362,9 @@ def discard_empty_run() -> Path | None:
     trainer, folder = _RUN.get("trainer"), _RUN.get("new_folder")
     if trainer is None or folder is None or not folder.is_dir():
         return None
-    began = max((getattr(cb, "step_at_start", 0) for cb in trainer.callbacks if isinstance(cb, ExactResume)),
-                default=0)  # fmt: skip
-    if any(folder.rglob("*.ckpt")) or trainer.global_step > began:
+    starts = [cb.step_at_start for cb in trainer.callbacks if isinstance(cb, ExactResume)]
+    began = next((step for step in starts if step is not None), None) if starts else 0  # None: before training
+    if any(folder.rglob("*.ckpt")) or (began is not None and trainer.global_step > began):
         return None
     shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):  # runs/<name>/ too, when nothing else is in it
