@@ -36,6 +36,8 @@ _LAZY = {
     "unmerge_lora": "lightning_lora.core.inject",
     "unwrap_model": "lightning_lora.core.inject",
     "lora_plus_param_groups": "lightning_lora.core.lora_plus",
+    "AdapterStats": "lightning_lora.core.diagnostics",
+    "adapter_stats": "lightning_lora.core.diagnostics",
     "LoRAConv": "lightning_lora.core.layers",
     "LoRAConv1D": "lightning_lora.core.layers",
     "LoRAEmbedding": "lightning_lora.core.layers",

@@ -227,3 +227,35 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     for path in written:
         state = torch.load(path, weights_only=True)["state_dict"]
         assert all(torch.isfinite(t).all() for t in state.values()), path.name
+
+
+def test_adapter_stats_go_to_tensorboard_every_n_optimizer_steps(tmp_path, fake_mnist, base_ckpt):
+    """Scalars (delta_norm_ratio, effective_rank) and a histogram of singular values per layer, once per optimizer
+    step it falls on, also under gradient accumulation; the last values are the trained adapter's own."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_lora import adapter_stats
+
+    logger = TensorBoardLogger(tmp_path, name="stats", default_hp_metric=False)
+    model = make_model(base_ckpt)
+    trainer = make_trainer(tmp_path, [lora(stats_every_n_steps=2)], max_steps=6, logger=logger,
+                           accumulate_grad_batches=2, limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, data(fake_mnist))
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    final = {s.name: s for s in adapter_stats(model.net)}
+    assert final, "nothing adapted"
+    for name, stats in final.items():
+        ratios = events.Scalars(f"adapter_stats/{name}/delta_norm_ratio")
+        assert [s.step for s in ratios] == [2, 4, 6]
+        assert ratios[-1].value == pytest.approx(stats.delta_norm_ratio, rel=1e-5) and ratios[-1].value > 0
+        assert events.Scalars(f"adapter_stats/{name}/effective_rank")[-1].value == pytest.approx(stats.effective_rank)
+        histogram = events.Histograms(f"adapter_stats/{name}/singular_values")
+        assert [h.step for h in histogram] == [2, 4, 6] and histogram[-1].histogram_value.num == 2  # rank 2
+
+
+def test_stats_every_n_steps_must_be_a_count():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="stats_every_n_steps must be an integer >= 0"):
+            lora(stats_every_n_steps=bad)

@@ -301,6 +301,28 @@ def test_validate_prints_each_number_once_adapter_on_beside_off_names_whole(trai
     assert [p.name for p in (root / "runs/finetune_lora").iterdir()] == ["version_0"]
 
 
+def test_inspect_shows_what_a_fine_tune_s_adapter_learned(trained_run, capsys):
+    from lightning_lora import adapter_stats
+
+    root, ckpt = trained_run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["inspect", "--ckpt", "finetune_lora"])  # a bare run name: runs/finetune_lora
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    model = LitClassifier.load_from_checkpoint(ckpt)
+    for stats in adapter_stats(model.net):
+        row = next(line.split() for line in out.splitlines() if line.startswith(stats.name + " "))
+        assert row[1:3] == ["default", "1"] and float(row[3]) == pytest.approx(stats.delta_norm_ratio, rel=1e-2)
+        assert float(row[5].rstrip(",")) == pytest.approx(stats.singular_values[0], rel=1e-2)
+    wrong = [(["inspect"], "inspect takes -c CONFIG"), (["inspect", "--ckpt", str(ckpt), "--lora.rank", "2"], "--base")]
+    for args, message in wrong:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,10 @@ import yaml
 from lightning_lora.errors import UsageError
 from lightning_lora.integration import class_allowlist
 
-INSPECT = "Show which layers a config adapts, with shapes and added parameters (no data, no training)."
+INSPECT = (
+    "Show which layers a config adapts, with shapes and added parameters (no data, no training); with --ckpt, "
+    "what a fine-tune's adapter learned per layer (size beside the base weight, singular values)."
+)
 EXPORT = "Write a run's adapter as a PEFT-format folder (adapter_config.json + adapter_model.safetensors)."
 MERGE = "Merge a run's adapter into its base and write the plain model as one safetensors file."
 REPORT = "Compare a fine-tune with its base on the test split: adapter on, off and merged, per digit."
@@ -184,11 +187,19 @@ def inspect_command(argv: Sequence[str]) -> int:
     from lightning_lora.core.config import LoRAConfig
 
     parser = _parser("inspect", INSPECT)
-    parser.add_argument("-c", "--config", action="append", required=True, help="YAML config (repeatable)")
+    parser.add_argument("-c", "--config", action="append", help="YAML config (repeatable)")
+    parser.add_argument("--ckpt", help="a fine-tuning run folder (its latest version) or .ckpt: its adapter's numbers")
+    parser.add_argument("--base", help="with --ckpt: the pretraining run or .ckpt (default: the one it recorded)")
     parser.epilog = "LoRA settings override the config's as in fit: " + ", ".join(
         f"--lora.{name}" for name in LoRAConfig.field_names()
     )
     opts, rest = parser.parse_known_args(argv)
+    if bool(opts.config) == bool(opts.ckpt):
+        raise UsageError("inspect takes -c CONFIG (what a config would adapt) or --ckpt RUN (what a fine-tune learned)")
+    if opts.ckpt:
+        if rest:
+            raise UsageError(f"unrecognised option {rest[0]!r}; inspect --ckpt takes --base and --allow-class")
+        return _inspect_adapter(opts)
     overrides = _lora_overrides(rest)
     config = _merge_configs(opts.config)
     class_allowlist.allow_classes(
@@ -230,6 +241,22 @@ def inspect_command(argv: Sequence[str]) -> int:
     print(f"{lora}\n{count_parameters(net)}")
     if skipped:
         print(skipped)
+    return 0
+
+
+def _inspect_adapter(opts: argparse.Namespace) -> int:
+    """Per adapted layer: rank, ||scale B A|| / ||W||, effective rank and the largest singular values."""
+    from lightning_lora.core.diagnostics import adapter_stats
+
+    run = _load_adapted(opts, "inspect")
+    stats = adapter_stats(run.net)
+    width = max(len("module"), *(len(s.name) for s in stats))
+    print(f"{'module':<{width}}  {'adapter':<8} {'rank':>4}  {'delta/W':>9}  {'eff. rank':>9}  singular values")
+    for s in stats:
+        shown = ", ".join(f"{v:.3g}" for v in s.singular_values[:8]) + (", ..." if len(s.singular_values) > 8 else "")
+        numbers = f"{s.rank:>4}  {s.delta_norm_ratio:>9.3g}  {s.effective_rank:>9.2f}"
+        print(f"{s.name:<{width}}  {s.adapter:<8} {numbers}  {shown}")
+    print("delta/W: ||scale B A|| / ||W|| (Frobenius); eff. rank: exp(entropy) of the singular values (1: collapsed)")
     return 0
 
 

@@ -21,9 +21,9 @@ INITS = ("kaiming", "gaussian")
 BIAS_POLICIES = ("none", "all", "lora_only")
 
 
-CALLBACK_ONLY_OPTIONS = ("module_path", "adapter_dir", "merge_on_fit_end")
-"""``LoRAInjectionCallback``'s settings beyond ``LoRAConfig``'s fields: where the adapters go and what
-happens at fit end, not what they are (the command line's ``--lora.`` group takes both)."""
+CALLBACK_ONLY_OPTIONS = ("module_path", "adapter_dir", "merge_on_fit_end", "stats_every_n_steps")
+"""``LoRAInjectionCallback``'s settings beyond ``LoRAConfig``'s fields: where the adapters go, what
+happens at fit end and what is logged, not what they are (the command line's ``--lora.`` group takes both)."""
 
 
 def _is_glob(pattern: str) -> bool:

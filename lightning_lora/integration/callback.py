@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_lora.core.adapter_folder import save_adapter
 from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
+from lightning_lora.core.diagnostics import adapter_stats
 from lightning_lora.core.inject import count_parameters, get_lora_config, inject_checked, inject_lora, merge_lora
 from lightning_lora.core.safe_io import ADAPTER_FILES, OutputInTheWay, check_folder_kind
 from lightning_lora.errors import UsageError
@@ -51,6 +53,9 @@ class LoRAInjectionCallback(pl.Callback):
             ``adapter/`` in the run's log folder.
         merge_on_fit_end: Merge the adapters into the weights after fitting, so later
             ``validate``/``test``/``predict`` calls on the same model run at base-model speed.
+        stats_every_n_steps: Every this many optimizer steps (0: never), log each adapted layer's
+            :func:`~lightning_lora.core.diagnostics.adapter_stats`: ``adapter_stats/<layer>/delta_norm_ratio``
+            and ``.../effective_rank`` as scalars, ``.../singular_values`` as a TensorBoard histogram.
     """
 
     def __init__(
@@ -70,8 +75,13 @@ class LoRAInjectionCallback(pl.Callback):
         module_path: str | None = None,
         adapter_dir: str | None = None,
         merge_on_fit_end: bool = False,
+        stats_every_n_steps: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(stats_every_n_steps, bool) or not isinstance(stats_every_n_steps, int) or stats_every_n_steps < 0:
+            raise ValueError(f"stats_every_n_steps must be an integer >= 0 (0: never), got {stats_every_n_steps!r}")
+        self.stats_every_n_steps = stats_every_n_steps
+        self._stats_logged_at = -1
         self.config = LoRAConfig(
             rank=rank,
             alpha=alpha,
@@ -177,6 +187,22 @@ class LoRAInjectionCallback(pl.Callback):
                 },
                 step=trainer.global_step,
             )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step, every = trainer.global_step, self.stats_every_n_steps
+        if not every or not step or step % every or step == self._stats_logged_at or not trainer.is_global_zero:
+            return
+        self._stats_logged_at = step  # once per optimizer step, also under gradient accumulation
+        stats = adapter_stats(self.target(pl_module))
+        for logger in trainer.loggers:
+            scalars = {}
+            for layer in stats:
+                scalars[f"adapter_stats/{layer.name}/delta_norm_ratio"] = layer.delta_norm_ratio
+                scalars[f"adapter_stats/{layer.name}/effective_rank"] = layer.effective_rank
+                if hasattr(logger.experiment, "add_histogram") and layer.singular_values:
+                    values = torch.tensor(layer.singular_values)
+                    logger.experiment.add_histogram(f"adapter_stats/{layer.name}/singular_values", values, step)
+            logger.log_metrics(scalars, step=step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self.target(pl_module)
