@@ -20,6 +20,7 @@ from lightning_lora import (
     get_lora_config,
     inject_lora,
     load_adapter,
+    lora_layers,
     lora_state_dict,
     merge_lora,
     save_adapter,
@@ -27,6 +28,7 @@ from lightning_lora import (
 from lightning_lora.core.adapter_folder import METADATA_KEY
 from lightning_lora.core.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from lightning_lora.core.safe_io import read_safetensors
+from lightning_lora.errors import DataError
 
 
 class Net(nn.Module):
@@ -374,3 +376,34 @@ class TestWhatAStrangerFound:
         other = inject_lora(net(), LoRAConfig(rank=2, alpha=4, target_modules=["encoder.0"]))
         with pytest.raises(ValueError, match="already holds adapters other than the ones in"):
             load_adapter(other, path)
+
+
+class Blocks(nn.Module):
+    """GPT-2's naming at 24 layers: what a large per-layer rank_pattern is matched against."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = nn.ModuleList(
+            nn.ModuleDict({"c_attn": nn.Linear(4, 4), "c_proj": nn.Linear(4, 4), "c_fc": nn.Linear(4, 4)})
+            for _ in range(24)
+        )
+
+
+def test_many_slow_pattern_keys_are_refused_within_seconds_and_many_plain_ones_load(tmp_path):
+    """Each key alone is matched in linear time; what bounds a file of thousands of keys is their shared budget."""
+    import time
+
+    model = inject_lora(Blocks(), LoRAConfig(rank=2, target_modules=["c_attn", "c_fc"]))
+    save_adapter(model, tmp_path / "adapter")
+    plain = {rf"h\.{i}\.c_attn": 2 for i in range(24)} | {rf"h\.{i}\.c_fc": 2 for i in range(24)}
+    rewrite_config(tmp_path / "adapter", target_modules=r".*\.(c_attn|c_fc)", rank_pattern=plain)
+    loaded = load_adapter(Blocks(), tmp_path / "adapter", check_base=False)
+    assert sum(1 for _ in lora_layers(loaded)) == 48
+    slow = {rf"(?:(?:.?){{80}}){{80}}!{i}": 2 for i in range(400)}
+    rewrite_config(tmp_path / "adapter", target_modules=r".*\.(c_attn|c_fc)", rank_pattern=slow)
+    fresh = Blocks()
+    began = time.perf_counter()
+    with pytest.raises(DataError, match=r"rank_pattern key .*: matching needs over 64 automaton steps"):
+        load_adapter(fresh, tmp_path / "adapter", check_base=False)
+    assert time.perf_counter() - began < 10  # was over a minute at 150 keys
+    assert not any(True for _ in lora_layers(fresh))  # refused before anything was injected

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_lora.core.bounded_regex import UnsupportedPattern, compile_bounded
+from lightning_lora.core.bounded_regex import MatchBudget, UnsupportedPattern, compile_bounded
 
 ATOMS = st.sampled_from(["a", "b", ".", r"\.", r"\d", r"\w", "[ab]", "[^a]", "[a-c]", "x", "0", "^", "$"])
 QUANTIFIERS = st.sampled_from(["", "", "*", "+", "?", "*?", "{2}", "{1,2}", "{0,}", "{,2}"])
@@ -81,3 +81,22 @@ def test_what_it_cannot_bound_is_refused_naming_the_construct(pattern, said):
 def test_an_invalid_regex_gets_pythons_own_error():
     with pytest.raises(re.error):
         compile_bounded("(a")
+
+
+def test_a_shared_budget_lets_plain_patterns_through_many_names():
+    budget = MatchBudget()
+    names = [f"transformer.h.{i}.{part}" for i in range(48) for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc")]
+    matchers = [compile_bounded(rf"(?:.*\.)?(?:transformer\.h\.{i}\.attn\.c_attn)", budget) for i in range(48)]
+    matchers.append(compile_bounded(r".*\.(c_attn|c_proj|c_fc)", budget))
+    assert sum(m(n) for m in matchers for n in names) == 48 + len(names)
+
+
+def test_a_shared_budget_stops_a_slow_pattern_and_very_many_large_ones():
+    slow = compile_bounded(r"(?:(?:.?){60}){60}!", MatchBudget())
+    with pytest.raises(UnsupportedPattern, match="over 64 automaton steps per character"):
+        slow("transformer.h.0.attn.c_attn")
+    assert compile_bounded(r"(?:(?:.?){60}){60}!")("a" * 20) is False  # alone, it is only slow
+    budget = MatchBudget()
+    with pytest.raises(UnsupportedPattern, match="automaton steps"):
+        for _ in range(100):  # each accepted alone (under MAX_STATES), together refused before all are built
+            compile_bounded(r"(?:a{1,99}b){40}", budget)

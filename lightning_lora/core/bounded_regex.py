@@ -25,8 +25,40 @@ MAX_STATES = 20_000
 """Largest automaton accepted (a counted repeat ``{m,n}`` copies its body)."""
 
 
+STEPS_PER_CHARACTER = 64
+"""What a :class:`MatchBudget` allows: automaton steps per character of every name tried, on average."""
+
+
 class UnsupportedPattern(ValueError):
     """A pattern outside the bounded subset, or too large; the message says which construct."""
+
+
+class MatchBudget:
+    """A shared bound on the work of many matchers: all the patterns of one file, say.
+
+    Each pattern alone is linear in the name, but a file may hold thousands of patterns of up to
+    :data:`MAX_STATES` states each, so the product is what must be bounded. Every name a matcher is
+    given allows :data:`STEPS_PER_CHARACTER` steps per character (a plain pattern takes 2-5); a
+    matcher that runs past what all the calls so far allowed raises :class:`UnsupportedPattern`.
+    Compiling spends the automaton's states from a start allowance, so very many large patterns
+    are refused before they are all built. Matching a whole file then costs at most that
+    allowance plus that many steps per character of every name tried.
+    """
+
+    def __init__(self, steps_per_character: int = STEPS_PER_CHARACTER, compile_steps: int = 200_000) -> None:
+        self.steps_per_character = steps_per_character
+        self.left = compile_steps  # building automata costs their states: a few thousand small ones fit
+
+    def allow(self, name: str) -> None:
+        self.left += self.steps_per_character * (len(name) + 1)
+
+    def spend(self, steps: int) -> None:
+        self.left -= steps
+        if self.left < 0:
+            raise UnsupportedPattern(
+                f"matching needs over {self.steps_per_character} automaton steps per character of a module name "
+                "(patterns built to be slow, or very many); simplify the patterns"
+            )
 
 
 Test = Callable[[str], bool]
@@ -239,8 +271,12 @@ def _consumes(state: _State, char: str) -> bool:
     return state.test is not None and state.test(char)
 
 
-def compile_bounded(pattern: str) -> Callable[[str], bool]:
+def compile_bounded(pattern: str, budget: MatchBudget | None = None) -> Callable[[str], bool]:
     """A function that says whether a name fully matches ``pattern``, in linear time.
+
+    Args:
+        pattern: The regex (Python's syntax, the bounded subset).
+        budget: Shared by every matcher of one file, bounds their work together (:class:`MatchBudget`).
 
     Raises:
         re.error: ``pattern`` is not a valid Python regex.
@@ -258,6 +294,8 @@ def compile_bounded(pattern: str) -> Callable[[str], bool]:
     accept = builder.state()
     builder.link(exits, accept)
     states = builder.states
+    if budget is not None:
+        budget.spend(len(states))
 
     def closure(current: set[int], position: int, length: int) -> set[int]:
         seen, stack = set(), list(current)
@@ -274,8 +312,12 @@ def compile_bounded(pattern: str) -> Callable[[str], bool]:
         return seen
 
     def fullmatch(name: str) -> bool:
+        if budget is not None:
+            budget.allow(name)
         current = closure({start}, 0, len(name))
         for position, char in enumerate(name):
+            if budget is not None:
+                budget.spend(len(current))
             step = {nxt for i in current if _consumes(states[i], char) for nxt in states[i].out}
             current = closure(step, position + 1, len(name))
             if not current:
@@ -285,4 +327,4 @@ def compile_bounded(pattern: str) -> Callable[[str], bool]:
     return fullmatch
 
 
-__all__ = ["MAX_PATTERN", "MAX_STATES", "UnsupportedPattern", "compile_bounded"]
+__all__ = ["MAX_PATTERN", "MAX_STATES", "STEPS_PER_CHARACTER", "MatchBudget", "UnsupportedPattern", "compile_bounded"]

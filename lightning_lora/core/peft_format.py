@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_lora.core.bounded_regex import UnsupportedPattern, compile_bounded
+from lightning_lora.core.bounded_regex import MatchBudget, UnsupportedPattern, compile_bounded
 from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.core.inject import get_lora_config, kept_biases, lora_layers, saved_modules, unwrap_model
 from lightning_lora.core.layers import LoRAConv1D, LoRALayer, LoRAMultiheadAttention
@@ -177,19 +177,21 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _peft_names(names: list[str], patterns: Any, where: str, field: str) -> list[str] | None:
+def _peft_names(names: list[str], patterns: Any, where: str, field: str, budget: MatchBudget) -> list[str] | None:
     """What PEFT's ``target_modules``/``exclude_modules`` select: a regex (full match) or names (exact or suffix)."""
     if patterns is None:
         return None
     if isinstance(patterns, str):
-        matches = _bounded(patterns, where, field)
+        matches = _bounded(patterns, where, f"{field} {patterns!r}", budget)
         return [n for n in names if matches(n)]
     if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"{where}: {field} must be a regex or a list of module names, got {patterns!r}")
     return [n for n in names if any(n == p or n.endswith("." + p) for p in patterns)]
 
 
-def _peft_per_layer(patterns: Any, targets: list[str], default: Any, where: str, field: str) -> dict[str, Any]:
+def _peft_per_layer(
+    patterns: Any, targets: list[str], default: Any, where: str, field: str, budget: MatchBudget
+) -> dict[str, Any]:
     """PEFT's ``rank_pattern``/``alpha_pattern`` (first regex matching the end of the name) for every target.
 
     Every target gets its own exact entry, longest names first, so that in this package's
@@ -197,7 +199,7 @@ def _peft_per_layer(patterns: Any, targets: list[str], default: Any, where: str,
     """
     if not isinstance(patterns, dict):
         raise ValueError(f"{where}: {field} must be a mapping, got {patterns!r}")
-    keys = [(key, _bounded(rf"(?:.*\.)?(?:{key})", where, f"{field} key {key!r}")) for key in patterns]
+    keys = [(key, _bounded(rf"(?:.*\.)?(?:{key})", where, f"{field} key {key!r}", budget)) for key in patterns]
     resolved = {}
     for name in sorted(targets, key=lambda n: (-len(n), n)):
         hit = next((key for key, matches in keys if matches(name)), None)
@@ -205,14 +207,23 @@ def _peft_per_layer(patterns: Any, targets: list[str], default: Any, where: str,
     return resolved
 
 
-def _bounded(pattern: str, where: str, field: str) -> Callable[[str], bool]:
-    """PEFT's regex as a matcher that cannot hang on a hostile file (:mod:`~lightning_lora.core.bounded_regex`)."""
+def _bounded(pattern: str, where: str, field: str, budget: MatchBudget) -> Callable[[str], bool]:
+    """PEFT's regex as a matcher that cannot hang on a hostile file (:mod:`~lightning_lora.core.bounded_regex`):
+    each alone is linear in the name, and the ``budget`` every matcher of one file shares bounds them together."""
     try:
-        return compile_bounded(pattern)
+        fullmatch = compile_bounded(pattern, budget)
     except re.error as err:
-        raise DataError(f"{where}: {field} {pattern!r} is not a valid regex ({err})") from err
+        raise DataError(f"{where}: {field} is not a valid regex ({err})") from err
     except UnsupportedPattern as err:
         raise DataError(f"{where}: {field}: {err}") from err
+
+    def matches(name: str) -> bool:
+        try:
+            return fullmatch(name)
+        except UnsupportedPattern as err:
+            raise DataError(f"{where}: {field}: {err}") from err
+
+    return matches
 
 
 def config_from_peft(
@@ -227,11 +238,12 @@ def config_from_peft(
     model = unwrap_model(model)
     names = [n for n, _ in model.named_modules() if n]
     targets: list[str] | str = data["target_modules"]
+    budget = MatchBudget()  # for every pattern of this file together
     if targets != ALL_LINEAR:
-        targets = _peft_names(names, targets, where, "target_modules")
+        targets = _peft_names(names, targets, where, "target_modules", budget)
         if not targets:
             raise ValueError(f"{where}: target_modules {data['target_modules']!r} matches no module of this model")
-    excluded = _peft_names(names, data["exclude_modules"], where, "exclude_modules") or []
+    excluded = _peft_names(names, data["exclude_modules"], where, "exclude_modules", budget) or []
     saved = data["modules_to_save"] or []
     if not isinstance(saved, list) or not all(isinstance(k, str) for k in saved):
         raise ValueError(f"{where}: modules_to_save must be a list of names or null, got {saved!r}")
@@ -257,9 +269,11 @@ def config_from_peft(
             adapted = list(plan.targets)
         config = replace(
             config,
-            rank_pattern=_peft_per_layer(data["rank_pattern"], adapted, config.rank, where, "rank_pattern"),
-            alpha_pattern=_peft_per_layer(data["alpha_pattern"], adapted, config.alpha, where, "alpha_pattern"),
+            rank_pattern=_peft_per_layer(data["rank_pattern"], adapted, config.rank, where, "rank_pattern", budget),
+            alpha_pattern=_peft_per_layer(data["alpha_pattern"], adapted, config.alpha, where, "alpha_pattern", budget),
         )
         return config, plan
+    except DataError:
+        raise  # names the file already
     except (TypeError, ValueError) as err:
         raise DataError(f"{where}: {err}") from err
