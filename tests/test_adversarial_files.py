@@ -308,10 +308,24 @@ def test_huge_network_sizes_in_a_file_are_refused_before_allocating(lora_run, me
                 pytest.fail("allocated a huge layer before refusing")
         real_init(self, in_features, out_features, *args, **kwargs)
 
+    # A full checkpoint (not adapter-only: the base's weights inside), a plain net's or a fine-tune's, whose
+    # names may differ from the net's (a modules_to_save copy): its own tensors are what the net must fit.
+    spec = {"class_path": "lightning_lora.demo.nets.MLP", "init_args": {"hidden_sizes": [10**6, 10**6]}}
+    full = {"pytorch-lightning_version": "2.6.6", "global_step": 1, "hyper_parameters": {"net": spec}}
+    plain = torch.nn.Linear(8, 8)
+    small, renamed = tmp_path / "full_small.ckpt", tmp_path / "full_renamed.ckpt"
+    torch.save({**full, "state_dict": {f"net.layers.{i}.weight": plain.weight for i in (0, 2, 4)}}, small)
+    torch.save({**full, "state_dict": {"net.other.weight": plain.weight}}, renamed)
     monkeypatch.setattr(torch.nn.Linear, "__init__", guarded)
     for action in (lambda: load_run(huge), lambda: LitClassifier.load_from_checkpoint(huge)):
         with pytest.raises(ValueError, match="does not fit its weights"):
             action()
+    with pytest.raises(ValueError, match=r"does not fit its weights: shape mismatches layers\.0\.weight"):
+        load_run(small)
+    with pytest.raises(
+        ValueError, match="does not fit its weights: it has 1,000,796,000,010 weights, the file holds 64"
+    ):
+        load_run(renamed)
     with pytest.raises(ValueError, match="does not fit its weights"):
         load_merged(merged_file)
 

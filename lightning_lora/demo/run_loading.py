@@ -25,11 +25,14 @@ from lightning_lora.integration.adapter_restore import CHECKPOINT_KEY, LEGACY_CO
 from lightning_lora.integration.checkpoint_reader import read_checkpoint_state, resolve_checkpoint
 
 
-def check_net_fits(spec: Any, shapes: dict[str, torch.Size], where: str) -> None:
+def check_net_fits(spec: Any, shapes: dict[str, torch.Size], where: str, adapted: bool = False) -> None:
     """Refuse a net spec from a file whose weights would not be the file's, before allocating them.
 
     The net is built on the meta device (no memory) and its state-dict shapes compared with the
     tensors the file holds: a crafted ``hidden_sizes`` of 100,000 is refused, not allocated.
+    ``adapted``: ``shapes`` are a fine-tune's full state (adapter tensors beside the base's, a
+    ``modules_to_save`` copy under other names), so only the names both hold are compared, and
+    the plain net may not be far larger than every tensor the file holds together.
     """
     cls, init_args = _trusted_spec(spec, where)
     try:
@@ -40,7 +43,14 @@ def check_net_fits(spec: Any, shapes: dict[str, torch.Size], where: str) -> None
     except Exception:  # a class that cannot be built on the meta device: its weights are checked after loading
         return
     own = {k: v.shape for k, v in probe.state_dict().items()}
-    problems = _shape_mismatch(own, shapes)
+    if adapted:
+        common = sorted(set(own) & set(shapes))
+        problems = _shape_mismatch({k: own[k] for k in common}, {k: shapes[k] for k in common})
+        needed, held = sum(s.numel() for s in own.values()), sum(s.numel() for s in shapes.values())
+        if needed > 2 * held + 1_000_000:
+            problems.append(f"it has {needed:,} weights, the file holds {held:,}")
+    else:
+        problems = _shape_mismatch(own, shapes)
     if problems:
         raise ValueError(f"{where}: the network it names does not fit its weights: " + "; ".join(problems))
 
@@ -64,15 +74,18 @@ def _trusted_spec(spec: Any, where: str) -> tuple[type, dict[str, Any]]:
     return cls, init_args
 
 
-def build_net(spec: Any, where: str = "net spec", shapes: dict[str, torch.Size] | None = None) -> nn.Module:
+def build_net(
+    spec: Any, where: str = "net spec", shapes: dict[str, torch.Size] | None = None, adapted: bool = False
+) -> nn.Module:
     """Rebuild a net from :func:`net_spec` output; its class must be trusted (``class_allowlist``).
 
     Args:
         shapes: The weights the net is for (from the file that names it): checked on the meta
             device first, so a spec that does not fit them is refused before anything is allocated.
+        adapted: ``shapes`` are a fine-tune's full state (:func:`check_net_fits`).
     """
     if shapes is not None:
-        check_net_fits(spec, shapes, where)
+        check_net_fits(spec, shapes, where, adapted)
     cls, init_args = _trusted_spec(spec, where)
     try:
         return cls(**init_args)
@@ -179,8 +192,10 @@ def load_run(reference: str | Path, base_checkpoint: str | Path | None = None) -
     adapter_only = checkpoint.get(CHECKPOINT_KEY) is not None
     if adapter_only and base is None:
         raise UsageError(f"checkpoint {path} holds adapters only and records no base; pass --base <pretraining run>")
-    shapes = base_shapes(base) if adapter_only else None  # what the net must fit, before it is built
-    net = build_net(hparams.get("net"), f"checkpoint {path}: net", shapes)
+    # What the net must fit, before it is built: the base's weights, or this full checkpoint's own.
+    own = {k.removeprefix("net."): v.shape for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    shapes = base_shapes(base) if adapter_only else own
+    net = build_net(hparams.get("net"), f"checkpoint {path}: net", shapes, adapted=not adapter_only)
     base_path = load_base_checkpoint(net, base) if adapter_only else None
     holder = _Holder(net)
     hint = "Pass the pretraining checkpoint the fine-tune started from with --base."
