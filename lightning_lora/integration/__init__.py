@@ -7,8 +7,8 @@ Owns: ``LoRAInjectionCallback`` (:mod:`.callback`), adapter-only checkpoints
 (:mod:`.checkpoint_reader`, :mod:`.safe_checkpoint_io`), which classes a file may name
 (:mod:`.class_allowlist`), the CLI class (``LoRACLI``, :mod:`.lora_cli`) and the verbs it runs
 (:mod:`.lightning_verbs`), the run record for TensorBoard's HParams tab (:mod:`.run_record`),
-progress lines (:mod:`.line_progress`) and the list of benign library warnings
-(:mod:`.benign_warnings`).
+where an evaluation's numbers go (:mod:`.evaluation_log`), progress lines (:mod:`.line_progress`)
+and the list of benign library warnings (:mod:`.benign_warnings`).
 
 May import: Lightning, torch, jsonargparse, ``lightning_lora.core`` and ``lightning_lora.errors``;
 never ``demo``, ``experiments`` or ``cli``. Lightning is reached through public doors only
