@@ -1,13 +1,13 @@
 """How long the command line takes to start: the verbs that train nothing within 0.2 s of importing torch.
 
-    python benchmarks/startup.py --runs 7 --ckpt runs/finetune_lora
+    python benchmarks/startup.py --runs 7 --ckpt runs/finetune_lora --results benchmarks/results
 
 Times whole processes from outside (start to exit, median of ``--runs`` rounds after one warm-up,
 interleaved):
 ``import lightning.pytorch`` alone (what every training command pays), ``import torch`` alone (the
 floor for any verb that reads tensors), then ``lightning-lora --help``, ``--version``, and the
 verbs that train nothing (``inspect``, ``export``, ``merge``; the last two need a fine-tuning
-run). Writes the table to ``benchmarks/results/startup.json``, from which the README states it.
+run). Writes the table to ``--results`` (``benchmarks/results/startup.json`` is the committed record).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import interleaved  # noqa: E402
 
-from lightning_lora.experiments.pipeline import RESULTS, environment, write_record  # noqa: E402
+from lightning_lora.experiments.pipeline import RESULTS, RUN_RECORDS, environment, write_record  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "lightning-lora")
 
@@ -46,6 +46,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--ckpt", help="a fine-tuning run for export and merge (e.g. runs/finetune_lora)")
+    parser.add_argument(
+        "--results",
+        default=str(RUN_RECORDS),
+        help=f"where the record goes (default: %(default)s, ignored by git; {RESULTS}: the committed record)",
+    )
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
         measured = commands(opts.ckpt, Path(out))
@@ -62,7 +67,9 @@ def main() -> None:
         row["over_torch"] = round(row["seconds"] - floor, 2)
         print(f"{row['seconds']:6.2f} s  {row['ratio']:5.2f}x  {row['over_torch']:+6.2f} s  {row['command']}")
     write_record(
-        "startup", {"experiment": "startup", "runs": opts.runs, "rows": rows, "environment": environment()}, RESULTS
+        "startup",
+        {"experiment": "startup", "runs": opts.runs, "rows": rows, "environment": environment()},
+        Path(opts.results),
     )
 
 

@@ -337,3 +337,55 @@ def test_a_callback_adapter_dir_of_someone_elses_is_refused_before_training(tmp_
     with pytest.raises(UsageError, match=r"adapter_dir: .*mine is not an adapter folder: it holds \.env"):
         trainer.fit(model, MNISTDataModule(data_dir=str(fake_mnist), batch_size=8))
     assert trainer.global_step == 0 and (folder / ".env").read_text() == "SECRET=1"
+
+
+@pytest.mark.parametrize("verb", ["export", "merge", "report"])
+def test_a_read_only_filesystem_is_named_with_the_output_not_a_temporary_or_a_bare_errno(
+    lora_run, tmp_path, monkeypatch, capsys, verb, fake_mnist
+):
+    """Where the OS refuses before anything is written (mkdir, mkstemp, mkdtemp), the message names the output."""
+    import tempfile
+
+    root, _ = lora_run
+    monkeypatch.chdir(root)
+
+    def read_only(*args, **kwargs):
+        prefix, folder = kwargs.get("prefix", ".x."), kwargs.get("dir", tmp_path)
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(folder) / f"{prefix}0wb166sn.tmp"))
+
+    for name in ("mkdtemp", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, read_only)
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: read_only(dir=self.parent, prefix=f".{self.name}.1."))
+    out = tmp_path / "out"
+    run = ["--ckpt", "runs/finetune_lora", "--out", str(out)]
+    report = ["--finetuned", "runs/finetune_lora", "--out", str(out), "--data-dir", str(fake_mnist)]
+    args = {"export": run, "merge": run, "report": report}
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, *args[verb]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and f"cannot write {out}: its filesystem is mounted read-only (EROFS)" in err, err
+    assert ".tmp" not in err and "Errno" not in err
+
+
+def test_a_library_s_bare_write_error_is_named_and_its_thread_traceback_kept_quiet(tmp_path):
+    import threading
+
+    from lightning_lora.core.safe_io import explain_os_error
+    from lightning_lora.integration import lightning_verbs
+
+    full = OSError(errno.ENOSPC, "No space left on device")  # TensorBoard's writer: no file name
+    assert str(explain_os_error(full, tmp_path / "run")) == (
+        f"cannot write into {tmp_path / 'run'}: the device holding it is full (ENOSPC): free some space, "
+        "or write elsewhere"
+    )
+    named = OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / ".adapter.12.ab.tmp"))
+    assert str(explain_os_error(named)).startswith(f"cannot write {tmp_path / 'adapter'}: your disk quota is used up")
+    assert explain_os_error(OSError(errno.ENOENT, "No such file")) is None  # not a write cause: as it was
+    seen = []
+    original, lightning_verbs._THREAD_HOOK = lightning_verbs._THREAD_HOOK, seen.append
+    try:
+        for error in (full, ValueError("a real bug")):
+            lightning_verbs._quiet_write_failures(threading.ExceptHookArgs((type(error), error, None, None)))
+    finally:
+        lightning_verbs._THREAD_HOOK = original
+    assert [type(args.exc_value) for args in seen] == [ValueError]  # only the write failure is quiet

@@ -213,3 +213,13 @@ def test_the_rank_sweep_widens_its_grid_until_the_best_rate_is_inside(workdir, m
     assert full["learning_rates_tried"] == pytest.approx([1e-5, 3e-5, 1e-4, 3e-4])  # one rate: both sides first
     assert not full["best_inside_grid"]  # 1e-5 is beyond two widenings: recorded, and said in the README
     assert "still at the edge after widening: full" in readme.demo_rank_sweep(record)
+
+
+@pytest.mark.parametrize("script", ["startup.py", "validation_cost.py"])
+def test_a_benchmark_run_by_hand_writes_its_record_where_git_ignores_it(script):
+    """Like `make demo`: only an explicit --results benchmarks/results changes the committed records."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "default: runs/records" in " ".join(done.stdout.split()), done.stdout

@@ -135,6 +135,10 @@ def main(args: Sequence[str] | None = None) -> None:
     except BaseException as err:
         if traceback_wanted:
             raise
+        if isinstance(err, OSError):  # a library's write: name its file and the cause, as ours do
+            from lightning_lora.core.safe_io import explain_os_error
+
+            err = explain_os_error(err) or err
         if isinstance(err, _runtime_errors()):
             _fail(verb, str(err), 1)
         _fail(

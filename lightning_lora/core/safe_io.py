@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from lightning_lora.core.write_errors import disk_errors, write_failure
-from lightning_lora.errors import DataError
+from lightning_lora.core.write_errors import WRITE_CAUSES, disk_errors, write_failure
+from lightning_lora.errors import DataError, WriteError
 
 MAX_JSON_BYTES = 1 << 20
 """Adapter and run configs are a few KB; anything past 1 MB is refused unread."""
@@ -71,6 +71,32 @@ def _temp_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}."
 
 
+def _temporary_parts(entry: str) -> tuple[str, int] | None:
+    """``(output name, writer pid)`` of a temporary ``.<name>.<pid>.<random>.tmp`` (or ``.old``), else ``None``."""
+    parts = entry[1:].rsplit(".", 3) if entry.startswith(".") else []  # name (may hold dots), pid, random, suffix
+    if len(parts) != 4 or not parts[1].isdigit() or parts[3] not in ("tmp", "old"):
+        return None
+    return parts[0], int(parts[1])
+
+
+def output_of(path: Path) -> Path:
+    """The output a temporary of this module's writers becomes (``path`` itself for any other path)."""
+    parts = _temporary_parts(path.name)
+    return path.parent / parts[0] if parts else path
+
+
+def explain_os_error(err: OSError, where: Path | None = None) -> WriteError | None:
+    """A library's bare ``OSError`` of a write cause as a :class:`WriteError` naming its file (a temporary's
+    output), else ``where`` (the folder being written into), else the cause alone."""
+    if isinstance(err, WriteError) or err.errno not in WRITE_CAUSES:
+        return None
+    if err.filename:
+        return write_failure(output_of(Path(err.filename)), err.errno, "")
+    error = WriteError(f"cannot write {'into ' + str(where) if where else 'a file'}: {WRITE_CAUSES[err.errno]}")
+    error.errno = err.errno
+    return error
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -91,11 +117,10 @@ def sweep_stale_temporaries(parent: Path, name: str | None = None) -> list[Path]
     if not parent.is_dir():
         return removed
     for entry in parent.glob(f".{name}.*" if name else ".*"):
-        parts = entry.name[1:].rsplit(".", 3)  # name (may hold dots), pid, random, suffix
-        if len(parts) != 4 or (name is not None and parts[0] != name):
+        parts = _temporary_parts(entry.name)
+        if parts is None or (name is not None and parts[0] != name):
             continue
-        _, pid, _, suffix = parts
-        if pid.isdigit() and suffix in ("tmp", "old") and not _pid_alive(int(pid)):
+        if not _pid_alive(parts[1]):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -190,9 +215,12 @@ def atomic_directory(path: str | os.PathLike, allowed: Iterable[str], what: str)
     path = Path(path)
     allowed = set(allowed)
     check_folder_kind(path, allowed, what)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temporaries(path.parent, path.name)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temporaries(path.parent, path.name)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent))
+    except OSError as err:  # name the folder asked for, not the temporary one beside it
+        raise write_failure(path, err.errno, f"cannot write there ({err.strerror})") from err
     try:
         with disk_errors(path):
             yield tmp

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lightning_lora.errors import WriteError
 
-_WRITE_ERRORS = {
+WRITE_CAUSES = {
     errno.ENOSPC: "the device holding it is full (ENOSPC): free some space, or write elsewhere",
     errno.EDQUOT: "your disk quota is used up (EDQUOT): free some of your files, or ask for a larger quota",
     errno.EFBIG: "the file would grow past the largest size allowed (EFBIG: a file-size limit such as `ulimit -f`, "
@@ -28,7 +28,7 @@ _WRITE_ERRORS = {
 
 def write_failure(path: Path, code: int | None, detail: str) -> WriteError:
     """A :class:`WriteError` that names ``path`` and the actual cause (``code``: an errno, if known)."""
-    why = _WRITE_ERRORS.get(code) if code is not None else None
+    why = WRITE_CAUSES.get(code) if code is not None else None
     error = WriteError(f"cannot write {path}: {why or detail}")
     error.errno = code  # kept for callers; left out of the message, which says it in words
     return error
@@ -66,7 +66,7 @@ def disk_errors(path: Path, partial: Path | None = None) -> Iterator[None]:
     except WriteError:
         raise
     except OSError as err:
-        if err.errno in _WRITE_ERRORS:
+        if err.errno in WRITE_CAUSES:
             raise write_failure(path, err.errno, "") from err
         raise
     except RuntimeError as err:  # torch and safetensors report a failed write as a RuntimeError

@@ -9,6 +9,7 @@ A run that fails before it trained anything leaves no version folder behind.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,10 +17,21 @@ import lightning.pytorch as pl
 from jsonargparse import lazy_instance
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_lora.core.safe_io import explain_os_error
+from lightning_lora.core.write_errors import WRITE_CAUSES
 from lightning_lora.errors import UsageError
-from lightning_lora.integration.lora_cli import LoRACLI, ShortErrorParser, discard_empty_run
+from lightning_lora.integration.lora_cli import LoRACLI, ShortErrorParser, discard_empty_run, run_folder
 
 CKPT_PATH = "--ckpt_path"
+_THREAD_HOOK = threading.excepthook
+
+
+def _quiet_write_failures(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard's writer thread fails on a full or read-only disk with a traceback of its own; the run
+    then fails in the main thread too, which names the folder and the cause: print nothing here."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_CAUSES:
+        return
+    _THREAD_HOOK(args)
 
 
 def check_config_files(args: Sequence[str]) -> None:
@@ -83,6 +95,7 @@ def run_lightning(args: Sequence[str]) -> LoRACLI:
     check_config_files(args)
     command, ckpt_path = take_ckpt_path(args)
     sys.argv = [sys.argv[0], *args]  # the whole command: Lightning's DDP launcher starts the other ranks with it
+    threading.excepthook = _quiet_write_failures
     try:
         return LoRACLI(
             pl.LightningModule,
@@ -101,6 +114,9 @@ def run_lightning(args: Sequence[str]) -> LoRACLI:
             command=command,
             ckpt_path=ckpt_path,
         )
+    except OSError as err:
+        discard_empty_run()
+        raise explain_os_error(err, run_folder()) or err from err
     except BaseException:
         discard_empty_run()
         raise

@@ -352,6 +352,13 @@ def _new_run_folder(trainer: pl.Trainer) -> Path | None:
     return None if folder.exists() else folder
 
 
+def run_folder() -> Path | None:
+    """The version folder the command running now logs into, if it has one."""
+    trainer = _RUN.get("trainer")
+    logger = trainer.logger if trainer is not None else None
+    return Path(logger.log_dir) if isinstance(logger, TensorBoardLogger) else None
+
+
 def discard_empty_run() -> Path | None:
     """After a failed command: remove the version folder it created if that holds nothing of value.
 
