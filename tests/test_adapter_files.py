@@ -407,3 +407,19 @@ def test_many_slow_pattern_keys_are_refused_within_seconds_and_many_plain_ones_l
         load_adapter(fresh, tmp_path / "adapter", check_base=False)
     assert time.perf_counter() - began < 10  # was over a minute at 150 keys
     assert not any(True for _ in lora_layers(fresh))  # refused before anything was injected
+
+
+def test_the_layers_peft_gets_wrong_are_named_where_export_says_how_to_load():
+    from lightning_lora.core.adapter_folder import layers_peft_gets_wrong
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.grouped = nn.Conv2d(4, 4, 3, groups=2)
+            self.plain = nn.Conv2d(4, 4, 3)
+            self.fc = nn.Linear(4, 4)
+
+    model = inject_lora(Mixed(), LoRAConfig(rank=2, target_modules=["attn", "grouped", "plain", "fc"]))
+    assert layers_peft_gets_wrong(model) == ["attn", "grouped"]
+    assert layers_peft_gets_wrong(inject_lora(net(), LoRAConfig(rank=2))) == []

@@ -635,3 +635,26 @@ def test_a_bare_run_name_means_that_run_under_runs(tmp_path, monkeypatch):
     assert resolve_checkpoint("finetune_lora").resolve() == last.resolve()
     with pytest.raises(FileNotFoundError, match="no run of that name in runs/ either"):
         resolve_checkpoint("pretrain")
+
+
+def test_a_changed_learning_rate_on_resume_is_named_not_dropped_silently(workdir, fake_mnist, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    fit = ["fit", *config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist),
+           "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "1.0"]  # fmt: skip
+    main([*fit, "--trainer.max_steps", "2"])
+    main(
+        [
+            *fit,
+            "--trainer.max_steps",
+            "3",
+            "--ckpt_path",
+            "runs/finetune_lora",
+            "--model.optimizer.init_args.lr",
+            "0.01",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert "resuming with the checkpoint's learning rate 0.001, not the configured 0.01" in captured.err + caplog.text
+    caplog.clear()
+    main([*fit, "--trainer.max_steps", "4", "--ckpt_path", "runs/finetune_lora"])
+    assert "learning rate" not in capsys.readouterr().err + caplog.text  # the same rate: nothing to say

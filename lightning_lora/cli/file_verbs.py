@@ -71,13 +71,19 @@ def export_command(argv: Sequence[str]) -> int:
     parser = _parser("export", EXPORT)
     _run_options(parser, "the adapter folder to write (a new folder, or an adapter folder to replace)")
     opts = parser.parse_args(argv)
-    from lightning_lora.core.adapter_folder import save_adapter
+    from lightning_lora.core.adapter_folder import layers_peft_gets_wrong, save_adapter
 
     run = _load_adapted(opts, "export")
     _refuse_another_runs_folder(Path(opts.out), Path(run.checkpoint))
     path = save_adapter(run.net, opts.out)
     size = sum(f.stat().st_size for f in path.iterdir())
-    print(f"adapter written to {path} ({size:,} bytes); PEFT loads it with PeftModel.from_pretrained(base, path)")
+    wrong = layers_peft_gets_wrong(run.net)
+    how = (
+        f"load it with lightning_lora.load_adapter(base, path): PEFT gets {', '.join(wrong)} wrong (see above)"
+        if wrong
+        else "PEFT loads it with PeftModel.from_pretrained(base, path)"
+    )
+    print(f"adapter written to {path} ({size:,} bytes); {how}")
     return 0
 
 

@@ -32,7 +32,7 @@ from lightning_lora.core.inject import (
     remove_lora,
     unwrap_model,
 )
-from lightning_lora.core.layers import LoRAConv
+from lightning_lora.core.layers import LoRAConv, LoRAMultiheadAttention
 from lightning_lora.core.peft_format import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -52,14 +52,24 @@ METADATA_KEY = "lightning_lora"
 FORMAT_VERSION = 2
 
 
-def _warn_where_peft_differs(model: nn.Module) -> None:
-    """Say when PEFT cannot reproduce a layer from this folder (its LoRA conv ignores these settings)."""
-    odd = [
+def _conv_settings_peft_ignores(model: nn.Module) -> list[str]:
+    return [
         name
         for name, layer in lora_layers(model)
         if isinstance(layer, LoRAConv)
         and (layer.groups > 1 or layer.padding_mode != "zeros" or any(d != 1 for d in layer.dilation))
     ]
+
+
+def layers_peft_gets_wrong(model: nn.Module) -> list[str]:
+    """The adapted layers whose folder PEFT (0.21) would refuse or compute differently from this model."""
+    attention = [name for name, layer in lora_layers(model) if isinstance(layer, LoRAMultiheadAttention)]
+    return attention + _conv_settings_peft_ignores(model)
+
+
+def _warn_where_peft_differs(model: nn.Module) -> None:
+    """Say when PEFT cannot reproduce a layer from this folder (its LoRA conv ignores these settings)."""
+    odd = _conv_settings_peft_ignores(model)
     if odd:
         log.warning(
             "adapter layers %s use groups, dilation or a padding mode that PEFT's LoRA conv ignores: lightning-lora "

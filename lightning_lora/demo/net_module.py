@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_lora.core.inject import disable_lora, get_lora_config
@@ -188,6 +189,8 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
             )
 
     def on_train_start(self) -> None:
+        if self.lr_on_resume is None and self.trainer.ckpt_path is not None:
+            self._say_which_rate_holds()
         if self.lr_on_resume is not None and self.trainer.ckpt_path is not None:
             for optimizer in self.trainer.optimizers:
                 for group in optimizer.param_groups:
@@ -195,6 +198,19 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
             for config in self.trainer.lr_scheduler_configs:
                 groups = config.scheduler.optimizer.param_groups
                 config.scheduler.base_lrs = [self._rate_on_resume(group) for group in groups]
+
+    def _say_which_rate_holds(self) -> None:
+        """A resume restores the checkpoint's rate: a changed ``lr`` in the config would be dropped silently."""
+        configured = getattr(self, "_configured_lr", None)
+        groups = self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []
+        if configured is None or not groups:
+            return
+        restored = groups[0].get("initial_lr", groups[0]["lr"])  # a scheduler keeps the run's starting rate there
+        if isinstance(restored, float) and abs(restored - configured) > 1e-12 * max(abs(configured), 1e-30):
+            rank_zero_info(
+                f"resuming with the checkpoint's learning rate {restored:g}, not the configured {configured:g}: a "
+                f"resume continues the interrupted run; --model.lr_on_resume {configured:g} sets a new rate"
+            )
 
     def _rate_on_resume(self, group: dict[str, Any]) -> float:
         """``lr_on_resume`` for a group; LoRA+'s ``B`` group at its ratio, its embedding group as it was."""
@@ -301,6 +317,7 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
             )
         try:
             optimizer = self.optimizer(trainable)
+            self._configured_lr = optimizer.defaults.get("lr")
             if self.lora_plus_ratio is None:
                 return optimizer
             # The optimizer's own rate (from its config) is A's; built again over LoRA+'s groups.
