@@ -305,14 +305,15 @@ class LoRACLI(LightningCLI):
         return resolved
 
     def before_fit(self) -> None:
-        """Refuse to write into a checkpoint folder that holds another run's checkpoints.
+        """Refuse to write into a checkpoint folder that holds another run's checkpoints, or over its adapter.
 
         With a logger every run gets its own version folder; with ``--trainer.logger false`` or a
         fixed ``dirpath`` two runs would overwrite each other's ``last.ckpt`` (Lightning only
-        warns). Resuming a run in its own folder is the one exception.
+        warns) and ``adapter/``. Resuming a run in its own folder is the one exception.
         """
         trainer = self.trainer
         resumed_from = self.resolved_ckpt_path.resolve().parent if self.resolved_ckpt_path else None
+        _refuse_another_runs_adapter(trainer, resuming=resumed_from is not None)
         for callback in trainer.checkpoint_callbacks:
             dirpath = getattr(callback, "dirpath", None)
             if dirpath is None and trainer.loggers:
@@ -326,6 +327,18 @@ class LoRACLI(LightningCLI):
                     "to runs/<name>/version_N), give a new --trainer.default_root_dir, or resume that run with "
                     "--ckpt_path"
                 )
+
+
+def _refuse_another_runs_adapter(trainer: pl.Trainer, resuming: bool) -> None:
+    """Without a logger there is no version folder: a new run's adapter would replace the last run's at fit end."""
+    for callback in [] if trainer.loggers or resuming else trainer.callbacks:
+        path = callback.adapter_path(trainer) if isinstance(callback, LoRAInjectionCallback) else None
+        if path is not None and callback.adapter_dir is None and path.exists():
+            raise UsageError(
+                f"{path} holds another run's adapter, and this run (no logger, so no version folder of its own) "
+                "would replace it at fit end. Keep the logger (each run then writes runs/<name>/version_N/adapter), "
+                "or set --lora.adapter_dir to a new folder"
+            )
 
 
 def _latest_run(logger: Any) -> str:
@@ -354,8 +367,7 @@ def _new_run_folder(trainer: pl.Trainer) -> Path | None:
 
 def run_folder() -> Path | None:
     """The version folder the command running now logs into, if it has one."""
-    trainer = _RUN.get("trainer")
-    logger = trainer.logger if trainer is not None else None
+    logger = _RUN["trainer"].logger if _RUN.get("trainer") is not None else None
     return Path(logger.log_dir) if isinstance(logger, TensorBoardLogger) else None
 
 
