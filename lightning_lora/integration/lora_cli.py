@@ -313,7 +313,6 @@ class LoRACLI(LightningCLI):
         """
         trainer = self.trainer
         resumed_from = self.resolved_ckpt_path.resolve().parent if self.resolved_ckpt_path else None
-        _refuse_another_runs_adapter(trainer, resuming=resumed_from is not None)
         for callback in trainer.checkpoint_callbacks:
             dirpath = getattr(callback, "dirpath", None)
             if dirpath is None and trainer.loggers:
@@ -327,6 +326,7 @@ class LoRACLI(LightningCLI):
                     "to runs/<name>/version_N), give a new --trainer.default_root_dir, or resume that run with "
                     "--ckpt_path"
                 )
+        _refuse_another_runs_adapter(trainer, resuming=resumed_from is not None)
 
 
 def _refuse_another_runs_adapter(trainer: pl.Trainer, resuming: bool) -> None:
