@@ -403,7 +403,9 @@ def test_many_slow_pattern_keys_are_refused_within_seconds_and_many_plain_ones_l
     rewrite_config(tmp_path / "adapter", target_modules=r".*\.(c_attn|c_fc)", rank_pattern=slow)
     fresh = Blocks()
     began = time.perf_counter()
-    with pytest.raises(DataError, match=r"rank_pattern key .*: matching needs over 64 automaton steps"):
+    with pytest.raises(
+        DataError, match=r"rank_pattern key .*: (matching needs over 64 automaton steps|the patterns together)"
+    ):
         load_adapter(fresh, tmp_path / "adapter", check_base=False)
     assert time.perf_counter() - began < 10  # was over a minute at 150 keys
     assert not any(True for _ in lora_layers(fresh))  # refused before anything was injected

@@ -70,7 +70,7 @@ def test_catastrophic_backtracking_patterns_take_linear_time(pattern):
         (r"a++", "possessive"),
         (r"a{101}", "over 100"),
         ("(" * 10 + "a{1,100}" + "){1,100}" * 10, "too large"),
-        ("a" * 1001, "longer than"),
+        ("a" * 10_001, "longer than"),
     ],
 )
 def test_what_it_cannot_bound_is_refused_naming_the_construct(pattern, said):
@@ -97,6 +97,33 @@ def test_a_shared_budget_stops_a_slow_pattern_and_very_many_large_ones():
         slow("transformer.h.0.attn.c_attn")
     assert compile_bounded(r"(?:(?:.?){60}){60}!")("a" * 20) is False  # alone, it is only slow
     budget = MatchBudget()
-    with pytest.raises(UnsupportedPattern, match="automaton steps"):
-        for _ in range(100):  # each accepted alone (under MAX_STATES), together refused before all are built
+    with pytest.raises(UnsupportedPattern, match="the patterns together are too large"):
+        for _ in range(300):  # each accepted alone (under MAX_STATES), together refused before all are built
             compile_bounded(r"(?:a{1,99}b){40}", budget)
+
+
+@pytest.mark.parametrize(
+    "pattern, names",
+    [
+        (r"(?:\bmodel\.layers\.[\d]{1,}\.(?:self_attn|mlp)\.(?:q_proj|up_proj))|(?:\blinear[123])",  # Unsloth's form
+         ["model.layers.3.self_attn.q_proj", "xmodel.layers.3.mlp.up_proj", "linear2", "alinear2"]),
+        (r".*\bproj", ["model.q_proj", "model.proj"]),
+        (r".*\Bproj", ["model.q_proj", "model.proj"]),
+        (r"\Afc\d\Z", ["fc1", "fc12"]),
+    ],
+)  # fmt: skip
+def test_zero_width_assertions_answer_as_re_does(pattern, names):
+    for name in names:
+        assert compile_bounded(pattern)(name) == bool(re.fullmatch(pattern, name)), name
+
+
+def test_hostile_shapes_are_refused_at_once_and_long_plain_alternations_accepted():
+    with pytest.raises(UnsupportedPattern, match="nests its groups too deeply"):
+        compile_bounded("(" * 400 + "linear1" + ")" * 400)
+    wide = "[" + "".join(chr(0x4E00 + i) for i in range(900)) + "]"
+    began = time.perf_counter()
+    with pytest.raises(UnsupportedPattern, match="a character class of over 32 items"):
+        compile_bounded(f"(?:(?:{wide}){{100}}){{60}}")
+    assert time.perf_counter() - began < 1
+    names = [f"module_{i}" for i in range(119)]
+    assert compile_bounded("|".join(names))("module_118")  # 1,300 characters: a legitimate list, as a regex

@@ -4,11 +4,12 @@ PEFT's adapter configs hold regexes (a string ``target_modules``, the keys of ``
 ``alpha_pattern``). Python's ``re`` backtracks: a pattern such as ``(a+)+$`` takes exponential time
 on a name that almost matches, so a hostile file could hang ``load_adapter``. Here a pattern is
 parsed into the regular subset such files use (literals, ``.``, classes ``[...]``, ``\\d \\w \\s``
-and their negations, groups, ``|``, ``* + ? {m,n}`` and their lazy forms, ``^`` and ``$``) and run
-as a Thompson NFA: every character of the name advances a set of states, so a match costs at most
-(name length x pattern size) steps, whatever the pattern. Constructs outside that subset
-(backreferences, lookarounds, inline flags) are refused with a clear error, as is a pattern whose
-automaton would be too large. On the subset, the answer is ``re.fullmatch``'s (a test compares them
+and their negations, groups, ``|``, ``* + ? {m,n}`` and their lazy forms, the zero-width
+``^ $ \\A \\Z \\b \\B``) and run as a Thompson NFA: every character of the name advances a set
+of states, so a match costs at most (name length x pattern size) steps, whatever the pattern.
+Constructs outside that subset (backreferences, lookarounds, inline flags) are refused with a
+clear error, as is a pattern whose automaton would be too large, nested too deeply or with a
+character class too wide. On the subset, the answer is ``re.fullmatch``'s (a test compares them
 on random patterns).
 """
 
@@ -18,8 +19,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-MAX_PATTERN = 1_000
-"""Longest pattern accepted (characters)."""
+MAX_PATTERN = 10_000
+"""Longest pattern accepted (characters): an alternation of a few hundred module names fits."""
+
+MAX_CLASS = 32
+"""Most items in one character class ``[...]``: each is tested per character, and re-parsed per copy."""
 
 MAX_STATES = 20_000
 """Largest automaton accepted (a counted repeat ``{m,n}`` copies its body)."""
@@ -45,9 +49,15 @@ class MatchBudget:
     allowance plus that many steps per character of every name tried.
     """
 
-    def __init__(self, steps_per_character: int = STEPS_PER_CHARACTER, compile_steps: int = 200_000) -> None:
+    def __init__(self, steps_per_character: int = STEPS_PER_CHARACTER, compile_steps: int = 400_000) -> None:
         self.steps_per_character = steps_per_character
-        self.left = compile_steps  # building automata costs their states: a few thousand small ones fit
+        self.left = 0
+        self.states_left = compile_steps  # building automata costs their states: thousands of small ones fit
+
+    def build(self, states: int) -> None:
+        self.states_left -= states
+        if self.states_left < 0:
+            raise UnsupportedPattern("the patterns together are too large to match safely; simplify them")
 
     def allow(self, name: str) -> None:
         self.left += self.steps_per_character * (len(name) + 1)
@@ -78,7 +88,7 @@ _LITERAL_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
 @dataclass
 class _State:
     test: Test | None = None  # consumes one character that passes the test
-    assertion: str | None = None  # "^" or "$": zero-width
+    assertion: str | None = None  # "^", "$", "\\A", "\\Z", "\\b" or "\\B": zero-width
     out: list[int] = field(default_factory=list)  # epsilon edges (or the one edge after a test/assertion)
 
 
@@ -203,8 +213,8 @@ class _Builder:
                 raise self.refuse("an unbalanced parenthesis")
             self.take()
             return fragment
-        if char in ("^", "$"):
-            node = self.state(assertion=char)
+        if char in ("^", "$") or (char == "\\" and self.peek() in ("b", "B", "A", "Z")):
+            node = self.state(assertion=char if char != "\\" else "\\" + self.take())
             return node, [node]
         if char == ".":
             test: Test = lambda c: c != "\n"  # noqa: E731
@@ -241,6 +251,8 @@ class _Builder:
             char = self.take()
             if char == "]" and not first:
                 break
+            if len(tests) >= MAX_CLASS:
+                raise self.refuse(f"a character class of over {MAX_CLASS} items")
             first = False
             if char == "[" and self.peek() in (":", "=", "."):
                 raise self.refuse("a POSIX class [[:...:]]")
@@ -267,6 +279,20 @@ class _Builder:
         return lambda c: any(test(c) for test in tests)
 
 
+def _is_word(name: str, index: int) -> bool:
+    return 0 <= index < len(name) and (name[index].isalnum() or name[index] == "_")
+
+
+def _holds(assertion: str, name: str, position: int) -> bool:
+    """A zero-width assertion at ``position`` of ``name`` (``$`` at the very end, as in a full match)."""
+    if assertion in ("^", "\\A"):
+        return position == 0
+    if assertion in ("$", "\\Z"):
+        return position == len(name)
+    boundary = _is_word(name, position - 1) != _is_word(name, position)
+    return boundary if assertion == "\\b" else not boundary
+
+
 def _consumes(state: _State, char: str) -> bool:
     return state.test is not None and state.test(char)
 
@@ -288,23 +314,26 @@ def compile_bounded(pattern: str, budget: MatchBudget | None = None) -> Callable
         raise UnsupportedPattern(f"a pattern of {len(pattern)} characters is longer than {MAX_PATTERN}")
     re.compile(pattern)  # Python's own errors for invalid patterns (compiling never backtracks)
     builder = _Builder(pattern)
-    start, exits = builder.parse_alternation()
+    try:
+        start, exits = builder.parse_alternation()
+    except RecursionError:
+        raise UnsupportedPattern(f"pattern {pattern[:80]!r}... nests its groups too deeply to match safely") from None
     if builder.peek() is not None:
         raise builder.refuse("an unbalanced parenthesis")
     accept = builder.state()
     builder.link(exits, accept)
     states = builder.states
     if budget is not None:
-        budget.spend(len(states))
+        budget.build(len(states))
 
-    def closure(current: set[int], position: int, length: int) -> set[int]:
+    def closure(current: set[int], position: int, name: str) -> set[int]:
         seen, stack = set(), list(current)
         while stack:
             index = stack.pop()
             if index in seen:
                 continue
             state = states[index]
-            if state.assertion == "^" and position != 0 or state.assertion == "$" and position != length:
+            if state.assertion is not None and not _holds(state.assertion, name, position):
                 continue
             seen.add(index)
             if state.test is None:
@@ -314,12 +343,12 @@ def compile_bounded(pattern: str, budget: MatchBudget | None = None) -> Callable
     def fullmatch(name: str) -> bool:
         if budget is not None:
             budget.allow(name)
-        current = closure({start}, 0, len(name))
+        current = closure({start}, 0, name)
         for position, char in enumerate(name):
             if budget is not None:
                 budget.spend(len(current))
             step = {nxt for i in current if _consumes(states[i], char) for nxt in states[i].out}
-            current = closure(step, position + 1, len(name))
+            current = closure(step, position + 1, name)
             if not current:
                 return False
         return accept in current
