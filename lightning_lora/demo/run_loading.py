@@ -195,7 +195,8 @@ def load_run(reference: str | Path, base_checkpoint: str | Path | None = None) -
     # What the net must fit, before it is built: the base's weights, or this full checkpoint's own.
     own = {k.removeprefix("net."): v.shape for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     shapes = base_shapes(base) if adapter_only else own
-    net = build_net(hparams.get("net"), f"checkpoint {path}: net", shapes, adapted=not adapter_only)
+    against = f" (checked against its base {base})" if adapter_only else ""
+    net = build_net(hparams.get("net"), f"checkpoint {path}: net{against}", shapes, adapted=not adapter_only)
     base_path = load_base_checkpoint(net, base) if adapter_only else None
     holder = _Holder(net)
     hint = "Pass the pretraining checkpoint the fine-tune started from with --base."
