@@ -293,7 +293,20 @@ def test_two_runs_never_share_a_checkpoint_folder(lora_run, fake_mnist, monkeypa
     assert (new / "checkpoints/last.ckpt").is_file() and first.read_bytes() == before
 
 
-def test_without_a_logger_a_second_run_may_not_overwrite_the_first(tmp_path, fake_mnist, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "kept, extra, message, then, made",
+    [
+        ("checkpoints/last.ckpt", [], "already holds another run's checkpoints",
+         ["--trainer.max_steps", "2", "--ckpt_path", "checkpoints/last.ckpt"], None),  # resuming it is fine
+        ("adapter/adapter_model.safetensors",
+         ["--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false"], "holds another run's adapter",
+         ["--lora.adapter_dir", "second"], "second/adapter_model.safetensors"),  # a folder of its own: fine
+    ],
+    ids=["checkpoints", "adapter"],
+)  # fmt: skip
+def test_without_a_logger_a_second_run_may_not_overwrite_the_first(
+    tmp_path, fake_mnist, monkeypatch, capsys, kept, extra, message, then, made
+):
     import sys
 
     from helpers import write_base_checkpoint
@@ -305,14 +318,15 @@ def test_without_a_logger_a_second_run_may_not_overwrite_the_first(tmp_path, fak
     write_base_checkpoint(tmp_path / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
     args = ["fit", "-c", CONFIG, "--data.data_dir", str(fake_mnist), "--trainer.max_steps", "1",
             "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false",
-            "--trainer.logger", "false"]  # fmt: skip
+            "--trainer.logger", "false", *extra]  # fmt: skip
     main(args)
-    first = (tmp_path / "checkpoints/last.ckpt").read_bytes()
+    first = (tmp_path / kept).read_bytes()
     with pytest.raises(SystemExit) as exit_info:
         main(args)
-    assert exit_info.value.code == 2 and "already holds another run's checkpoints" in capsys.readouterr().err
-    assert (tmp_path / "checkpoints/last.ckpt").read_bytes() == first
-    main([*args, "--trainer.max_steps", "2", "--ckpt_path", "checkpoints/last.ckpt"])  # resuming it is fine
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert (tmp_path / kept).read_bytes() == first
+    main([*args, *then])
+    assert made is None or (tmp_path / made).is_file()
 
 
 def test_a_callback_adapter_dir_of_someone_elses_is_refused_before_training(tmp_path, fake_mnist):

@@ -658,18 +658,3 @@ def test_a_changed_learning_rate_on_resume_is_named_not_dropped_silently(workdir
     caplog.clear()
     main([*fit, "--trainer.max_steps", "4", "--ckpt_path", "runs/finetune_lora"])
     assert "learning rate" not in capsys.readouterr().err + caplog.text  # the same rate: nothing to say
-
-
-def test_without_a_logger_a_second_fit_refuses_to_replace_the_first_one_s_adapter(workdir, fake_mnist, capsys):
-    fit = ["fit", *config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist),
-           "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", "[]",
-           "--trainer.enable_checkpointing", "false", "--trainer.max_steps", "1",
-           "--trainer.val_check_interval", "1.0"]  # fmt: skip
-    main(fit)
-    first = (workdir / "adapter/adapter_model.safetensors").read_bytes()
-    with pytest.raises(SystemExit) as exit_info:
-        main(fit)
-    assert exit_info.value.code == 2 and "holds another run's adapter" in capsys.readouterr().err
-    assert (workdir / "adapter/adapter_model.safetensors").read_bytes() == first
-    main([*fit, "--lora.adapter_dir", "second"])  # a folder of its own: fine
-    assert (workdir / "second/adapter_model.safetensors").is_file()
