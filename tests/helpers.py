@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_lora.core.inject import lora_state_dict
+from lightning_lora.core.adapter_tensors import lora_state_dict
 
 
 def write_idx(path: Path, data: torch.Tensor) -> None:

@@ -269,9 +269,10 @@ def test_an_adapter_of_another_shape_in_the_checkpoint_is_named(tmp_path, fake_m
 
     trainer(tmp_path, [lora(), checkpoints(tmp_path)]).fit(UserModule(), data(fake_mnist))
     saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
-    saved["state_dict"]["net.1.lora_A"] = torch.zeros(3, 784)  # rank 3 where the adapter has rank 2
+    key = "net.1.lora_adapters.default.lora_A"
+    saved["state_dict"][key] = torch.zeros(3, 784)  # rank 3 where the adapter has rank 2
     torch.save(saved, tmp_path / "altered.ckpt")
-    with pytest.raises(DataError, match=r"net.1.lora_A \(3, 784\) in the checkpoint, \(2, 784\) in the model"):
+    with pytest.raises(DataError, match=rf"{key} \(3, 784\) in the checkpoint, \(2, 784\) in the model"):
         UserModule.load_from_checkpoint(tmp_path / "altered.ckpt")
 
 

@@ -94,5 +94,5 @@ def test_an_adapter_saved_from_a_compiled_model_loads_onto_the_plain_one(tmp_pat
     compiled(x)
     save_adapter(compiled, tmp_path / "a")
     plain = load_adapter(zoo_model("linear")[0], tmp_path / "a")
-    assert lora_state_dict(plain).keys() == {"layer.lora_A", "layer.lora_B"}
+    assert lora_state_dict(plain).keys() == {"layer.lora_adapters.default.lora_A", "layer.lora_adapters.default.lora_B"}
     assert torch.equal(plain(x), model(x))

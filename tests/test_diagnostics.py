@@ -14,7 +14,7 @@ from lightning_lora import LoRAConfig, LoRAConv, adapter_stats, inject_lora, lor
 
 def full_svd_of_the_update(layer) -> torch.Tensor:
     """The reference: the update laid out as the layer's operator (block per group), then a full SVD."""
-    delta = (layer.lora_weight() * layer.scale).detach()
+    delta = (layer.lora_weight(layer.primary) * layer.scale).detach()
     if isinstance(layer, LoRAConv):
         blocks = delta.reshape(layer.groups, delta.shape[0] // layer.groups, -1)
         return torch.cat([torch.linalg.svdvals(block) for block in blocks]).sort(descending=True).values
@@ -40,7 +40,7 @@ def test_numbers_equal_a_full_svd_of_the_update_for_every_layer_type(kind, dora)
         torch.testing.assert_close(got, want[: len(got)], rtol=1e-4, atol=1e-5)
         assert float(want[len(got) :].abs().sum()) < 1e-4  # nothing beyond the rank(s)
         with torch.no_grad():
-            ratio = torch.linalg.vector_norm(layer.lora_weight() * layer.scale) / torch.linalg.vector_norm(
+            ratio = torch.linalg.vector_norm(layer.lora_weight(layer.primary) * layer.scale) / torch.linalg.vector_norm(
                 layer.base_weight()
             )
         assert stats[name].delta_norm_ratio == pytest.approx(float(ratio), rel=1e-4)

@@ -188,7 +188,7 @@ class TestStructure:
         inject_lora(model, LoRAConfig(rank=2))
         layer = model.head
         assert inject_lora(model, LoRAConfig(rank=2)) is model and model.head is layer
-        with pytest.raises(ValueError, match="already holds adapters made with"):
+        with pytest.raises(ValueError, match="already holds an adapter named .default. made with"):
             inject_lora(model, LoRAConfig(rank=3))
         with pytest.raises(ValueError, match="needs a container module"):
             inject_lora(nn.Linear(2, 2), LoRAConfig())
@@ -255,7 +255,8 @@ class TestBiasPolicies:
         base = frozen_copy(model)
         inject_lora(model, LoRAConfig(target_modules=["encoder.0"], modules_to_save=["head"]))
         assert isinstance(model.head, ModuleToSave)
-        adapter = {"encoder.0.lora_A", "encoder.0.lora_B", "head.trained_module.weight", "head.trained_module.bias"}
+        factors = {"encoder.0.lora_adapters.default.lora_A", "encoder.0.lora_adapters.default.lora_B"}
+        adapter = factors | {"head.trained_module.weight", "head.trained_module.bias"}
         assert {n for n, p in model.named_parameters() if p.requires_grad} == adapter == set(lora_state_dict(model))
         train(model, X)
         with disable_lora(model):
@@ -267,7 +268,7 @@ class TestBiasPolicies:
         model.add_module("lora_head", nn.Linear(4, 4))
         model.add_module("fc", nn.Linear(4, 4))
         inject_lora(model, LoRAConfig(target_modules=["fc"]))
-        assert set(lora_state_dict(model)) == {"fc.lora_A", "fc.lora_B"}
+        assert set(lora_state_dict(model)) == {"fc.lora_adapters.default.lora_A", "fc.lora_adapters.default.lora_B"}
 
 
 class TestMergeAndDisable:

@@ -167,7 +167,7 @@ class TestDoRA:
         train_steps(model, x)
         layer = model.layer
         model.zero_grad(set_to_none=True)
-        factor = layer.dora_factor(layer.weight)
+        factor = layer.dora_factor(layer.primary)
         factor.sum().backward()
         assert layer.lora_magnitude.grad is not None
         assert layer.lora_B.grad is None or torch.count_nonzero(layer.lora_B.grad) == 0
@@ -365,8 +365,8 @@ class TestLinear:
         from torch.func import functional_call
 
         layer = LoRALinear(nn.Linear(5, 3).double(), LoRAConfig(rank=2, alpha=3)).double()
-        names = ("weight", "bias", "lora_A", "lora_B")
-        params = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
+        names = ("weight", "bias", "lora_adapters.default.lora_A", "lora_adapters.default.lora_B")
+        params = [layer.get_parameter(n).detach().clone().requires_grad_() for n in names]
         params[3] = torch.randn(3, 2, dtype=torch.double, requires_grad=True)
         x = torch.randn(2, 4, 5, dtype=torch.double, requires_grad=True)
 
@@ -401,7 +401,7 @@ class TestLinear:
         assert layer.lora_A.grad is not None
         params = {k: v.detach() for k, v in layer.named_parameters()}
         per_sample = vmap(grad(lambda p, xi: functional_call(layer, p, (xi[None],)).sum()), in_dims=(None, 0))
-        assert per_sample(params, x.detach())["lora_A"].shape == (40, 3, 12)
+        assert per_sample(params, x.detach())["lora_adapters.default.lora_A"].shape == (40, 3, 12)
         double = LoRALinear(nn.Linear(5, 3).double(), LoRAConfig(rank=2)).double()
         with torch.no_grad():
             double.lora_B.normal_()

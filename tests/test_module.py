@@ -108,7 +108,7 @@ def test_checkpoints_hold_the_adapter_and_rebuild_on_the_modules_own_base():
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
     assert set(checkpoint["state_dict"]) == {
-        f"net.layers.{i}.lora_{x}" for i in (0, 2) for x in ("A", "B", "magnitude")
+        f"net.layers.{i}.lora_adapters.default.lora_{x}" for i in (0, 2) for x in ("A", "B", "magnitude")
     }
     fresh = module()
     fresh.on_load_checkpoint(checkpoint)

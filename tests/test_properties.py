@@ -63,7 +63,7 @@ def dora_conditioning(model: nn.Module | None) -> float:
     layer = model[0]
     with torch.no_grad():
         weight = layer.base_weight().double()
-        direction = weight + layer.lora_weight().double() * layer.scale
+        direction = weight + layer.lora_weight(layer.primary).double() * layer.scale
         ratio = weight.norm(dim=1) / direction.norm(dim=1).clamp_min(1e-30)
     return max(1.0, float(ratio.max()))
 

@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_lora"
 
 ALLOWED = {
     # torch.compile's wrapper exposes the compiled module only as _orig_mod (no public accessor).
-    ("core/inject.py", "_orig_mod"),
+    ("core/model_state.py", "_orig_mod"),
     # Not ours to read: the name nn.TransformerEncoderLayer reads of its self_attn (set False, so no
     # fused kernel bypasses the adapter).
     ("core/layers/attention.py", "_qkv_same_embed_dim"),

@@ -218,7 +218,8 @@ def inspect_command(argv: Sequence[str]) -> int:
     settings = _lora_settings(config, overrides)
     if settings is None:
         raise UsageError("the config has no 'lora:' section or LoRAInjectionCallback: nothing would be injected")
-    from lightning_lora.core.inject import count_parameters, inject_checked, lora_layers
+    from lightning_lora.core.adapter_tensors import count_parameters
+    from lightning_lora.core.inject import inject_checked, lora_layers
     from lightning_lora.demo.run_loading import build_net
 
     names = set(LoRAConfig.field_names())
@@ -236,7 +237,7 @@ def inspect_command(argv: Sequence[str]) -> int:
             name,
             " x ".join(str(d) for d in layer.base_weight().shape),
             type(layer.base_layer).__name__,
-            sum(p.numel() for n, p in layer.named_parameters(recurse=False) if n.startswith("lora_")),
+            sum(p.numel() for p in layer.lora_adapters.parameters()),
         )
         for name, layer in lora_layers(net)
     ]

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from lightning_lora._version import __version__
+from lightning_lora.core.adapter_tensors import adapter_tensors
 from lightning_lora.core.config import LoRAConfig
 from lightning_lora.core.fingerprint import first_difference, touched_fingerprint
 from lightning_lora.core.inject import (
-    adapter_tensors,
     get_lora_config,
     inject_lora,
     lora_layers,

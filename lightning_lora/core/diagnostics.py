@@ -19,11 +19,8 @@ import torch
 from torch import nn
 
 from lightning_lora.core.inject import lora_layers
-from lightning_lora.core.layers.base import LoRALayer
+from lightning_lora.core.layers.base import LoRAAdapter, LoRALayer
 from lightning_lora.core.layers.conv import LoRAConv
-
-DEFAULT_ADAPTER = "default"
-"""The name PEFT gives a model's one adapter (and its files' root)."""
 
 
 @dataclass(frozen=True)
@@ -56,33 +53,36 @@ class AdapterStats:
         return float(torch.exp(-(shares * shares.log()).sum()))
 
 
-def update_singular_values(layer: LoRALayer) -> torch.Tensor:
-    """The singular values of ``scale * B A``, largest first, in fp32, from the factors alone."""
+def update_singular_values(layer: LoRALayer, adapter: LoRAAdapter | None = None) -> torch.Tensor:
+    """The singular values of ``scale * B A`` (of ``adapter``, the layer's primary one by default),
+    largest first, in fp32, from the factors alone."""
+    adapter = adapter if adapter is not None else layer.primary
     groups = layer.groups if isinstance(layer, LoRAConv) else 1
     with torch.no_grad():
-        a = layer.lora_A.detach().float().reshape(groups, layer.rank, -1)  # (g, r, in)
-        b = layer.lora_B.detach().float().reshape(groups, -1, layer.rank)  # (g, out, r)
+        a = adapter.lora_A.detach().float().reshape(groups, adapter.rank, -1)  # (g, r, in)
+        b = adapter.lora_B.detach().float().reshape(groups, -1, adapter.rank)  # (g, out, r)
         r_b = torch.linalg.qr(b, mode="r").R  # (g, r, r): B = Q_b R_b
         r_a = torch.linalg.qr(a.transpose(1, 2), mode="r").R  # (g, r, r): A^T = Q_a R_a
-        values = torch.linalg.svdvals(r_b @ r_a.transpose(1, 2)).flatten() * abs(layer.scale)
+        values = torch.linalg.svdvals(r_b @ r_a.transpose(1, 2)).flatten() * abs(adapter.scale)
     return values.sort(descending=True).values
 
 
 def adapter_stats(model: nn.Module) -> list[AdapterStats]:
-    """Per adapted layer: its adapter's rank, how large its update is beside the base weight, its spectrum.
+    """Per adapted layer and adapter: its rank, how large its update is beside the base weight, its spectrum.
 
     Args:
         model: A model with adapters (``inject_lora``), merged or not.
 
     Returns:
-        One :class:`AdapterStats` per adapted layer, in module order (an attention's ``out_proj``
-        is a layer of its own).
+        One :class:`AdapterStats` per adapted layer and adapter it holds, in module order (an
+        attention's ``out_proj`` is a layer of its own), adapters in the order they were added.
     """
     stats = []
     for name, layer in lora_layers(model):
-        values = update_singular_values(layer)
-        update_norm = float(torch.linalg.vector_norm(values))
         base_norm = float(torch.linalg.vector_norm(layer.base_weight().detach().float()))
-        ratio = update_norm / base_norm if base_norm > 0 else (0.0 if update_norm == 0 else float("inf"))
-        stats.append(AdapterStats(name, DEFAULT_ADAPTER, layer.rank, ratio, values.tolist()))
+        for adapter_name, adapter in layer.lora_adapters.items():
+            values = update_singular_values(layer, adapter)
+            update_norm = float(torch.linalg.vector_norm(values))
+            ratio = update_norm / base_norm if base_norm > 0 else (0.0 if update_norm == 0 else float("inf"))
+            stats.append(AdapterStats(name, adapter_name, adapter.rank, ratio, values.tolist()))
     return stats

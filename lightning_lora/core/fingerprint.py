@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_tensors import base_state_dict
 from lightning_lora.core.config import LoRAConfig
-from lightning_lora.core.inject import base_state_dict, get_lora_config, saved_modules, unwrap_model
+from lightning_lora.core.inject import get_lora_config, saved_modules, unwrap_model
 from lightning_lora.core.peft_format import top_level_targets
 from lightning_lora.core.safe_io import tensor_sha256
 from lightning_lora.core.targets import TargetPlan, plan_targets

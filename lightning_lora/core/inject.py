@@ -1,77 +1,59 @@
-"""Model surgery: inject adapters, freeze, merge, disable, and read the adapter back out.
+"""Model surgery: inject adapters (one or several, by name), freeze, merge, unload and delete them.
 
 Everything here works on any ``nn.Module`` and never imports Lightning, so it serves a
 notebook, a plain training loop or the Lightning callback alike. Models wrapped by
-``torch.compile``, DDP or Fabric are unwrapped first, so keys are always the plain model's.
+``torch.compile``, DDP or Fabric are unwrapped first (:mod:`~lightning_lora.core.model_state`).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lightning_lora.core.active_adapters import set_active_adapters
 from lightning_lora.core.config import LoRAConfig
-from lightning_lora.core.layers import LoRALayer, ModuleToSave, keep_base_bias, kept_biases, lora_class_for
+from lightning_lora.core.layers import (
+    DEFAULT_ADAPTER,
+    LoRAAdapter,
+    LoRALayer,
+    ModuleToSave,
+    keep_base_bias,
+    kept_biases,
+    lora_class_for,
+)
 from lightning_lora.core.layers.base import BASE_PREFIX
+from lightning_lora.core.model_state import (
+    ACTIVE_ATTR,
+    CONFIGS_ATTR,
+    active_adapter_names,
+    adapter_configs,
+    check_adapter_name,
+    get_lora_config,
+    lora_layers,
+    modules_outside_adapters,
+    names_of,
+    saved_modules,
+    set_submodule,
+    unwrap_model,
+)
 from lightning_lora.core.targets import TargetPlan, log, log_skipped, plan_targets, refuse_oversized
 
-_CONFIG_ATTR = "lora_config"
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside ``torch.compile``, DDP/DataParallel and Fabric wrappers."""
-    while True:
-        # torch.compile's wrapper keeps the module it compiled as ``_orig_mod`` and offers no public
-        # name for it: the one private attribute of torch this package reads.
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or _is_fabric_wrapper(model):
-            model = model.module
-        else:
-            return model
-
-
-def _is_fabric_wrapper(model: nn.Module) -> bool:
-    """Whether Lightning Fabric wrapped ``model`` (``fabric.setup``); its public ``.module`` is the original.
-
-    Only asked of Fabric when Fabric is loaded already, as it must be to have wrapped anything: the
-    core never imports Lightning.
-    """
-    wrappers = sys.modules.get("lightning.fabric.wrappers")
-    return wrappers is not None and isinstance(model, nn.Module) and wrappers.is_wrapped(model)
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
-    """Every adapted layer, by qualified name (an attention's ``out_proj`` is one of its own)."""
-    for name, module in unwrap_model(model).named_modules():
-        if isinstance(module, LoRALayer):
-            yield name, module
-
-
-def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModuleToSave]]:
-    """Every module trained fully beside the adapters, by qualified name."""
-    for name, module in unwrap_model(model).named_modules():
-        if isinstance(module, ModuleToSave):
-            yield name, module
-
-
-def get_lora_config(model: nn.Module) -> LoRAConfig | None:
-    """The config the model's adapters were made with, or ``None`` for a plain model."""
-    return getattr(unwrap_model(model), _CONFIG_ATTR, None)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module and n]
+__all__ = [  # the model-state names re-exported here are the ones the rest of the package has always imported
+    "delete_adapter",
+    "get_lora_config",
+    "inject_checked",
+    "inject_lora",
+    "lora_layers",
+    "merge_and_unload",
+    "merge_lora",
+    "remove_lora",
+    "saved_modules",
+    "unmerge_lora",
+    "unwrap_model",
+]
 
 
 def inject_checked(model: nn.Module, config: LoRAConfig, where: str) -> TargetPlan:
@@ -93,16 +75,22 @@ def inject_checked(model: nn.Module, config: LoRAConfig, where: str) -> TargetPl
     return plan
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig, *, plan: TargetPlan | None = None) -> nn.Module:
-    """Freeze ``model`` and wrap its target layers with adapters, in place.
+def inject_lora(
+    model: nn.Module, config: LoRAConfig, *, adapter_name: str = DEFAULT_ADAPTER, plan: TargetPlan | None = None
+) -> nn.Module:
+    """Freeze ``model`` and wrap its target layers with an adapter named ``adapter_name``, in place.
 
-    Idempotent: a model already adapted with an equal config is returned unchanged, which is
-    what lets a Lightning callback inject in ``setup()`` for every stage. On any error the model
-    is left as it was.
+    The first adapter is active and trainable. Injecting again under another name adds a second
+    adapter (same or other targets, other rank) that is inactive and frozen until
+    :func:`~lightning_lora.core.named_adapters.set_active_adapters` picks it, as PEFT's
+    ``add_adapter`` does. Idempotent per name: an adapter of this name with an equal config is
+    left as it is, which is what lets a Lightning callback inject in ``setup()`` for every stage.
+    On any error the model is left as it was.
 
     Args:
         model: The model to adapt (wrappers are seen through).
         config: What to adapt and how.
+        adapter_name: The new adapter's name.
         plan: :func:`~lightning_lora.core.targets.plan_targets` of this model and config, when the
             caller made it already (to check the adapter's size, say): targets are planned once.
 
@@ -111,18 +99,24 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, plan: TargetPlan | None
 
     Raises:
         ValueError: bad targets (see :func:`~lightning_lora.core.targets.plan_targets`), a layer that
-            cannot take this config (DoRA on an embedding, say), or the model already holds
-            adapters made with a different config.
+            cannot take this config (DoRA on an embedding, say), an adapter of this name made with
+            a different config, or a second adapter that would train biases or whole modules.
     """
     outer, model = model, unwrap_model(model)
-    existing = get_lora_config(model)
+    check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    existing = configs.get(adapter_name)
     if existing is not None:
         if existing == config:
             return outer
         raise ValueError(
-            f"model already holds adapters made with {existing}; refusing to inject {config}. "
-            "Use merge_and_unload(model) or start from the plain base model."
+            f"model already holds an adapter named {adapter_name!r} made with {existing}; refusing to inject "
+            f"{config} under that name. Pick another adapter_name, delete_adapter(model, {adapter_name!r}) first, "
+            "or start from the plain base model."
         )
+    if configs:
+        _add_named_adapter(model, config, adapter_name, plan)
+        return outer
     if any(True for _ in lora_layers(model)):
         raise ValueError("model already holds LoRA layers that inject_lora did not make")
     if lora_class_for(model) is not None:
@@ -130,32 +124,92 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, plan: TargetPlan | None
         raise ValueError(f"inject_lora needs a container module, got a bare {kind}; wrap it, e.g. nn.Sequential(layer)")
     plan = plan if plan is not None else plan_targets(model, config)
     layers = {
-        name: lora_class_for(module)(module, config.for_layer(*plan.names[name]))
+        name: lora_class_for(module)(module, config.for_layer(*plan.names[name]), adapter_name)
         for name, module in plan.targets.items()
     }
     model.requires_grad_(False)
     for name, layer in layers.items():
         layer.train(plan.targets[name].training)
         for alias in plan.names[name]:
-            _set_submodule(model, alias, layer)
+            set_submodule(model, alias, layer)
     for module in plan.to_save.values():
         saved = ModuleToSave(module)
-        for alias in _names_of(model, module):
-            _set_submodule(model, alias, saved)
+        for alias in names_of(model, module):
+            set_submodule(model, alias, saved)
     if config.bias != "none":
         for _, layer in lora_layers(model):
             for bias in layer.bias_names():
                 keep_base_bias(layer, bias)
     if config.bias == "all":
-        for module in _modules_outside_adapters(model):
+        for module in modules_outside_adapters(model):
             for name, param in list(module.named_parameters(recurse=False)):
                 if "bias" in name and param is not None:
                     keep_base_bias(module, name)
     _guard_transformer_fast_paths(model)
-    setattr(model, _CONFIG_ATTR, config)
+    setattr(model, CONFIGS_ATTR, {adapter_name: config})
+    setattr(model, ACTIVE_ATTR, [adapter_name])
     log_skipped(plan)
     _warn_running_statistics(model)
     return outer
+
+
+@contextmanager
+def _base_view(model: nn.Module) -> Iterator[None]:
+    """Inside, the model's adapted layers are their base modules again (the same tensors), so targets
+    are planned for a second adapter exactly as for the first; put back on exit."""
+    outer = [(name, layer) for name, layer in lora_layers(model) if not _inside_lora(model, name)]
+    swapped = [(alias, layer) for _, layer in outer for alias in names_of(model, layer)]
+    try:
+        for alias, layer in swapped:
+            set_submodule(model, alias, layer.base_layer)
+        yield
+    finally:
+        for alias, layer in swapped:
+            set_submodule(model, alias, layer)
+
+
+def _inside_lora(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), LoRALayer) for i in range(1, len(parts)))
+
+
+def _add_named_adapter(model: nn.Module, config: LoRAConfig, name: str, plan: TargetPlan | None) -> None:
+    """Add adapter ``name`` beside the model's others: inactive and frozen, the model otherwise untouched."""
+    first_name, first = next(iter(adapter_configs(model).items()))
+    if config.bias != "none" or config.modules_to_save:
+        raise ValueError(
+            f"adapter {name!r} would train biases or whole modules (bias={config.bias!r}, modules_to_save="
+            f"{list(config.modules_to_save)}); those belong to the model's first adapter ({first_name!r}). Give a "
+            "further adapter bias='none' and no modules_to_save"
+        )
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise ValueError(f"adding adapter {name!r} to a merged model; call unmerge_lora(model) first")
+    if plan is None:
+        with _base_view(model):
+            plan = plan_targets(model, config)
+    fresh: dict[str, LoRALayer] = {}
+    pending: list[tuple[LoRALayer, LoRAAdapter]] = []
+    for target, module in plan.targets.items():
+        layer_config = config.for_layer(*plan.names[target])
+        live = model.get_submodule(target)
+        if isinstance(live, LoRALayer):
+            pending += [(part, part.new_adapter(layer_config)) for part in (live, *live.companion_layers())]
+        else:
+            fresh[target] = lora_class_for(module)(module, layer_config, name)
+    active = active_adapter_names(model)
+    for layer, adapter in pending:
+        adapter.requires_grad_(False)
+        layer.add_adapter(name, adapter)
+    for target, layer in fresh.items():
+        layer.requires_grad_(False)
+        layer.train(plan.targets[target].training)
+        for part in (layer, *layer.companion_layers()):
+            part.active_adapters = list(active)
+        for alias in plan.names[target]:
+            set_submodule(model, alias, layer)
+    _guard_transformer_fast_paths(model)
+    getattr(model, CONFIGS_ATTR)[name] = config
+    log_skipped(plan)
 
 
 def _warn_running_statistics(model: nn.Module) -> None:
@@ -175,15 +229,6 @@ def _warn_running_statistics(model: nn.Module) -> None:
             len(tracking),
             ", ".join(tracking[:4]) + (", ..." if len(tracking) > 4 else ""),
         )
-
-
-def _modules_outside_adapters(model: nn.Module) -> list[nn.Module]:
-    """Modules that are neither LoRA layers nor inside one or inside a ModuleToSave."""
-    inside: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, (LoRALayer, ModuleToSave)):
-            inside.update(id(m) for m in module.modules())
-    return [m for m in model.modules() if id(m) not in inside]
 
 
 _FAST_PATH_FLAGS = {nn.TransformerEncoderLayer: "activation_relu_or_gelu", nn.TransformerEncoder: "use_nested_tensor"}
@@ -214,52 +259,69 @@ def _restore_transformer_fast_paths(model: nn.Module) -> None:
             setattr(parent, flag, parent.__dict__.pop(_SAVED_FLAG))
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its layer's weight (fp32 arithmetic, never into a tied tensor). Idempotent."""
+def merge_lora(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Fold adapters (the active ones by default) into their layers' weights (fp32 arithmetic, never into a
+    tied tensor). Idempotent."""
+    names = _known_names(model, adapter_names)
     for _, layer in lora_layers(model):
-        layer.merge()
+        layer.merge(names)
     return model
 
 
-def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Put every merged layer's base weight back exactly. Idempotent."""
+def unmerge_lora(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Take merged adapters (all by default) out of the weights again; with none left, every base weight is
+    back exactly. Idempotent."""
+    names = None if adapter_names is None else _known_names(model, adapter_names)
     for _, layer in lora_layers(model):
-        layer.unmerge()
+        layer.unmerge(names)
     return model
 
 
-def _unload(model: nn.Module, merge: bool) -> None:
+def _known_names(model: nn.Module, names: list[str] | str | None) -> list[str]:
+    """``names`` (the active adapters when ``None``), each checked to be one of the model's adapters."""
+    if names is None:
+        return active_adapter_names(model)
+    names = [names] if isinstance(names, str) else list(names)
+    known = adapter_configs(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"model holds no adapter named {unknown[0]!r}; its adapters are {list(known)}")
+    return names
+
+
+def _unload(model: nn.Module, merge: bool, adapter_names: list[str] | None = None) -> None:
     """Replace every LoRA layer by its original module (merged or not) and drop the LoRA state."""
     for module, param, _ in kept_biases(model):  # first: some live on the LoRA layers about to leave
         if not merge:
             with torch.no_grad():
                 getattr(module, param).copy_(getattr(module, BASE_PREFIX + param))
         delattr(module, BASE_PREFIX + param)
+    names = _known_names(model, adapter_names) if merge and adapter_configs(model) else []
     for _, layer in list(lora_layers(model)):
+        layer.unmerge()
         if merge:
-            layer.merge()
-        else:
-            layer.unmerge()
+            layer.merge(names)
         plain = layer.to_base()
-        for alias in _names_of(model, layer):
-            _set_submodule(model, alias, plain)
+        for alias in names_of(model, layer):
+            set_submodule(model, alias, plain)
     for _, saved in list(saved_modules(model)):
         replacement = saved.trained_module if merge else saved.original_module
-        for alias in _names_of(model, saved):
-            _set_submodule(model, alias, replacement)
+        for alias in names_of(model, saved):
+            set_submodule(model, alias, replacement)
     _restore_transformer_fast_paths(model)
-    if hasattr(model, _CONFIG_ATTR):
-        delattr(model, _CONFIG_ATTR)
+    for attr in (CONFIGS_ATTR, ACTIVE_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge, then put the original layers back holding the merged weights.
+def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
+    """Merge adapters (the active ones by default), then put the original layers back holding the merged weights.
 
     The result contains no lightning_lora types, so it runs (and pickles) without this package;
     a module in ``modules_to_save`` is replaced by its trained copy, and trained biases stay.
     A weight tied to another module is never changed: the merged layer gets its own copy.
     """
-    _unload(unwrap_model(model), merge=True)
+    _unload(unwrap_model(model), merge=True, adapter_names=adapter_names)
     return model
 
 
@@ -269,104 +331,39 @@ def remove_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextmanager
-def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: inside, outputs equal the un-adapted model's bit for bit.
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove adapter ``adapter_name`` from every layer; a layer left with none is its base module again.
 
-    Works on merged layers too (they keep the base weight aside), restores trained biases' base
-    values for the duration, and puts everything back on exit, also when the block raises.
-    """
-    plain = unwrap_model(model)
-    switches = [m for _, m in lora_layers(plain)] + [m for _, m in saved_modules(plain)]
-    before = [m.enabled for m in switches]
-    outside = {id(m) for m in _modules_outside_adapters(plain)}
-    swapped = [(module, param) for module, param, _ in kept_biases(plain) if id(module) in outside]
-    trained = [getattr(module, param).detach().clone() for module, param in swapped]
-    try:
-        for module in switches:
-            module.enabled = False
-        with torch.no_grad():
-            for module, param in swapped:
-                getattr(module, param).copy_(getattr(module, BASE_PREFIX + param))
-        yield model
-    finally:
-        for module, was_enabled in zip(switches, before, strict=True):
-            module.enabled = was_enabled
-        with torch.no_grad():
-            for (module, param), values in zip(swapped, trained, strict=True):
-                getattr(module, param).copy_(values)
+    If it was active, the first remaining adapter becomes active (PEFT's rule). Deleting the
+    model's only adapter is :func:`remove_lora`. Nothing changes on an error.
 
-
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The live tensors that make up the adapter, by state-dict key (not copies).
-
-    These are the factors (and DoRA magnitudes) of every adapted layer, every trained bias, and
-    the full state of every ``modules_to_save`` copy. Selection is structural, never by
-    substring, so a base module that happens to be called ``lora_head`` is not swept in.
+    Raises:
+        ValueError: no adapter of that name, it is merged, or it trains biases or whole modules
+            while other adapters remain.
     """
     model = unwrap_model(model)
-    if get_lora_config(model) is None:
-        raise ValueError("model holds no adapters; call inject_lora(model, config) first")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers(model):
-        for attr in layer.adapter_names:
-            if hasattr(layer, attr):
-                tensors[f"{name}.{attr}"] = getattr(layer, attr)
-    for module, param, qualified in kept_biases(model):
-        tensors[qualified] = getattr(module, param)
-    for name, saved in saved_modules(model):
-        for key, tensor in saved.trained_module.state_dict(keep_vars=True).items():
-            tensors[f"{name}.trained_module.{key}"] = tensor
-    return tensors
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, detached: all that must be saved to rebuild it on the same base."""
-    return {k: v.detach() for k, v in adapter_tensors(model).items()}
-
-
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state as it was before injection, by the plain model's keys.
-
-    Merged weights, trained biases and ``modules_to_save`` copies are all seen through: this is
-    what a fingerprint of the base is taken of, and what "the base is unchanged" means.
-    """
-    model = unwrap_model(model)
-    state = dict(model.state_dict())  # merged layers already report their base weights
-    if get_lora_config(model) is None:
-        return state
-    for key in adapter_tensors(model):
-        state.pop(key, None)
-    for module, param, qualified in kept_biases(model):
-        state[qualified] = getattr(module, BASE_PREFIX + param).detach()
-    for name, _ in saved_modules(model):
-        prefix = f"{name}.original_module."
-        for key in [k for k in state if k.startswith(f"{name}.")]:
-            value = state.pop(key)
-            if key.startswith(prefix):
-                state[f"{name}.{key[len(prefix) :]}"] = value
-    return state
-
-
-@dataclass(frozen=True)
-class ParameterCount:
-    """Trainable and total parameter counts (shared parameters counted once)."""
-
-    trainable: int
-    total: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
-
-
-def count_parameters(model: nn.Module) -> ParameterCount:
-    """Count trainable and total parameters, printed like PEFT's ``print_trainable_parameters``."""
-    params = list(unwrap_model(model).parameters())  # deduplicated by nn.Module
-    return ParameterCount(
-        trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
-    )
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"model holds no adapter named {adapter_name!r}; its adapters are {list(configs)}")
+    if any(adapter_name in layer.merged_adapters for _, layer in lora_layers(model)):
+        raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge_lora(model) before deleting it")
+    if len(configs) == 1:
+        return remove_lora(model)
+    config = configs[adapter_name]
+    if config.bias != "none" or config.modules_to_save:
+        raise ValueError(
+            f"adapter {adapter_name!r} trains biases or whole modules that the model's other adapters run with; "
+            "delete the others first, or remove_lora(model)"
+        )
+    for _, layer in list(lora_layers(model)):
+        if adapter_name in layer.lora_adapters:
+            layer.delete_adapter(adapter_name)
+    for _, layer in list(lora_layers(model)):
+        if not layer.lora_adapters and not _inside_lora(model, names_of(model, layer)[0]):
+            plain = layer.to_base()
+            for alias in names_of(model, layer):
+                set_submodule(model, alias, plain)
+    del getattr(model, CONFIGS_ATTR)[adapter_name]
+    active = [n for n in active_adapter_names(model) if n != adapter_name] or [next(iter(adapter_configs(model)))]
+    set_active_adapters(model, active)
+    return model

@@ -22,8 +22,15 @@ from torch import nn
 
 from lightning_lora.core.bounded_regex import MatchBudget, UnsupportedPattern, compile_bounded
 from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
-from lightning_lora.core.inject import get_lora_config, kept_biases, lora_layers, saved_modules, unwrap_model
-from lightning_lora.core.layers import LoRAConv1D, LoRALayer, LoRAMultiheadAttention
+from lightning_lora.core.inject import (
+    adapter_configs,
+    get_lora_config,
+    kept_biases,
+    lora_layers,
+    saved_modules,
+    unwrap_model,
+)
+from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAConv1D, LoRALayer, LoRAMultiheadAttention
 from lightning_lora.core.safe_io import read_json
 from lightning_lora.core.targets import TargetPlan, plan_targets
 from lightning_lora.errors import DataError
@@ -78,15 +85,23 @@ def peft_path(model: nn.Module, name: str) -> str:
     return ".".join(out)
 
 
-def peft_keys(model: nn.Module) -> dict[str, str]:
-    """Our state-dict key -> PEFT's file key, for every adapter tensor of an adapted ``model``."""
+def peft_keys(model: nn.Module, adapter_name: str | None = None) -> dict[str, str]:
+    """Our state-dict key -> PEFT's file key, for every tensor of one adapter (the primary one by default).
+
+    PEFT's file keys do not name the adapter (its folder does), so one map is one adapter's.
+    """
     model = unwrap_model(model)
+    configs = adapter_configs(model)
+    adapter_name = adapter_name or (DEFAULT_ADAPTER if DEFAULT_ADAPTER in configs else next(iter(configs), None))
     keys: dict[str, str] = {}
     for name, layer in lora_layers(model):
         path = peft_path(model, name)
+        adapter = layer.lora_adapters[adapter_name] if adapter_name in layer.lora_adapters else None
         for attr, peft_name in layer.adapter_names.items():
-            if hasattr(layer, attr):
-                keys[f"{name}.{attr}"] = f"{PEFT_PREFIX}{path}.{peft_name}"
+            if hasattr(adapter, attr):
+                keys[f"{name}.lora_adapters.{adapter_name}.{attr}"] = f"{PEFT_PREFIX}{path}.{peft_name}"
+    if adapter_name != next(iter(configs), None):
+        return keys
     for module, param, qualified in kept_biases(model):
         module_name = qualified.rpartition(".")[0]
         path = peft_path(model, module_name) if module_name else ""

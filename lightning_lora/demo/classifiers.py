@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from lightning_lora.core.inject import disable_lora, get_lora_config
+from lightning_lora.core.active_adapters import disable_lora
+from lightning_lora.core.inject import get_lora_config
 from lightning_lora.demo.digit_metrics import (
     DigitMetrics,
     RegressionMetrics,

@@ -19,7 +19,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_lora.core.inject import disable_lora, get_lora_config
+from lightning_lora.core.active_adapters import disable_lora
+from lightning_lora.core.inject import get_lora_config
 from lightning_lora.core.lora_plus import lora_plus_param_groups
 from lightning_lora.demo.digit_metrics import write_scalar_layout
 from lightning_lora.demo.run_loading import base_shapes, build_net, load_base_checkpoint, net_spec

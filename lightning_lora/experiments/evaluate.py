@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lora.core.active_adapters import disable_lora
+from lightning_lora.core.adapter_tensors import count_parameters
 from lightning_lora.core.config import LoRAConfig
-from lightning_lora.core.inject import count_parameters, disable_lora, get_lora_config, lora_layers, merge_and_unload
+from lightning_lora.core.inject import get_lora_config, lora_layers, merge_and_unload
 
 EVAL_BATCH = 1000
 

@@ -67,7 +67,7 @@ def _accuracy(net, data) -> float:
 
 def _score(rate: float, options: list[str], rotated: Any, upright: Any) -> dict[str, Any]:
     """One fit at learning rate ``rate``: its scores, trainable parameters, time and command."""
-    from lightning_lora.core.inject import count_parameters
+    from lightning_lora.core.adapter_tensors import count_parameters
 
     args = [*options, "--model.optimizer.init_args.lr", f"{rate:g}"]
     cli, seconds = fit(args)

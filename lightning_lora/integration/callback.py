@@ -29,9 +29,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_lora.core.adapter_folder import save_adapter
+from lightning_lora.core.adapter_tensors import count_parameters
 from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.core.diagnostics import adapter_stats
-from lightning_lora.core.inject import count_parameters, get_lora_config, inject_checked, inject_lora, merge_lora
+from lightning_lora.core.inject import get_lora_config, inject_checked, inject_lora, merge_lora
 from lightning_lora.core.safe_io import ADAPTER_FILES, OutputInTheWay, check_folder_kind
 from lightning_lora.errors import UsageError
 from lightning_lora.integration.adapter_restore import refuse_other_lora_settings, resolve_module_path

@@ -5,7 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_lora.core.layers.attention import LoRAMultiheadAttention
-from lightning_lora.core.layers.base import LoRALayer, keep_base_bias, kept_biases
+from lightning_lora.core.layers.base import (
+    BASE_SAMPLE,
+    DEFAULT_ADAPTER,
+    LoRAAdapter,
+    LoRALayer,
+    keep_base_bias,
+    kept_biases,
+)
 from lightning_lora.core.layers.conv import LoRAConv
 from lightning_lora.core.layers.embedding import LoRAEmbedding
 from lightning_lora.core.layers.linear import LoRAConv1D, LoRALinear
@@ -29,7 +36,10 @@ def lora_class_for(module: nn.Module) -> type[LoRALayer] | None:
 
 
 __all__ = [
+    "BASE_SAMPLE",
+    "DEFAULT_ADAPTER",
     "LAYER_TYPES",
+    "LoRAAdapter",
     "LoRAConv",
     "LoRAConv1D",
     "LoRAEmbedding",

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_lora.core.config import LoRAConfig
-from lightning_lora.core.layers.base import LoRALayer
+from lightning_lora.core.layers.base import DEFAULT_ADAPTER, LoRAAdapter, LoRALayer
 from lightning_lora.core.layers.linear import LoRALinear
 
 
@@ -57,7 +57,7 @@ class LoRAMultiheadAttention(LoRALayer):
     def adapts(cls, module: nn.Module) -> bool:
         return isinstance(module, nn.MultiheadAttention)
 
-    def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig) -> None:
+    def __init__(self, base: nn.MultiheadAttention, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
         if not base.kdim == base.vdim == base.embed_dim:
             raise ValueError(
                 "LoRA adapts nn.MultiheadAttention only when query, key and value have the same size "
@@ -66,8 +66,17 @@ class LoRAMultiheadAttention(LoRALayer):
         # torch takes its fused kernel in eval with grad enabled only when no weight requires grad; the
         # kernels round differently. Injection freezes the base, so keep the choice the module had.
         self.base_was_trainable = any(p.requires_grad for p in base.parameters())
-        super().__init__(base, config)
-        self.out_proj = LoRALinear(base.out_proj, config)
+        super().__init__(base, config, adapter_name)
+        self.out_proj = LoRALinear(base.out_proj, config, adapter_name)
+
+    def companion_layers(self) -> list[LoRALayer]:
+        return [self.out_proj]
+
+    def per_sample_forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError(
+            "adapter_per_sample does not serve nn.MultiheadAttention layers (their batch is split across "
+            "queries, keys, values and masks): run one adapter per batch there (set_active_adapters)"
+        )
 
     def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.embed_dim), (3 * self.embed_dim, rank)
@@ -75,13 +84,15 @@ class LoRAMultiheadAttention(LoRALayer):
     def _check_base_forward(self, base: nn.Module) -> None:
         """Nothing to check: every forward runs the original module's own ``forward``."""
 
-    def lora_weight(self) -> torch.Tensor:
-        return self.lora_B.float() @ self.lora_A.float()
+    def lora_weight(self, adapter: LoRAAdapter) -> torch.Tensor:
+        return adapter.lora_B.float() @ adapter.lora_A.float()
 
     def output_shape(self) -> tuple[int, ...]:
         return (3 * self.embed_dim,)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.enabled and self.sample_adapters is not None:
+            return self.per_sample_forward(*args, **kwargs)
         tensors = {name: self.effective_bias(name) for name in self.bias_names()}
         tensors[self.weight_name] = self.effective_weight()
         tensors["out_proj.weight"] = self.out_proj.effective_weight()

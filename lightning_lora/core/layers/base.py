@@ -9,61 +9,69 @@ computing exactly what the base layer computes (Hu et al., 2021, "LoRA", arXiv:2
 section 4.1). ``scale`` is ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA (Kalajdzievski,
 2023, arXiv:2312.03732).
 
-DoRA (Liu et al., 2024, arXiv:2402.09353) splits the adapted weight into a per-output magnitude
-``m`` and a direction ``V = W + scale * B A``: ``W' = m * V / ||V||``, the norm taken per output.
-As the paper suggests (section 4.3) ``||V||`` is a constant for the backward pass, and as PEFT
-does the bias is left out of the magnitude scaling.
+DoRA's arithmetic lives in :mod:`.dora`, the one adapter's tensors in :mod:`.adapter`. This module is
+longer than 400 lines because one class holds the forward, merge and by-name machinery every layer
+type shares: the invariants they keep together (disabled == base bit for bit, merged == unmerged,
+each adapter defined against the base alone) are easier to check in one place than across files.
 
-A subclass says only what differs between layer types: the factors' shapes, the base operation,
-the low-rank branch, and where the output dimension sits in the weight.
+A layer holds any number of named adapters (:class:`LoRAAdapter`, PEFT's ``add_adapter``), each
+with its own rank, scale, dropout and factors. The active ones add their updates (PEFT's
+``set_adapter([...])``); each adapter's update is computed against the base alone, so adding an
+adapter never changes what another computes. A subclass says only what differs between layer
+types: the factors' shapes, the base operation, the low-rank branch, and where the output
+dimension sits in the weight.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lightning_lora.core.config import LoRAConfig
+from lightning_lora.core.layers.adapter import BASE_SAMPLE, DEFAULT_ADAPTER, LoRAAdapter
+from lightning_lora.core.layers.biases import BASE_PREFIX, keep_base_bias, kept_biases
+from lightning_lora.core.layers.dora import DoRAArithmetic, autocast_off, robust_norm
 
-BASE_PREFIX = "lora_base_"
-"""Buffers named ``lora_base_<param>`` hold a trained bias's original values."""
-
-
-def autocast_off(device: torch.device):
-    """Merges must not run under autocast: bf16 autocast makes them ~1000x less accurate."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def robust_norm(weight: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """The L2 norm over ``dims`` (kept), safe from overflow and underflow.
-
-    Each slice is divided by the power of two at its largest magnitude first (exact), so weights
-    of 1e-25 or 1e20 neither vanish nor overflow when squared in fp32.
-    """
-    peak = weight.detach().abs().amax(dim=dims, keepdim=True)
-    power = torch.ldexp(torch.ones_like(peak), torch.frexp(peak).exponent)
-    return torch.linalg.vector_norm(weight / power, dim=dims, keepdim=True) * power
+__all__ = [  # re-exported: the layer family's one import point
+    "BASE_PREFIX",
+    "BASE_SAMPLE",
+    "DEFAULT_ADAPTER",
+    "LoRAAdapter",
+    "LoRALayer",
+    "autocast_off",
+    "keep_base_bias",
+    "kept_biases",
+    "robust_norm",
+]
 
 
-class LoRALayer(nn.Module):
-    """A base layer plus a low-rank adapter, keeping the base's parameter names.
+class LoRALayer(DoRAArithmetic, nn.Module):
+    """A base layer plus named low-rank adapters, keeping the base's parameter names.
 
     The base's parameters are re-registered on this module as they are (``fc1.weight`` stays
-    ``fc1.weight``); only ``lora_A``, ``lora_B`` and, for DoRA, ``lora_magnitude`` are new keys.
-    Adapter tensors are fp32 whatever the base dtype, so small updates are not lost to rounding.
+    ``fc1.weight``); the adapters live under ``lora_adapters`` (one :class:`LoRAAdapter` each).
+    ``active_adapters`` lists the ones forward adds (in the order given); ``enabled`` switches
+    them all off at once (``disable_lora``).
 
     Merging is explicit (:meth:`merge`, :meth:`unmerge`), never a side effect of
     ``train()``/``eval()``. A merge never writes into the base tensor: the merged weight is a new
-    tensor and the base one is kept aside. So a weight tied to another module (an embedding
-    shared with an output layer) is never changed, :meth:`unmerge` is exact, a disabled layer
-    still computes the base output, and ``state_dict()`` reports the base weight.
+    tensor, base plus every merged adapter's update in fp32, and the base one is kept aside. So a
+    weight tied to another module (an embedding shared with an output layer) is never changed,
+    :meth:`unmerge` is exact, a disabled layer still computes the base output, and
+    ``state_dict()`` reports the base weight.
+
+    ``lora_A``, ``lora_B``, ``lora_magnitude``, ``lora_dropout``, ``config``, ``scale`` and
+    ``rank`` read the primary adapter's (``"default"``, or the first added): what a layer with one
+    adapter, the common case, is asked.
 
     Args:
         base: The layer to adapt. Its parameters are shared, not copied.
-        config: This layer's settings (``rank``/``alpha`` already resolved for it).
+        config: The first adapter's settings (``rank``/``alpha`` already resolved for it).
+        adapter_name: The first adapter's name.
     """
 
     linear_like: ClassVar[bool] = False
@@ -75,44 +83,35 @@ class LoRALayer(nn.Module):
         "lora_B": "lora_B.weight",
         "lora_magnitude": "lora_magnitude_vector",
     }
-    """The adapter tensors, and what PEFT's files call each one."""
+    """The tensors of one adapter, and what PEFT's files call each one."""
     weight_name: ClassVar[str] = "weight"
     """The base parameter the update is added to."""
     copied_attributes: ClassVar[tuple[str, ...]] = ()
     """Plain attributes of the base layer that code around it may read."""
     plain_types: ClassVar[tuple[type[nn.Module], ...]] = ()
     """Types whose forward :meth:`base_forward` reproduces op for op; other forwards are probed."""
+    batch_dim: ClassVar[int] = 0
+    """Which dimension of the input indexes samples (for per-sample adapters)."""
 
     @classmethod
     def adapts(cls, module: nn.Module) -> bool:
         """Whether this class adapts ``module``."""
         raise NotImplementedError
 
-    def __init__(self, base: nn.Module, config: LoRAConfig) -> None:
+    def __init__(self, base: nn.Module, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
-        if config.use_dora and not self.supports_dora:
-            raise ValueError(
-                f"DoRA is defined for Linear, Conv and Conv1D layers, not for {type(base).__name__}; "
-                "set use_dora=False or exclude this layer"
-            )
         self.__dict__["base_layer"] = base  # the original module, unregistered: its parameters are ours
         for attr in self.copied_attributes:
             setattr(self, attr, getattr(base, attr))
         for name in self.parameter_names(base):
             self.register_parameter(name, getattr(base, name))
         self.register_buffer("lora_unmerged_weight", None, persistent=False)
-        self.config = config
-        self.scale = config.scale
-        device = self.base_weight().device
-        a_shape, b_shape = self.factor_shapes(config.rank)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=torch.float32))
-        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        if config.use_dora:
-            shape = self.output_shape()
-            self.lora_magnitude = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
+        self.lora_adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = [adapter_name]
+        self.merged_adapters: list[str] = []
+        self.sample_adapters: list[str] | None = None
         self.enabled = True
-        self.reset_lora_parameters()
+        self.add_adapter(adapter_name, self.new_adapter(config))
         self.register_state_dict_post_hook(_report_base_weight)
         self.register_load_state_dict_pre_hook(_refuse_loading_while_merged)
         self._check_base_forward(base)
@@ -127,12 +126,12 @@ class LoRALayer(nn.Module):
         """The base layer's own operation with the given weight and bias (bit for bit)."""
         raise NotImplementedError
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        """``scale * B A x`` for an input that already went through dropout."""
+    def update(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor:
+        """``scale * B A x`` of ``adapter`` for an input that already went through dropout."""
         raise NotImplementedError
 
-    def lora_weight(self) -> torch.Tensor:
-        """``B A`` in fp32, laid out like the base weight (unscaled)."""
+    def lora_weight(self, adapter: LoRAAdapter) -> torch.Tensor:
+        """``B A`` of ``adapter`` in fp32, laid out like the base weight (unscaled)."""
         raise NotImplementedError
 
     def output_shape(self) -> tuple[int, ...]:
@@ -148,6 +147,86 @@ class LoRALayer(nn.Module):
     def probe_input(self) -> torch.Tensor:
         """A small input for :meth:`_check_base_forward`."""
         raise NotImplementedError
+
+    # -- adapters by name ---------------------------------------------------------------------
+
+    def new_adapter(self, config: LoRAConfig) -> LoRAAdapter:
+        """A freshly initialised adapter for this layer (not attached yet): this layer plus it equals the base.
+
+        Raises:
+            ValueError: ``config`` asks for DoRA on a layer type it is not defined for.
+        """
+        if config.use_dora and not self.supports_dora:
+            raise ValueError(
+                f"DoRA is defined for Linear, Conv and Conv1D layers, not for {type(self.base_layer).__name__}; "
+                "set use_dora=False or exclude this layer"
+            )
+        adapter = LoRAAdapter(config, self.factor_shapes(config.rank), self.output_shape(), self.base_weight().device)
+        self.init_adapter(adapter)
+        return adapter
+
+    def add_adapter(self, name: str, adapter: LoRAAdapter) -> None:
+        """Attach ``adapter`` (from :meth:`new_adapter`) under ``name``; active only if ``active_adapters`` lists it."""
+        if name in self.lora_adapters:
+            raise ValueError(f"this layer already holds an adapter named {name!r}")
+        adapter.train(self.training)
+        self.lora_adapters[name] = adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove the adapter ``name`` (not merged) from this layer."""
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged into this layer's weight; unmerge it first")
+        del self.lora_adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def companion_layers(self) -> list[LoRALayer]:
+        """Adapted layers inside this one that a target's adapter also covers (an attention's ``out_proj``)."""
+        return []
+
+    def adapters_in_use(self) -> list[tuple[str, LoRAAdapter]]:
+        """The active adapters this layer holds that are not merged: what forward adds to the weight it uses."""
+        return [
+            (n, self.lora_adapters[n])
+            for n in self.active_adapters
+            if n in self.lora_adapters and n not in self.merged_adapters
+        ]
+
+    @property
+    def primary(self) -> LoRAAdapter:
+        """The adapter ``"default"``, or the first added: the one the single-adapter names read."""
+        if DEFAULT_ADAPTER in self.lora_adapters:
+            return self.lora_adapters[DEFAULT_ADAPTER]
+        return next(iter(self.lora_adapters.values()))
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.primary.lora_A
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.primary.lora_B
+
+    @property
+    def lora_magnitude(self) -> nn.Parameter:
+        if not self.primary.use_dora:
+            raise AttributeError("this layer's adapter is not DoRA: it has no lora_magnitude")
+        return self.primary.lora_magnitude
+
+    @property
+    def lora_dropout(self) -> nn.Module:
+        return self.primary.lora_dropout
+
+    @property
+    def config(self) -> LoRAConfig:
+        return self.primary.config
+
+    @property
+    def scale(self) -> float:
+        return self.primary.scale
+
+    @property
+    def rank(self) -> int:
+        return self.primary.rank
 
     # -- shared machinery ---------------------------------------------------------------------
 
@@ -177,16 +256,12 @@ class LoRALayer(nn.Module):
             )
 
     @property
-    def rank(self) -> int:
-        return self.config.rank
-
-    @property
     def merged(self) -> bool:
-        """Whether the update currently lives inside the weight."""
+        """Whether any adapter's update currently lives inside the weight."""
         return self.lora_unmerged_weight is not None
 
     def base_weight(self) -> torch.Tensor:
-        """The weight without the update (also while merged)."""
+        """The weight without any update (also while merged)."""
         return self.lora_unmerged_weight if self.merged else getattr(self, self.weight_name)
 
     def bias_names(self) -> list[str]:
@@ -198,53 +273,52 @@ class LoRALayer(nn.Module):
         kept = getattr(self, BASE_PREFIX + name, None)
         return kept if kept is not None else getattr(self, name, None)
 
-    def reset_lora_parameters(self) -> None:
-        """Re-initialise the adapter so the layer equals its base again."""
+    def reset_lora_parameters(self, names: Iterable[str] | None = None) -> None:
+        """Re-initialise adapters (all by default) so that each adds nothing again."""
         if self.merged:
             raise RuntimeError("reset_lora_parameters() on a merged layer; call unmerge() first")
+        for name in self.lora_adapters if names is None else names:
+            self.init_adapter(self.lora_adapters[name])
+
+    def init_adapter(self, adapter: LoRAAdapter) -> None:
+        """Initialise ``adapter``'s factors (and DoRA magnitude) so that it adds nothing yet."""
         with torch.no_grad():
-            self.init_factors()
-            if self.config.use_dora:
-                self.lora_magnitude.copy_(self.weight_norm(self.base_weight().float()))
+            self.init_factors(adapter)
+            if adapter.use_dora:
+                adapter.lora_magnitude.copy_(self.weight_norm(self.base_weight().float()))
 
-    def init_factors(self) -> None:
+    def init_factors(self, adapter: LoRAAdapter) -> None:
         """Kaiming-uniform (or gaussian) ``A`` and zero ``B``, as PEFT does."""
-        if self.config.init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if adapter.config.init == "kaiming":
+            nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
         else:
-            nn.init.normal_(self.lora_A, std=1.0 / self.rank)
-        self.lora_B.zero_()
+            nn.init.normal_(adapter.lora_A, std=1.0 / adapter.rank)
+        adapter.lora_B.zero_()
 
-    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """``||weight||`` per output, shaped like the output (DoRA)."""
-        dims = tuple(d for d in range(weight.dim()) if d != self.output_dim_in_weight)
-        return robust_norm(weight, dims).reshape(self.output_shape())
+    def _lora_product(self, adapter: LoRAAdapter) -> torch.Tensor:
+        return self.lora_weight(adapter) * adapter.scale
 
-    def _as_weight_layout(self, per_output: torch.Tensor) -> torch.Tensor:
-        shape = [1] * self.base_weight().dim()
-        shape[self.output_dim_in_weight] = -1
-        return per_output.reshape(shape)
+    def _adapter(self, name: str | None) -> LoRAAdapter:
+        if name is None:
+            return self.primary
+        if name not in self.lora_adapters:
+            raise KeyError(f"this layer holds no adapter named {name!r} (it holds {list(self.lora_adapters)})")
+        return self.lora_adapters[name]
 
-    def _lora_product(self) -> torch.Tensor:
-        return self.lora_weight() * self.scale
-
-    def dora_factor(self, base_weight: torch.Tensor) -> torch.Tensor:
-        """``m / ||W + scale * B A||``, the norm detached (DoRA section 4.3), shaped like the output."""
-        with autocast_off(base_weight.device):
-            norm = self.weight_norm(base_weight.float() + self._lora_product().detach()).detach()
-        return self.lora_magnitude / norm.clamp_min(torch.finfo(norm.dtype).tiny)
-
-    def delta_weight(self) -> torch.Tensor:
-        """What :meth:`merge` adds to the base weight, in fp32: ``W_merged - W``."""
-        base = self.base_weight()
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        """What merging adapter ``name`` (the primary one by default) adds to the base weight, in fp32."""
+        adapter, base = self._adapter(name), self.base_weight()
         with torch.no_grad(), autocast_off(base.device):
-            if not self.config.use_dora:
-                return self._lora_product()
-            adapted = base.float() + self._lora_product()
-            return self._as_weight_layout(self.dora_factor(base)) * adapted - base.float()
+            return self._delta(adapter, base)
+
+    def _delta(self, adapter: LoRAAdapter, base: torch.Tensor) -> torch.Tensor:
+        if not adapter.use_dora:
+            return self._lora_product(adapter)
+        adapted = base.float() + self._lora_product(adapter)
+        return self._as_weight_layout(self.dora_factor(adapter)) * adapted - base.float()
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight this layer computes with right now, differentiable in the adapter.
+        """The weight this layer computes with right now, differentiable in the active adapters.
 
         For parents that read a child's weight directly instead of calling it
         (``nn.MultiheadAttention`` and its ``out_proj``).
@@ -252,58 +326,95 @@ class LoRALayer(nn.Module):
         if not self.enabled:
             return self.base_weight()
         weight = getattr(self, self.weight_name)
-        if self.merged:
+        in_use = self.adapters_in_use()
+        if not in_use:
             return weight
-        adapted = weight.float() + self._lora_product()
-        if self.config.use_dora:
-            adapted = self._as_weight_layout(self.dora_factor(weight)) * adapted
+        if len(in_use) == 1 and not self.merged:
+            adapter = in_use[0][1]
+            adapted = weight.float() + self._lora_product(adapter)
+            if adapter.use_dora:
+                adapted = self._as_weight_layout(self.dora_factor(adapter)) * adapted
+            return adapted.to(weight.dtype)
+        with autocast_off(weight.device):
+            adapted = weight.float() + sum(self._delta(a, self.base_weight()) for _, a in in_use)
         return adapted.to(weight.dtype)
 
     def effective_bias(self, name: str = "bias") -> torch.Tensor | None:
         """The bias this layer computes with right now (trained while enabled, base while disabled)."""
         return getattr(self, name) if self.enabled else self.base_bias(name)
 
-    def merge(self) -> None:
-        """Fold the update into a new weight tensor (fp32 arithmetic, then the base dtype). Idempotent."""
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Fold adapters (the active ones by default) into a new weight tensor: fp32 arithmetic, then the
+        base dtype, the base itself kept aside. Idempotent."""
+        wanted = self.active_adapters if names is None else list(names)
+        new = [n for n in wanted if n in self.lora_adapters and n not in self.merged_adapters]
+        if new:
+            self._set_merged(self.merged_adapters + new)
+
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        """Take adapters (all merged ones by default) out of the weight again; with none left the very
+        base tensor is back (so ties survive). A no-op for adapters not merged."""
+        leaving = set(self.merged_adapters if names is None else names)
+        if leaving & set(self.merged_adapters):
+            self._set_merged([n for n in self.merged_adapters if n not in leaving])
+
+    def _set_merged(self, names: list[str]) -> None:
+        """Make the weight the base plus exactly the updates of ``names``, recomputed from the base."""
+        base = self.base_weight()
         if self.merged:
+            self.lora_unmerged_weight = None
+            setattr(self, self.weight_name, base if isinstance(base, nn.Parameter) else nn.Parameter(base, False))
+        self.merged_adapters = list(names)
+        if not names:
             return
-        base = getattr(self, self.weight_name)
-        with torch.no_grad():
-            merged = (base.float() + self.delta_weight()).to(base.dtype)
+        with torch.no_grad(), autocast_off(base.device):
+            total = base.float()
+            for name in names:
+                total = total + self._delta(self.lora_adapters[name], base)
+            merged = total.to(base.dtype)
         self.register_buffer("lora_unmerged_weight", base, persistent=False)  # the Parameter itself: ties survive
         setattr(self, self.weight_name, nn.Parameter(merged, requires_grad=False))
-
-    def unmerge(self) -> None:
-        """Put the base weight back (the very tensor, so ties survive). A no-op if not merged."""
-        if not self.merged:
-            return
-        base = self.lora_unmerged_weight
-        self.lora_unmerged_weight = None
-        setattr(self, self.weight_name, base if isinstance(base, nn.Parameter) else nn.Parameter(base, False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base_forward(x, self.base_weight(), self.base_bias())
-        out = self.base_forward(x, getattr(self, self.weight_name), self.bias)
-        if self.merged:
-            return out
-        if not self.config.use_dora:
-            return out + self.update(self.lora_dropout(x)).to(out.dtype)
-        return out + self.dora_extra(x, out).to(out.dtype)
+        if self.sample_adapters is not None:
+            return self.per_sample_forward(x)
+        out = self.base_forward(x, getattr(self, self.weight_name), getattr(self, "bias", None))
+        total = out
+        for _, adapter in self.adapters_in_use():
+            total = total + self.adapter_output(x, out, adapter).to(out.dtype)
+        return total
 
-    def dora_extra(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """What DoRA adds to the base output, as PEFT computes it.
+    def adapter_output(self, x: torch.Tensor, out: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor:
+        """What ``adapter`` adds to the layer's output ``out`` for input ``x``."""
+        if not adapter.use_dora:
+            return self.update(adapter.lora_dropout(x), adapter)
+        return self.dora_extra(x, out, adapter)
 
-        ``(m/||V|| - 1) * W x + m/||V|| * scale * B A x``: exactly zero at initialisation. With
-        dropout active the first term is taken on the dropped-out input as well (PEFT's choice).
+    def per_sample_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample with its own adapter (``sample_adapters``, one name per sample; ``"__base__"`` for none).
+
+        The base runs once on the whole batch; each adapter's update runs once, on its samples only,
+        and is added at their rows (PEFT's ``adapter_names=``). No weight is copied per sample.
         """
-        factor = self.dora_factor(self.weight)
-        if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            x = self.lora_dropout(x)
-            base_part = self.base_forward(x, self.weight, None)
-        else:
-            base_part = out if self.bias is None else out - self.bias.reshape(self.output_shape())
-        return (factor - 1) * base_part + factor * self.update(x)
+        names = self.sample_adapters
+        if x.dim() <= self.batch_dim or x.shape[self.batch_dim] != len(names):
+            got = "no batch dimension" if x.dim() <= self.batch_dim else f"{x.shape[self.batch_dim]} samples"
+            raise ValueError(
+                f"adapter_per_sample was given {len(names)} adapter names but a layer's input has {got} "
+                f"(shape {tuple(x.shape)}): give one name per sample of the batch"
+            )
+        out = self.base_forward(x, getattr(self, self.weight_name), getattr(self, "bias", None))
+        total = out
+        for name in dict.fromkeys(names):
+            if name == BASE_SAMPLE or name not in self.lora_adapters:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            part_x, part_out = x.index_select(self.batch_dim, rows), out.index_select(self.batch_dim, rows)
+            extra = self.adapter_output(part_x, part_out, self.lora_adapters[name]).to(out.dtype)
+            total = total.index_add(self.batch_dim, rows, extra)
+        return total
 
     def to_base(self) -> nn.Module:
         """The original module, holding this layer's current parameters (merged or not)."""
@@ -313,31 +424,10 @@ class LoRALayer(nn.Module):
         return base.train(self.training)
 
     def extra_repr(self) -> str:
-        kind = "DoRA" if self.config.use_dora else "LoRA"
         return (
-            f"{type(self.base_layer).__name__}, {kind} rank={self.rank}, scale={self.scale:g}, "
-            f"merged={self.merged}, enabled={self.enabled}"
+            f"{type(self.base_layer).__name__}, active={self.active_adapters}, merged={self.merged_adapters}, "
+            f"enabled={self.enabled}"
         )
-
-
-def keep_base_bias(module: nn.Module, name: str) -> None:
-    """Make ``module.<name>`` trainable, keeping its present values aside as the base's."""
-    param = getattr(module, name)
-    if param is None or hasattr(module, BASE_PREFIX + name):
-        return
-    module.register_buffer(BASE_PREFIX + name, param.detach().clone(), persistent=False)
-    param.requires_grad_(True)
-
-
-def kept_biases(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    """``(module, parameter name, qualified name)`` for every bias trained beside a kept base value."""
-    found = []
-    for module_name, module in model.named_modules():
-        for buffer_name, _ in module.named_buffers(recurse=False):
-            if buffer_name.startswith(BASE_PREFIX):
-                param = buffer_name[len(BASE_PREFIX) :]
-                found.append((module, param, f"{module_name}.{param}" if module_name else param))
-    return found
 
 
 def _refuse_loading_while_merged(module: LoRALayer, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lora.core.layers.base import LoRALayer
+from lightning_lora.core.layers.base import LoRAAdapter, LoRALayer
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -94,14 +94,14 @@ class LoRAConv(LoRALayer):
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._convolve(x, weight, bias, self.groups, with_geometry=True)
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self._convolve(x.to(self.lora_A.dtype), self.lora_A, None, self.groups, with_geometry=True)
-        return self._convolve(hidden * self.scale, self.lora_B, None, self.groups, with_geometry=False)
+    def update(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor:
+        hidden = self._convolve(x.to(adapter.lora_A.dtype), adapter.lora_A, None, self.groups, with_geometry=True)
+        return self._convolve(hidden * adapter.scale, adapter.lora_B, None, self.groups, with_geometry=False)
 
-    def lora_weight(self) -> torch.Tensor:
-        groups, rank = self.groups, self.rank
-        per_group_A = self.lora_A.float().reshape(groups, rank, -1)  # (g, r, in/g * kernel)
-        per_group_B = self.lora_B.float().reshape(groups, self.out_channels // groups, rank)  # (g, out/g, r)
+    def lora_weight(self, adapter: LoRAAdapter) -> torch.Tensor:
+        groups, rank = self.groups, adapter.rank
+        per_group_A = adapter.lora_A.float().reshape(groups, rank, -1)  # (g, r, in/g * kernel)
+        per_group_B = adapter.lora_B.float().reshape(groups, self.out_channels // groups, rank)  # (g, out/g, r)
         return torch.bmm(per_group_B, per_group_A).reshape(self.base_weight().shape)
 
     def output_shape(self) -> tuple[int, ...]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lora.core.layers.base import LoRALayer
+from lightning_lora.core.layers.base import LoRAAdapter, LoRALayer
 
 
 class LoRAEmbedding(LoRALayer):
@@ -48,27 +48,24 @@ class LoRAEmbedding(LoRALayer):
     def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (rank, self.num_embeddings), (self.embedding_dim, rank)
 
-    def init_factors(self) -> None:
-        nn.init.zeros_(self.lora_A)
-        nn.init.normal_(self.lora_B)
+    def init_factors(self, adapter: LoRAAdapter) -> None:
+        nn.init.zeros_(adapter.lora_A)
+        nn.init.normal_(adapter.lora_B)
 
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.embedding(
             x, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
         )
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(x, self.lora_A.t(), self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
-        return (rows @ self.lora_B.t()) * self.scale
+    def update(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor:
+        rows = F.embedding(x, adapter.lora_A.t(), self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
+        return (rows @ adapter.lora_B.t()) * adapter.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return self.base_forward(x, self.base_weight(), None)
-        out = self.base_forward(x, self.weight, None)
-        return out if self.merged else out + self.update(x).to(out.dtype)
+    def adapter_output(self, x: torch.Tensor, out: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor:
+        return self.update(x, adapter)  # no dropout on the lookups, as in PEFT
 
-    def lora_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()).t()
+    def lora_weight(self, adapter: LoRAAdapter) -> torch.Tensor:
+        return (adapter.lora_B.float() @ adapter.lora_A.float()).t()
 
     def output_shape(self) -> tuple[int, ...]:
         return (self.embedding_dim,)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lora.core.layers.base import LoRALayer
+from lightning_lora.core.layers.base import LoRAAdapter, LoRALayer
 from lightning_lora.core.layers.fast_path import add_low_rank_update, low_rank_update
 
 
@@ -34,26 +34,24 @@ class LoRALinear(LoRALayer):
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        return low_rank_update(x.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scale)
+    def update(self, x: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor:
+        return low_rank_update(x.to(adapter.lora_A.dtype), adapter.lora_A, adapter.lora_B, adapter.scale)
 
-    def lora_weight(self) -> torch.Tensor:
-        return self.lora_B.float() @ self.lora_A.float()
+    def lora_weight(self, adapter: LoRAAdapter) -> torch.Tensor:
+        return adapter.lora_B.float() @ adapter.lora_A.float()
 
     def output_shape(self) -> tuple[int, ...]:
         return (self.out_features,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled and not self.merged and not self.config.use_dora:
-            # The base output (of a 2-D view) is a fresh tensor the update can be accumulated into.
-            if x.dim() == 2:  # no view ops: on a GPU these small layers are bound by per-op host time
-                out = F.linear(x, self.weight, self.bias)
-                return add_low_rank_update(out, self.lora_dropout(x), self.lora_A, self.lora_B, self.scale)
-            flat = x.reshape(-1, self.in_features)
-            out = add_low_rank_update(
-                F.linear(flat, self.weight, self.bias), self.lora_dropout(flat), self.lora_A, self.lora_B, self.scale
-            )
-            return out.view(*x.shape[:-1], self.out_features)
+        in_use = self.adapters_in_use() if self.enabled and self.sample_adapters is None else []
+        if in_use and not any(a.use_dora for _, a in in_use):
+            # The base output (of a 2-D view) is a fresh tensor the updates can be accumulated into.
+            flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # no view ops for 2-D: per-op host time
+            out = F.linear(flat, self.weight, self.bias)
+            for _, a in in_use:
+                out = add_low_rank_update(out, a.lora_dropout(flat), a.lora_A, a.lora_B, a.scale)
+            return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
 
@@ -104,8 +102,8 @@ class LoRAConv1D(LoRALinear):
         out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight  # transformers' own op
         return out.view(x.size()[:-1] + (self.nf,))
 
-    def lora_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()).t()
+    def lora_weight(self, adapter: LoRAAdapter) -> torch.Tensor:
+        return (adapter.lora_B.float() @ adapter.lora_A.float()).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return LoRALayer.forward(self, x)
