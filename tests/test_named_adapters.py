@@ -1,0 +1,341 @@
+"""Several adapters on one model: adding, switching, combining outputs, merging and deleting by name.
+
+The invariants of one adapter hold per name (disabled == base bit for bit, only active adapters get
+gradients, merged == unmerged), and PEFT's semantics are the reference where PEFT has the feature
+(``add_adapter``, ``set_adapter([...])``, ``adapter_names=`` in forward), to 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import DORA_KINDS, LAYER_ZOO, require, zoo_model
+from torch import nn
+
+from lightning_lora import (
+    LoRAConfig,
+    adapter_per_sample,
+    adapter_stats,
+    delete_adapter,
+    disable_lora,
+    get_lora_config,
+    inject_lora,
+    lora_adapter_names,
+    lora_layers,
+    lora_state_dict,
+    merge_and_unload,
+    merge_lora,
+    set_active_adapters,
+    unmerge_lora,
+    use_adapters,
+)
+
+KINDS = list(LAYER_ZOO)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def moved(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Every adapter tensor moved away from its start, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for param in layer.lora_adapters.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model
+
+
+def two_adapters(kind: str | None = None, **second) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A base, and a copy holding adapter "a" (rank 2) and "b" (rank 3 unless given), both moved."""
+    if kind is None:
+        base, x = Net().requires_grad_(False), torch.randn(6, 12)
+        targets: list[str] | str = "all-linear"
+    else:
+        base, x = zoo_model(kind)
+        targets = ["layer"]
+    model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, alpha=4, target_modules=targets))
+    inject_lora(model, LoRAConfig(**{"rank": 3, "alpha": 3, "target_modules": targets, **second}), adapter_name="b")
+    return base, moved(model), x
+
+
+def alone(model: nn.Module, name: str) -> nn.Module:
+    """A copy of ``model`` holding only adapter ``name`` (the others deleted)."""
+    copied = copy.deepcopy(model)
+    for other in [n for n in lora_adapter_names(copied) if n != name]:
+        delete_adapter(copied, other)
+    set_active_adapters(copied, name)
+    return copied
+
+
+class TestAdding:
+    def test_a_second_name_adds_an_inactive_frozen_adapter_and_leaves_the_first_as_it_was(self):
+        base, x = Net().requires_grad_(False), torch.randn(6, 12)
+        model = moved(inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, target_modules=["fc1", "head"])))
+        before = model(x)
+        inject_lora(model, LoRAConfig(rank=4, target_modules=["fc2", "head"]), adapter_name="other")
+        assert lora_adapter_names(model) == ["default", "other"]
+        assert torch.equal(model(x), before)  # inactive until chosen, as PEFT's add_adapter
+        assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
+        assert {n for n, _ in lora_layers(model)} == {"fc1", "fc2", "head"}
+        assert model.head.lora_adapters["other"].rank == 4 and model.fc2.active_adapters == ["default"]
+        assert get_lora_config(model, "other").rank == 4 and get_lora_config(model).rank == 2
+
+    def test_the_same_name_and_config_is_idempotent_and_another_config_is_refused(self):
+        _, model, _ = two_adapters()
+        inject_lora(model, LoRAConfig(rank=3, alpha=3, target_modules="all-linear"), adapter_name="b")
+        with pytest.raises(ValueError, match="already holds an adapter named 'b'.*Pick another adapter_name"):
+            inject_lora(model, LoRAConfig(rank=5, target_modules="all-linear"), adapter_name="b")
+
+    @pytest.mark.parametrize("name", ["", "a.b", "x/y", "__base__", 3])
+    def test_a_name_that_cannot_name_an_adapter_is_refused(self, name):
+        with pytest.raises(ValueError, match="cannot name an adapter"):
+            inject_lora(Net(), LoRAConfig(rank=2), adapter_name=name)
+
+    def test_a_second_adapter_may_not_train_biases_or_whole_modules(self):
+        _, model, _ = two_adapters()
+        with pytest.raises(ValueError, match="belong to the model's first adapter"):
+            inject_lora(model, LoRAConfig(rank=2, bias="all"), adapter_name="c")
+        with pytest.raises(ValueError, match="belong to the model's first adapter"):
+            inject_lora(model, LoRAConfig(rank=2, target_modules=["fc1"], modules_to_save=["head"]), adapter_name="c")
+        assert lora_adapter_names(model) == ["default", "b"]
+
+    def test_a_failing_second_adapter_leaves_the_model_as_it_was(self):
+        _, model, x = two_adapters()
+        keys, out = set(model.state_dict()), model(x)
+        with pytest.raises(ValueError):
+            inject_lora(model, LoRAConfig(rank=2, target_modules=["nothing_here"]), adapter_name="c")
+        assert set(model.state_dict()) == keys and torch.equal(model(x), out)
+        assert lora_adapter_names(model) == ["default", "b"]
+
+
+class TestSwitching:
+    def test_active_adapters_add_their_updates_and_each_alone_is_itself(self):
+        base, model, x = two_adapters()
+        with torch.no_grad():
+            outs = {}
+            for names in (["default"], ["b"], ["default", "b"]):
+                set_active_adapters(model, names)
+                outs[tuple(names)] = model.fc1(x)
+            base_out = base.fc1(x)
+        both = outs[("default",)] - base_out + outs[("b",)] - base_out + base_out
+        torch.testing.assert_close(outs[("default", "b")], both, atol=1e-6, rtol=1e-6)
+        set_active_adapters(model, "b")
+        torch.testing.assert_close(model(x), alone(model, "b")(x), atol=0, rtol=0)
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_disabled_is_the_base_bit_for_bit_with_two_adapters_active_or_merged(self, kind):
+        base, model, x = two_adapters(kind)
+        set_active_adapters(model, ["default", "b"])
+        expected = base(x)
+        with disable_lora(model):
+            assert torch.equal(model(x), expected)
+        merge_lora(model)
+        with disable_lora(model):
+            assert torch.equal(model(x), expected)
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_only_the_active_adapters_get_gradients(self, kind):
+        _, model, x = two_adapters(kind)
+        set_active_adapters(model, "b")
+        model(x).float().pow(2).sum().backward()
+        for name, param in model.named_parameters():
+            if ".lora_adapters.b." in name:
+                assert param.requires_grad and param.grad is not None, name
+            else:
+                assert not param.requires_grad and param.grad is None, name
+
+    def test_use_adapters_restores_the_previous_state_also_when_the_block_raises(self):
+        _, model, x = two_adapters()
+        out = model(x)
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        with pytest.raises(RuntimeError, match="inside"):
+            with use_adapters(model, ["b", "default"]):
+                assert model.fc1.active_adapters == ["b", "default"]
+                raise RuntimeError("inside")
+        assert torch.equal(model(x), out) and flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+    @pytest.mark.parametrize(
+        ("names", "message"),
+        [("c", "no adapter named 'c'; its adapters are \\['default', 'b'\\]"), ([], "non-empty list"),
+         (["b", "b"], "listed twice")],
+    )  # fmt: skip
+    def test_unknown_names_are_refused_naming_the_adapters_there_are(self, names, message):
+        _, model, _ = two_adapters()
+        with pytest.raises(ValueError, match=message):
+            set_active_adapters(model, names)
+
+
+class TestMerging:
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_merging_by_name_equals_unmerged_and_unmerging_gives_the_base_tensor_back(self, kind):
+        base, model, x = two_adapters(kind)
+        weights = {n: layer.base_weight() for n, layer in lora_layers(model)}
+        set_active_adapters(model, ["default", "b"])
+        with torch.no_grad():
+            unmerged = model(x)
+            merge_lora(model, ["b"])
+            torch.testing.assert_close(model(x), unmerged, atol=2e-5, rtol=1e-5)
+            merge_lora(model)  # the active ones: "default" joins "b"
+            assert all(layer.merged_adapters == ["b", "default"] for _, layer in lora_layers(model))
+            torch.testing.assert_close(model(x), unmerged, atol=2e-5, rtol=1e-5)
+            unmerge_lora(model, ["b"])
+            torch.testing.assert_close(model(x), unmerged, atol=2e-5, rtol=1e-5)
+            unmerge_lora(model)
+        for name, layer in lora_layers(model):
+            assert getattr(layer, layer.weight_name) is weights[name]  # the very tensor: ties survive
+
+    @pytest.mark.parametrize("kind", DORA_KINDS)
+    def test_a_dora_adapter_beside_a_lora_one_merges_exactly_and_each_is_defined_against_the_base(self, kind):
+        base, model, x = two_adapters(kind, use_dora=True)
+        set_active_adapters(model, ["default", "b"])
+        with torch.no_grad():
+            unmerged = model(x)
+            expected = alone(model, "default")(x) - base(x) + alone(model, "b")(x)
+            torch.testing.assert_close(unmerged, expected, atol=2e-5, rtol=1e-5)
+            merge_lora(model)
+            torch.testing.assert_close(model(x), unmerged, atol=2e-5, rtol=1e-5)
+
+    def test_merge_and_unload_merges_the_named_adapters_into_plain_layers(self):
+        base, model, x = two_adapters()
+        with torch.no_grad():
+            expected = alone(model, "b")(x)
+            plain = merge_and_unload(model, ["b"])
+        assert not list(lora_layers(plain)) and type(plain.fc1) is nn.Linear
+        torch.testing.assert_close(plain(x), expected, atol=2e-5, rtol=1e-5)
+
+
+class TestDeleting:
+    def test_deleting_one_leaves_the_other_computing_what_it_computed(self):
+        base, model, x = two_adapters()
+        set_active_adapters(model, ["b"])
+        expected = model(x)
+        delete_adapter(model, "default")
+        assert lora_adapter_names(model) == ["b"] and all(".default." not in k for k in model.state_dict())
+        assert torch.equal(model(x), expected)
+        delete_adapter(model, "b")  # the last one: the plain base again
+        assert not list(lora_layers(model)) and torch.equal(model(x), base(x))
+
+    def test_deleting_the_active_one_activates_the_first_remaining(self):
+        _, model, x = two_adapters()
+        delete_adapter(model, "default")
+        assert model.fc1.active_adapters == ["b"]
+        assert all(p.requires_grad for _, layer in lora_layers(model) for p in layer.lora_adapters.parameters())
+
+    def test_a_layer_only_one_adapter_had_goes_back_to_its_base_type(self):
+        model = inject_lora(Net(), LoRAConfig(rank=2, target_modules=["fc1"]))
+        inject_lora(model, LoRAConfig(rank=2, target_modules=["fc2"]), adapter_name="b")
+        delete_adapter(model, "b")
+        assert type(model.fc2) is nn.Linear and {n for n, _ in lora_layers(model)} == {"fc1"}
+
+    def test_unknown_or_merged_adapters_are_refused(self):
+        _, model, _ = two_adapters()
+        with pytest.raises(ValueError, match="no adapter named 'zzz'"):
+            delete_adapter(model, "zzz")
+        merge_lora(model, ["b"])
+        with pytest.raises(ValueError, match="'b' is merged; call unmerge_lora"):
+            delete_adapter(model, "b")
+
+
+class TestReadingOut:
+    def test_state_dicts_hold_every_adapter_or_one(self):
+        _, model, _ = two_adapters()
+        everything, only_b = lora_state_dict(model), lora_state_dict(model, "b")
+        assert set(only_b) == {k for k in everything if ".lora_adapters.b." in k} and len(only_b) == 6
+        assert {s.adapter for s in adapter_stats(model)} == {"default", "b"}
+        assert {s.rank for s in adapter_stats(model) if s.adapter == "b"} == {3}
+
+
+class TestPerSample:
+    @pytest.mark.parametrize("kind", [k for k in KINDS if not k.startswith("attention")])
+    def test_every_sample_gets_what_it_gets_alone_with_its_adapter(self, kind):
+        base, model, x = two_adapters(kind)
+        names = (["b", "__base__", "default"] * 3)[: x.shape[0]]
+        with torch.no_grad(), adapter_per_sample(model, names):
+            mixed = model(x)
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                reference = base if name == "__base__" else alone(model, name)
+                expected = reference(x)[i]
+                tolerance = 0 if name == "__base__" else 1e-5
+                torch.testing.assert_close(mixed[i], expected, atol=tolerance, rtol=tolerance)
+
+    def test_gradients_reach_each_adapter_from_its_own_samples_only(self):
+        _, model, x = two_adapters()
+        set_active_adapters(model, ["default", "b"])
+        with adapter_per_sample(model, ["b"] * 6):
+            model(x).sum().backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if ".default." in n)
+        assert all(p.grad is not None for n, p in model.named_parameters() if ".b." in n)
+
+    @pytest.mark.parametrize(
+        ("names", "message"),
+        [(["b"] * 5, "given 5 adapter names but a layer's input has 6 samples"),
+         (["b"] * 5 + ["nope"], "no adapter named 'nope'"), ("b", "non-empty list")],
+    )  # fmt: skip
+    def test_wrong_lengths_and_names_are_refused(self, names, message):
+        _, model, x = two_adapters()
+        with pytest.raises(ValueError, match=message):
+            with adapter_per_sample(model, names):
+                model(x)
+        assert all(layer.sample_adapters is None for _, layer in lora_layers(model))
+
+    def test_merged_models_attention_and_trained_biases_are_refused_with_the_fix(self):
+        _, model, x = two_adapters()
+        merge_lora(model)
+        with pytest.raises(ValueError, match="merged model: call unmerge_lora"):
+            with adapter_per_sample(model, ["b"] * 6):
+                pass
+        _, attention, y = two_adapters("attention_batch_first")
+        with pytest.raises(ValueError, match="does not serve nn.MultiheadAttention.*set_active_adapters"):
+            with adapter_per_sample(attention, ["b", "default"]):
+                attention(y)
+        biased = inject_lora(Net(), LoRAConfig(rank=2, bias="all"))
+        with pytest.raises(ValueError, match="trains biases or modules_to_save"):
+            with adapter_per_sample(biased, ["default"] * 6):
+                pass
+
+
+class TestAgainstPEFT:
+    """PEFT's add_adapter / set_adapter([...]) / adapter_names= with the same tensors give the same outputs."""
+
+    @pytest.fixture
+    def pair(self):
+        peft = require("peft")
+        base, model, x = two_adapters()
+        targets = ["fc1", "fc2", "head"]
+        theirs = peft.get_peft_model(
+            copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+        )
+        theirs.add_adapter("b", peft.LoraConfig(r=3, lora_alpha=3, target_modules=targets))
+        with torch.no_grad():
+            for name, layer in lora_layers(model):
+                peft_layer = theirs.base_model.model.get_submodule(name)
+                for adapter_name, adapter in layer.lora_adapters.items():
+                    peft_layer.lora_A[adapter_name].weight.copy_(adapter.lora_A)
+                    peft_layer.lora_B[adapter_name].weight.copy_(adapter.lora_B)
+        return model, theirs, x
+
+    def test_several_active_adapters_equal_peft_s(self, pair):
+        model, theirs, x = pair
+        for names in (["default"], ["b"], ["default", "b"]):
+            set_active_adapters(model, names)
+            theirs.base_model.set_adapter(names)
+            torch.testing.assert_close(model(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+    def test_per_sample_adapters_equal_peft_s_adapter_names(self, pair):
+        model, theirs, x = pair
+        names = ["b", "__base__", "default", "default", "b", "__base__"]
+        model.eval(), theirs.eval()  # PEFT takes adapter_names in eval mode only
+        with torch.no_grad(), adapter_per_sample(model, names):
+            ours = model(x)
+        torch.testing.assert_close(ours, theirs(x, adapter_names=names), atol=1e-5, rtol=1e-5)
