@@ -41,6 +41,7 @@ _LAZY = {
     "unmerge_lora": "lightning_lora.core.inject",
     "unwrap_model": "lightning_lora.core.inject",
     "lora_plus_param_groups": "lightning_lora.core.lora_plus",
+    "add_weighted_adapter": "lightning_lora.core.weighted_merge",
     "AdapterStats": "lightning_lora.core.diagnostics",
     "adapter_stats": "lightning_lora.core.diagnostics",
     "LoRAConv": "lightning_lora.core.layers",
