@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lightning_lora.core.layers import BASE_SAMPLE, kept_biases
+from lightning_lora.core.layers import BASE_SAMPLE, SampleRouting, kept_biases
 from lightning_lora.core.layers.base import BASE_PREFIX
 from lightning_lora.core.model_state import (
     ACTIVE_ATTR,
@@ -115,9 +115,10 @@ def adapter_per_sample(model: nn.Module, names: list[str]) -> Iterator[nn.Module
         raise ValueError("adapter_per_sample on a merged model: call unmerge_lora(model) first")
     if any(layer.sample_adapters is not None for layer in layers):
         raise ValueError("adapter_per_sample blocks do not nest: the model is inside one already")
+    routing = SampleRouting(names)
     try:
         for layer in layers:
-            layer.sample_adapters = list(names)
+            layer.sample_adapters = routing
         yield model
     finally:
         for layer in layers:

@@ -297,6 +297,29 @@ def _against_the_paper(record: dict[str, Any]) -> str:
     )
 
 
+def mixed_batch(record: dict[str, Any]) -> str:
+    lines = [
+        "| adapters | one mixed batch (`adapter_per_sample`) | the batch once per adapter | each one's rows apart |",
+        "|---|---|---|---|",
+    ]
+    for row in record["rows"]:
+        ms = row["ms"]
+        lines.append(
+            f"| {row['adapters']} | {ms['per sample']:.2f} ms | {ms['batch per adapter']:.2f} ms "
+            f"| {ms['split per adapter']:.2f} ms |"
+        )
+    env = record["environment"]
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"RichBoyNet, every layer adapted by each rank-{record['rank']} adapter, a batch of {record['batch']} "
+            f"spread evenly, inference; median of {record['rounds']} interleaved rounds on {env['cpu']} "
+            f"({env['cores']} cores), `benchmarks/mixed_batch.py`.",
+        ]
+    )
+
+
 # A block shows its record through the renderer of its own name (several views of one record).
 RECORD_OF = {"gpu-details": "gpu"}
 RESULT_FILES = (README, Path("benchmarks/RESULTS.md"))
@@ -306,6 +329,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "gpu-details": gpu_details,
     "startup": startup,
     "validation-cost": validation_cost,
+    "mixed-batch": mixed_batch,
     "demo": demo,
     "demo-mlp": demo_mlp,
     "demo-shift": demo_shift,

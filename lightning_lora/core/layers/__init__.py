@@ -10,6 +10,7 @@ from lightning_lora.core.layers.base import (
     DEFAULT_ADAPTER,
     LoRAAdapter,
     LoRALayer,
+    SampleRouting,
     keep_base_bias,
     kept_biases,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "LoRALinear",
     "LoRAMultiheadAttention",
     "ModuleToSave",
+    "SampleRouting",
     "keep_base_bias",
     "kept_biases",
     "lora_class_for",

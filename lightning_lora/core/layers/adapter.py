@@ -48,3 +48,34 @@ class LoRAAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{'DoRA' if self.use_dora else 'LoRA'} rank={self.rank}, scale={self.scale:g}"
+
+
+class SampleRouting:
+    """Which rows of a batch each adapter serves (``adapter_per_sample``), the row indices made once per device."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(self.names):
+            if name != BASE_SAMPLE:
+                groups.setdefault(name, []).append(row)
+        self._rows = {name: torch.tensor(rows) for name, rows in groups.items()}
+        self._on: dict[tuple[str, torch.device], dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def rows(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Adapter name -> the rows it serves (not the base's), as index tensors on ``device``."""
+        if ("rows", device) not in self._on:
+            self._on["rows", device] = {name: rows.to(device) for name, rows in self._rows.items()}
+        return self._on["rows", device]
+
+    def masks(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Adapter name -> a float32 vector over the batch, 1 at the rows it serves and 0 elsewhere."""
+        if ("masks", device) not in self._on:
+            masks = {}
+            for name, rows in self._rows.items():
+                masks[name] = torch.zeros(len(self.names), dtype=torch.float32).index_fill_(0, rows, 1.0).to(device)
+            self._on["masks", device] = masks
+        return self._on["masks", device]

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.config import LoRAConfig
-from lightning_lora.core.layers.adapter import BASE_SAMPLE, DEFAULT_ADAPTER, LoRAAdapter
+from lightning_lora.core.layers.adapter import BASE_SAMPLE, DEFAULT_ADAPTER, LoRAAdapter, SampleRouting
 from lightning_lora.core.layers.biases import BASE_PREFIX, keep_base_bias, kept_biases
 from lightning_lora.core.layers.dora import DoRAArithmetic, autocast_off, robust_norm
 
@@ -42,6 +42,7 @@ __all__ = [  # re-exported: the layer family's one import point
     "DEFAULT_ADAPTER",
     "LoRAAdapter",
     "LoRALayer",
+    "SampleRouting",
     "autocast_off",
     "keep_base_bias",
     "kept_biases",
@@ -109,7 +110,7 @@ class LoRALayer(DoRAArithmetic, nn.Module):
         self.lora_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = [adapter_name]
         self.merged_adapters: list[str] = []
-        self.sample_adapters: list[str] | None = None
+        self.sample_adapters: SampleRouting | None = None
         self.enabled = True
         self.add_adapter(adapter_name, self.new_adapter(config))
         self.register_state_dict_post_hook(_report_base_weight)
@@ -396,25 +397,26 @@ class LoRALayer(DoRAArithmetic, nn.Module):
         """Each sample with its own adapter (``sample_adapters``, one name per sample; ``"__base__"`` for none).
 
         The base runs once on the whole batch; each adapter's update runs once, on its samples only,
-        and is added at their rows (PEFT's ``adapter_names=``). No weight is copied per sample.
+        and lands at their rows (PEFT's ``adapter_names=``). No weight is copied per sample.
         """
-        names = self.sample_adapters
-        if x.dim() <= self.batch_dim or x.shape[self.batch_dim] != len(names):
+        routing = self.sample_adapters
+        if x.dim() <= self.batch_dim or x.shape[self.batch_dim] != len(routing):
             got = "no batch dimension" if x.dim() <= self.batch_dim else f"{x.shape[self.batch_dim]} samples"
             raise ValueError(
-                f"adapter_per_sample was given {len(names)} adapter names but a layer's input has {got} "
+                f"adapter_per_sample was given {len(routing)} adapter names but a layer's input has {got} "
                 f"(shape {tuple(x.shape)}): give one name per sample of the batch"
             )
         out = self.base_forward(x, getattr(self, self.weight_name), getattr(self, "bias", None))
-        total = out
-        for name in dict.fromkeys(names):
-            if name == BASE_SAMPLE or name not in self.lora_adapters:
+        extra = None
+        for name, rows in routing.rows(x.device).items():
+            if name not in self.lora_adapters:
                 continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            part_x, part_out = x.index_select(self.batch_dim, rows), out.index_select(self.batch_dim, rows)
-            extra = self.adapter_output(part_x, part_out, self.lora_adapters[name]).to(out.dtype)
-            total = total.index_add(self.batch_dim, rows, extra)
-        return total
+            adapter = self.lora_adapters[name]
+            part_out = out.index_select(self.batch_dim, rows) if adapter.use_dora else out
+            part = self.adapter_output(x.index_select(self.batch_dim, rows), part_out, adapter).to(out.dtype)
+            extra = torch.zeros_like(out) if extra is None else extra
+            extra = extra.index_copy(self.batch_dim, rows, part)
+        return out if extra is None else out + extra
 
     def to_base(self) -> nn.Module:
         """The original module, holding this layer's current parameters (merged or not)."""

@@ -43,6 +43,28 @@ class LoRALinear(LoRALayer):
     def output_shape(self) -> tuple[int, ...]:
         return (self.out_features,)
 
+    def per_sample_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample with its own adapter, without gathering rows: every adapter's rank-``r`` hidden state
+        is taken for the whole batch and zeroed outside its samples (a ``(batch, r)`` mask, cheap at low
+        rank), then accumulated into the base output by one ``addmm`` per adapter."""
+        routing = self.sample_adapters
+        if any(a.use_dora for a in self.lora_adapters.values()) or x.dim() < 2 or x.shape[0] != len(routing):
+            return super().per_sample_forward(x)  # DoRA, or the generic path's error for a wrong batch
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        out = F.linear(flat, self.weight, self.bias)
+        for name, mask in routing.masks(x.device).items():
+            if name not in self.lora_adapters:
+                continue
+            adapter = self.lora_adapters[name]
+            per_row = mask.view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1]).reshape(-1, 1)
+            dropped = adapter.lora_dropout(flat).to(adapter.lora_A.dtype)
+            hidden = F.linear(dropped, adapter.lora_A) * (per_row * adapter.scale)
+            if out.dtype == hidden.dtype:
+                out = torch.addmm(out, hidden, adapter.lora_B.t())
+            else:  # a half-precision base: the update in fp32, as the one-adapter path computes it
+                out = out + F.linear(hidden, adapter.lora_B).to(out.dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_use = self.adapters_in_use() if self.enabled and self.sample_adapters is None else []
         if in_use and not any(a.use_dora for _, a in in_use):
@@ -107,3 +129,6 @@ class LoRAConv1D(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return LoRALayer.forward(self, x)
+
+    def per_sample_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return LoRALayer.per_sample_forward(self, x)
