@@ -339,3 +339,104 @@ class TestAgainstPEFT:
         with torch.no_grad(), adapter_per_sample(model, names):
             ours = model(x)
         torch.testing.assert_close(ours, theirs(x, adapter_names=names), atol=1e-5, rtol=1e-5)
+
+
+class TestBesideTheSingleAdapterPaths:
+    """What the one-adapter paths (files, checkpoints, the callback) do once a model holds several."""
+
+    def test_an_adapter_folder_holds_the_primary_adapter_and_loads_back(self, tmp_path):
+        from lightning_lora import load_adapter, save_adapter
+
+        base, model, x = two_adapters()
+        save_adapter(model, tmp_path / "adapter")
+        fresh = load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), alone(model, "default")(x), atol=0, rtol=0)
+        load_adapter(model, tmp_path / "adapter")  # into the model holding both: the primary's values again
+
+    def test_a_failed_load_leaves_the_merged_adapters_as_they_were(self, tmp_path):
+        from lightning_lora import load_adapter, save_adapter
+
+        _, model, x = two_adapters()
+        other = inject_lora(Net(), LoRAConfig(rank=5, target_modules=["fc1"]))
+        save_adapter(other, tmp_path / "other")
+        merge_lora(model, ["b"])
+        out = model(x)
+        with pytest.raises(ValueError):
+            load_adapter(model, tmp_path / "other", check_base=False)
+        assert all(layer.merged_adapters == ["b"] for _, layer in lora_layers(model))
+        assert torch.equal(model(x), out)
+
+    def test_adapter_only_checkpoints_hold_every_adapter_and_restore_which_is_active(self):
+        from lightning_lora.demo.classifiers import LitClassifier
+        from lightning_lora.demo.nets import MLP
+
+        def module() -> LitClassifier:
+            torch.manual_seed(0)
+            return LitClassifier(MLP(hidden_sizes=[8]))
+
+        model = module()
+        inject_lora(model.net, LoRAConfig(rank=2))
+        inject_lora(model.net, LoRAConfig(rank=3, target_modules=["layers.0"]), adapter_name="b")
+        moved(model.net)
+        set_active_adapters(model.net, "b")
+        checkpoint = {"state_dict": model.state_dict()}
+        model.on_save_checkpoint(checkpoint)
+        assert {k.split(".lora_adapters.")[1].split(".")[0] for k in checkpoint["state_dict"]} == {"default", "b"}
+        fresh = module()
+        fresh.on_load_checkpoint(checkpoint)
+        fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+        assert lora_adapter_names(fresh.net) == ["default", "b"] and fresh.net.layers[0].active_adapters == ["b"]
+        x = torch.randn(4, 784)
+        for names in ("b", "default"):
+            set_active_adapters(model.net, names), set_active_adapters(fresh.net, names)
+            assert torch.equal(fresh(x), model(x))
+
+    def test_the_callback_refuses_a_network_holding_adapters_it_did_not_make(self):
+        from lightning_lora import LoRAInjectionCallback
+        from lightning_lora.demo.classifiers import LitClassifier
+        from lightning_lora.demo.nets import MLP
+        from lightning_lora.errors import UsageError
+
+        module = LitClassifier(MLP(hidden_sizes=[8]))
+        inject_lora(module.net, LoRAConfig(rank=2), adapter_name="digit9")
+        with pytest.raises(UsageError, match=r"already holds adapters \['digit9'\] that this callback did not make"):
+            LoRAInjectionCallback(rank=2).inject_into(module)
+        assert lora_adapter_names(module.net) == ["digit9"]
+
+    def test_deleting_an_attention_s_adapter_takes_its_out_proj_s_too(self):
+        class Block(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.attn, self.fc = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 8)
+
+            def forward(self, x):
+                return self.fc(self.attn(x, x, x)[0])
+
+        base, x = Block().eval(), torch.randn(2, 3, 8)
+        model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, target_modules=["fc"]))
+        inject_lora(model, LoRAConfig(rank=2, target_modules=["attn"]), adapter_name="b")
+        delete_adapter(model, "b")
+        assert type(model.attn) is nn.MultiheadAttention and lora_adapter_names(model) == ["default"]
+        assert torch.equal(model(x), base(x))
+
+    def test_the_owner_of_trained_modules_stays_active(self):
+        model = inject_lora(Net(), LoRAConfig(rank=2, target_modules=["fc1"], modules_to_save=["head"]))
+        inject_lora(model, LoRAConfig(rank=2, target_modules=["fc1"]), adapter_name="b")
+        with pytest.raises(ValueError, match=r"'default' trains biases or modules_to_save.*\['default', 'b'\]"):
+            set_active_adapters(model, "b")
+        set_active_adapters(model, ["default", "b"])
+
+    def test_changes_inside_the_blocks_are_refused_or_survived(self):
+        _, model, x = two_adapters()
+        with adapter_per_sample(model, ["b"] * 6):
+            with pytest.raises(RuntimeError, match="inside an adapter_per_sample block"):
+                merge_lora(model, ["b"])
+            with pytest.raises(ValueError, match="inside an adapter_per_sample block"):
+                delete_adapter(model, "b")
+        with use_adapters(model, "b"):
+            delete_adapter(model, "default")
+        assert lora_adapter_names(model) == ["b"] and model.fc1.active_adapters == ["b"]
+        with pytest.raises(ValueError, match="no batch dimension"):
+            with adapter_per_sample(model, ["b"] * 12):
+                model(x[0])

@@ -21,6 +21,7 @@ from lightning_lora.core.model_state import (
     adapter_configs,
     lora_layers,
     modules_outside_adapters,
+    owner_adapter_name,
     saved_modules,
     unwrap_model,
 )
@@ -58,6 +59,13 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> nn.Module:
     """
     plain = unwrap_model(model)
     names = _as_known_names(plain, names)
+    owner = owner_adapter_name(plain)
+    if owner not in names and (kept_biases(plain) or any(True for _ in saved_modules(plain))):
+        raise ValueError(
+            f"adapter {owner!r} trains biases or modules_to_save that every forward runs with, so it cannot be "
+            f"switched off: keep it active (set_active_adapters(model, {[owner, *names]})), or inject it with "
+            "bias='none' and no modules_to_save"
+        )
     for _, layer in lora_layers(plain):
         layer.active_adapters = list(names)
         for key, adapter in layer.lora_adapters.items():
@@ -78,7 +86,9 @@ def use_adapters(model: nn.Module, names: str | list[str]) -> Iterator[nn.Module
     try:
         yield model
     finally:
-        set_active_adapters(plain, before)
+        remaining = [n for n in before if n in adapter_configs(plain)]
+        if remaining:
+            set_active_adapters(plain, remaining)
         for param, flag in flags:
             param.requires_grad_(flag)
 

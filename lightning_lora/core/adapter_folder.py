@@ -33,6 +33,7 @@ from lightning_lora.core.inject import (
     unwrap_model,
 )
 from lightning_lora.core.layers import LoRAConv, LoRAMultiheadAttention
+from lightning_lora.core.model_state import primary_adapter_name
 from lightning_lora.core.peft_format import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -94,8 +95,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     model = unwrap_model(model)
     if get_lora_config(model) is None:
         raise ValueError("model holds no adapters to save; call inject_lora(model, config) first")
-    keys = peft_keys(model)
-    tensors = {keys[k]: v.detach() for k, v in adapter_tensors(model).items()}
+    primary = primary_adapter_name(model)
+    keys = peft_keys(model, primary)
+    tensors = {keys[k]: v.detach() for k, v in adapter_tensors(model, primary).items()}
     bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
     if bad:
         raise ValueError(f"refusing to save an adapter with NaN or infinite values in {bad[:5]}")
@@ -167,11 +169,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     if check_base:
         _check_fingerprint(model, config, plan, meta, folder)
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
-    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    merged = [(layer, list(layer.merged_adapters)) for _, layer in lora_layers(model) if layer.merged]
     if existing is None:
         inject_lora(model, config, plan=plan)
     try:
-        for layer in merged:
+        for layer, _ in merged:
             layer.unmerge()
         _copy_into(model, tensors, folder)
     except Exception:
@@ -181,8 +183,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
                 param.requires_grad_(grad_flags.get(id(param), param.requires_grad))
         raise
     finally:
-        for layer in merged:
-            layer.merge()
+        for layer, names in merged:
+            layer.merge(names)
     return outer
 
 
@@ -240,8 +242,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def _copy_into(model: nn.Module, loaded: dict[str, torch.Tensor], folder: Path) -> None:
     """Copy file tensors into the live adapter, checking names, dtypes, values and shapes first."""
     loaded = _peft_aliases(loaded, folder)
-    keys = peft_keys(model)
-    live = adapter_tensors(model)
+    primary = primary_adapter_name(model)
+    keys = peft_keys(model, primary)
+    live = adapter_tensors(model, primary)
     expected = {keys[k]: k for k in live}
     missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
     if missing or unexpected:

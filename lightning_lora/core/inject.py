@@ -56,7 +56,7 @@ __all__ = [  # the model-state names re-exported here are the ones the rest of t
 ]
 
 
-def inject_checked(model: nn.Module, config: LoRAConfig, where: str) -> TargetPlan:
+def inject_checked(model: nn.Module, config: LoRAConfig, where: str, adapter_name: str = DEFAULT_ADAPTER) -> TargetPlan:
     """:func:`inject_lora` for a config from outside the code (a file, a command line): targets
     planned once, and a config that would outgrow the model refused before anything is allocated.
 
@@ -71,7 +71,7 @@ def inject_checked(model: nn.Module, config: LoRAConfig, where: str) -> TargetPl
     """
     plan = plan_targets(model, config)
     refuse_oversized(model, config, where, plan=plan)
-    inject_lora(model, config, plan=plan)
+    inject_lora(model, config, adapter_name=adapter_name, plan=plan)
     return plan
 
 
@@ -82,7 +82,7 @@ def inject_lora(
 
     The first adapter is active and trainable. Injecting again under another name adds a second
     adapter (same or other targets, other rank) that is inactive and frozen until
-    :func:`~lightning_lora.core.named_adapters.set_active_adapters` picks it, as PEFT's
+    :func:`~lightning_lora.core.active_adapters.set_active_adapters` picks it, as PEFT's
     ``add_adapter`` does. Idempotent per name: an adapter of this name with an equal config is
     left as it is, which is what lets a Lightning callback inject in ``setup()`` for every stage.
     On any error the model is left as it was.
@@ -355,11 +355,15 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             f"adapter {adapter_name!r} trains biases or whole modules that the model's other adapters run with; "
             "delete the others first, or remove_lora(model)"
         )
-    for _, layer in list(lora_layers(model)):
+    if any(layer.sample_adapters is not None for _, layer in lora_layers(model)):
+        raise ValueError(f"deleting adapter {adapter_name!r} inside an adapter_per_sample block; leave the block first")
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
         if adapter_name in layer.lora_adapters:
             layer.delete_adapter(adapter_name)
-    for _, layer in list(lora_layers(model)):
-        if not layer.lora_adapters and not _inside_lora(model, names_of(model, layer)[0]):
+    emptied = [(name, layer) for name, layer in lora_layers(model) if not layer.lora_adapters]
+    for name, layer in emptied:
+        if not _inside_lora(model, name):  # an attention's out_proj goes with its attention
             plain = layer.to_base()
             for alias in names_of(model, layer):
                 set_submodule(model, alias, plain)

@@ -67,10 +67,19 @@ def get_lora_config(model: nn.Module, adapter_name: str | None = None) -> LoRACo
 
     Without a name: the primary adapter's (``"default"``, or the first added), ``None`` for a plain model.
     """
+    return adapter_configs(model).get(primary_adapter_name(model) if adapter_name is None else adapter_name)
+
+
+def primary_adapter_name(model: nn.Module) -> str | None:
+    """``"default"`` if the model holds it, else the first adapter added (``None`` for a plain model): the
+    adapter that single-adapter paths (a PEFT folder, ``get_lora_config(model)``) mean."""
     configs = adapter_configs(model)
-    if adapter_name is None:
-        adapter_name = DEFAULT_ADAPTER if DEFAULT_ADAPTER in configs else next(iter(configs), None)
-    return configs.get(adapter_name)
+    return DEFAULT_ADAPTER if DEFAULT_ADAPTER in configs else next(iter(configs), None)
+
+
+def owner_adapter_name(model: nn.Module) -> str | None:
+    """The first adapter added: the one trained biases and ``modules_to_save`` belong to."""
+    return next(iter(adapter_configs(model)), None)
 
 
 def active_adapter_names(model: nn.Module) -> list[str]:

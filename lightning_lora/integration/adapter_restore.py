@@ -16,11 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lora.core.active_adapters import set_active_adapters
 from lightning_lora.core.config import LoRAConfig
 from lightning_lora.core.fingerprint import fingerprint, first_difference
-from lightning_lora.core.inject import get_lora_config, inject_checked
-from lightning_lora.core.layers import kept_biases
+from lightning_lora.core.inject import get_lora_config, inject_checked, inject_lora
+from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAAdapter, kept_biases
 from lightning_lora.core.layers.base import BASE_PREFIX
+from lightning_lora.core.model_state import active_adapter_names, adapter_configs, primary_adapter_name
 from lightning_lora.core.safe_io import non_finite_names
 from lightning_lora.errors import DataError, NonFiniteWeightsError, UsageError
 
@@ -65,7 +67,11 @@ def adapted_submodule(root: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def frozen_parameter_keys(root: nn.Module) -> list[str]:
-    return [n for n, p in root.named_parameters(remove_duplicate=False) if not p.requires_grad]
+    """The base's parameters: frozen ones that belong to no adapter (an inactive adapter is frozen too)."""
+    adapters = {id(p) for m in root.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()}
+    return [
+        n for n, p in root.named_parameters(remove_duplicate=False) if not p.requires_grad and id(p) not in adapters
+    ]
 
 
 def base_tensors(root: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,7 +113,8 @@ def restore_adapters(root: nn.Module, checkpoint: dict[str, Any], base_hint: str
     path, target = resolve_module_path(root, meta["module_path"])
     if target is None:
         raise UsageError(f"the checkpoint's adapters live in '{path}', which this module has not built")
-    _inject(target, LoRAConfig.from_dict(meta["lora_config"]))
+    _inject(target, LoRAConfig.from_dict(meta["lora_config"]), meta.get("primary_adapter", DEFAULT_ADAPTER))
+    _inject_further_adapters(target, meta)
     problem = first_difference(meta["base_fingerprint"], _fingerprint_of(root))
     if problem:
         raise UsageError(
@@ -190,13 +197,36 @@ def refuse_other_lora_settings(recorded: LoRAConfig, current: LoRAConfig) -> Non
         )
 
 
-def _inject(target: nn.Module, config: LoRAConfig) -> None:
+def further_adapters_record(target: nn.Module) -> dict[str, Any]:
+    """What a checkpoint records of a network's adapters beyond its primary one (nothing for one adapter)."""
+    primary = primary_adapter_name(target)
+    others = {n: c.to_dict() for n, c in adapter_configs(target).items() if n != primary}
+    if not others and primary == DEFAULT_ADAPTER:
+        return {}
+    return {"primary_adapter": primary, "further_adapters": others, "active_adapters": active_adapter_names(target)}
+
+
+def _inject_further_adapters(target: nn.Module, meta: dict[str, Any]) -> None:
+    """Re-create the adapters a checkpoint holds beside its primary one, and which were active."""
+    further, active = meta.get("further_adapters", {}), meta.get("active_adapters")
+    if not isinstance(further, dict) or not all(isinstance(v, dict) for v in further.values()):
+        raise DataError(f"the checkpoint's '{CHECKPOINT_KEY}' section is damaged: further_adapters is not a mapping")
+    try:
+        for name, config in further.items():
+            inject_lora(target, LoRAConfig.from_dict(config), adapter_name=name)
+        if active is not None:
+            set_active_adapters(target, active)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"the checkpoint's adapters do not fit this model: {err}") from err
+
+
+def _inject(target: nn.Module, config: LoRAConfig, name: str = DEFAULT_ADAPTER) -> None:
     existing = get_lora_config(target)
     if existing is not None:
         refuse_other_lora_settings(config, existing)
         return
     try:
-        inject_checked(target, config, "the checkpoint's LoRA config")
+        inject_checked(target, config, "the checkpoint's LoRA config", adapter_name=name)
     except ValueError as err:
         raise UsageError(f"the checkpoint's LoRA config does not fit this model: {err}") from err
 

@@ -28,11 +28,13 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_lora.core.active_adapters import lora_adapter_names
 from lightning_lora.core.adapter_folder import save_adapter
 from lightning_lora.core.adapter_tensors import count_parameters
 from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.core.diagnostics import adapter_stats
 from lightning_lora.core.inject import get_lora_config, inject_checked, inject_lora, merge_lora
+from lightning_lora.core.layers import DEFAULT_ADAPTER
 from lightning_lora.core.safe_io import ADAPTER_FILES, OutputInTheWay, check_folder_kind
 from lightning_lora.errors import UsageError
 from lightning_lora.integration.adapter_restore import refuse_other_lora_settings, resolve_module_path
@@ -121,8 +123,14 @@ class LoRAInjectionCallback(pl.Callback):
         """Adapt ``pl_module``'s network now (idempotent: setup runs for every stage)."""
         target = self.target(pl_module)
         try:
-            if get_lora_config(target) is None:
+            names = lora_adapter_names(target)
+            if not names:
                 inject_checked(target, self.config, "these LoRA settings")
+            elif DEFAULT_ADAPTER not in names:
+                raise ValueError(
+                    f"the network already holds adapters {names} that this callback did not make (it makes "
+                    f"{DEFAULT_ADAPTER!r}); drop the callback, or inject them after it"
+                )
             else:
                 inject_lora(target, self.config)  # the same settings (a no-op), or a clear refusal
         except ValueError as err:  # targets that match nothing, a layer that cannot be adapted: the config is wrong

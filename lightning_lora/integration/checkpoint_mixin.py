@@ -33,6 +33,7 @@ from lightning_lora.integration.adapter_restore import (
     base_tensors,
     check_finite,
     frozen_parameter_keys,
+    further_adapters_record,
     restore_adapters,
 )
 
@@ -104,6 +105,7 @@ class LoRACheckpointMixin:
             "format_version": FORMAT_VERSION,
             "module_path": path,
             "lora_config": get_lora_config(target).to_dict(),
+            **further_adapters_record(target),
             "base_fingerprint": self.base_fingerprint(),
             "saved_keys": sorted(state),
             "adapter_only": adapter_only,

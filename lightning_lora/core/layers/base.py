@@ -361,6 +361,8 @@ class LoRALayer(DoRAArithmetic, nn.Module):
 
     def _set_merged(self, names: list[str]) -> None:
         """Make the weight the base plus exactly the updates of ``names``, recomputed from the base."""
+        if self.sample_adapters is not None:
+            raise RuntimeError("merging or unmerging inside an adapter_per_sample block; leave the block first")
         base = self.base_weight()
         if self.merged:
             self.lora_unmerged_weight = None
@@ -400,8 +402,8 @@ class LoRALayer(DoRAArithmetic, nn.Module):
         and lands at their rows (PEFT's ``adapter_names=``). No weight is copied per sample.
         """
         routing = self.sample_adapters
-        if x.dim() <= self.batch_dim or x.shape[self.batch_dim] != len(routing):
-            got = "no batch dimension" if x.dim() <= self.batch_dim else f"{x.shape[self.batch_dim]} samples"
+        if not self.is_batched(x) or x.shape[self.batch_dim] != len(routing):
+            got = "no batch dimension" if not self.is_batched(x) else f"{x.shape[self.batch_dim]} samples"
             raise ValueError(
                 f"adapter_per_sample was given {len(routing)} adapter names but a layer's input has {got} "
                 f"(shape {tuple(x.shape)}): give one name per sample of the batch"
@@ -417,6 +419,10 @@ class LoRALayer(DoRAArithmetic, nn.Module):
             extra = torch.zeros_like(out) if extra is None else extra
             extra = extra.index_copy(self.batch_dim, rows, part)
         return out if extra is None else out + extra
+
+    def is_batched(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` has a batch dimension (``batch_dim``) for this layer type."""
+        return x.dim() > self.batch_dim
 
     def to_base(self) -> nn.Module:
         """The original module, holding this layer's current parameters (merged or not)."""

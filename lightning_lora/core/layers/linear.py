@@ -40,6 +40,9 @@ class LoRALinear(LoRALayer):
     def lora_weight(self, adapter: LoRAAdapter) -> torch.Tensor:
         return adapter.lora_B.float() @ adapter.lora_A.float()
 
+    def is_batched(self, x: torch.Tensor) -> bool:
+        return x.dim() >= 2  # a 1-D input is one unbatched sample
+
     def output_shape(self) -> tuple[int, ...]:
         return (self.out_features,)
 
@@ -48,7 +51,8 @@ class LoRALinear(LoRALayer):
         is taken for the whole batch and zeroed outside its samples (a ``(batch, r)`` mask, cheap at low
         rank), then accumulated into the base output by one ``addmm`` per adapter."""
         routing = self.sample_adapters
-        if any(a.use_dora for a in self.lora_adapters.values()) or x.dim() < 2 or x.shape[0] != len(routing):
+        dora = any(a.use_dora for a in self.lora_adapters.values())
+        if dora or not self.is_batched(x) or x.shape[0] != len(routing):
             return super().per_sample_forward(x)  # DoRA, or the generic path's error for a wrong batch
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         out = F.linear(flat, self.weight, self.bias)
