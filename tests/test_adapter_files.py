@@ -374,7 +374,7 @@ class TestWhatAStrangerFound:
     def test_loading_other_layers_into_existing_adapters_says_so(self, trained):
         _, path = trained
         other = inject_lora(net(), LoRAConfig(rank=2, alpha=4, target_modules=["encoder.0"]))
-        with pytest.raises(ValueError, match="already holds adapters other than the ones in"):
+        with pytest.raises(ValueError, match="already holds an adapter .default. other than the one in"):
             load_adapter(other, path)
 
 

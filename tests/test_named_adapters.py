@@ -440,3 +440,79 @@ class TestBesideTheSingleAdapterPaths:
         with pytest.raises(ValueError, match="no batch dimension"):
             with adapter_per_sample(model, ["b"] * 12):
                 model(x[0])
+
+
+class TestFiles:
+    """PEFT's multi-adapter layout: "default" at the root, every other adapter in a subfolder of its name."""
+
+    def test_every_adapter_is_written_and_each_loads_back_under_its_name(self, tmp_path):
+        from lightning_lora import load_adapter, save_adapter
+
+        base, model, x = two_adapters()
+        folder = save_adapter(model, tmp_path / "adapters")
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "b"]
+        fresh = load_adapter(copy.deepcopy(base), folder)  # "default", from the root
+        load_adapter(fresh, folder, adapter_name="b")  # from folder/b, added beside it
+        assert lora_adapter_names(fresh) == ["default", "b"]
+        with torch.no_grad():
+            for names in ("default", "b", ["default", "b"]):
+                set_active_adapters(model, names), set_active_adapters(fresh, names)
+                assert torch.equal(fresh(x), model(x))
+        load_adapter(fresh, folder, adapter_name="b")  # again: the values replaced, nothing added
+
+    def test_only_the_named_adapters_are_written_and_an_old_folder_is_replaced_whole(self, tmp_path):
+        from lightning_lora import save_adapter
+
+        _, model, _ = two_adapters()
+        inject_lora(model, LoRAConfig(rank=2, target_modules=["fc1"]), adapter_name="c")
+        save_adapter(model, tmp_path / "out")
+        assert {p.name for p in (tmp_path / "out").iterdir() if p.is_dir()} == {"b", "c"}
+        save_adapter(model, tmp_path / "out", adapter_names=["c"])
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c"]
+        with pytest.raises(ValueError, match="no adapter named 'zz'"):
+            save_adapter(model, tmp_path / "out", adapter_names=["zz"])
+
+    def test_a_folder_holding_anything_else_is_not_replaced(self, tmp_path):
+        from lightning_lora import save_adapter
+
+        _, model, _ = two_adapters()
+        (tmp_path / "out" / "b").mkdir(parents=True)
+        (tmp_path / "out" / "b" / "notes.txt").write_text("mine")
+        with pytest.raises(Exception, match="is not an adapter folder: it holds b"):
+            save_adapter(model, tmp_path / "out")
+        assert (tmp_path / "out" / "b" / "notes.txt").read_text() == "mine"
+
+    def test_peft_loads_what_we_write_and_we_load_what_peft_writes(self, tmp_path):
+        from lightning_lora import load_adapter, save_adapter
+
+        peft = require("peft")
+        base, model, x = two_adapters()
+        model.eval()
+        save_adapter(model, tmp_path / "ours")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+        theirs.load_adapter(tmp_path / "ours" / "b", adapter_name="b")
+        theirs.eval()
+        with torch.no_grad():
+            for names in ("default", "b"):
+                set_active_adapters(model, names)
+                theirs.set_adapter(names)
+                torch.testing.assert_close(theirs(x), model(x), atol=1e-6, rtol=1e-6)
+        theirs.save_pretrained(tmp_path / "theirs")  # PEFT's own multi-adapter layout
+        back = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+        load_adapter(back, tmp_path / "theirs", adapter_name="b")
+        with torch.no_grad():
+            for names in ("default", "b"):
+                set_active_adapters(model, names), set_active_adapters(back, names)
+                torch.testing.assert_close(back(x), model(x), atol=1e-6, rtol=1e-6)
+
+    def test_a_failed_load_of_a_further_adapter_leaves_the_model_as_it_was(self, tmp_path):
+        from lightning_lora import load_adapter, save_adapter
+
+        _, model, x = two_adapters()
+        other = inject_lora(nn.Sequential(nn.Linear(3, 3)), LoRAConfig(rank=2))
+        save_adapter(other, tmp_path / "other")
+        keys, out = set(model.state_dict()), model(x)
+        with pytest.raises(ValueError):
+            load_adapter(model, tmp_path / "other", adapter_name="c", check_base=False)
+        assert set(model.state_dict()) == keys and torch.equal(model(x), out)
+        assert lora_adapter_names(model) == ["default", "b"]

@@ -25,15 +25,15 @@ from lightning_lora._version import __version__
 from lightning_lora.core.adapter_tensors import adapter_tensors
 from lightning_lora.core.config import LoRAConfig
 from lightning_lora.core.fingerprint import first_difference, touched_fingerprint
-from lightning_lora.core.inject import (
+from lightning_lora.core.inject import base_view, delete_adapter, inject_lora
+from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAConv, LoRAMultiheadAttention
+from lightning_lora.core.model_state import (
+    adapter_configs,
+    check_adapter_name,
     get_lora_config,
-    inject_lora,
     lora_layers,
-    remove_lora,
     unwrap_model,
 )
-from lightning_lora.core.layers import LoRAConv, LoRAMultiheadAttention
-from lightning_lora.core.model_state import primary_adapter_name
 from lightning_lora.core.peft_format import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -43,7 +43,7 @@ from lightning_lora.core.peft_format import (
     read_adapter_config,
     top_level_targets,
 )
-from lightning_lora.core.safe_io import read_safetensors, write_adapter_folder
+from lightning_lora.core.safe_io import AdapterFiles, read_safetensors, write_adapter_folder
 from lightning_lora.core.targets import TargetPlan, refuse_oversized
 from lightning_lora.errors import DataError
 
@@ -79,40 +79,53 @@ def _warn_where_peft_differs(model: nn.Module) -> None:
         )
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the adapter as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_names: list[str] | None = None) -> Path:
+    """Write adapters as a PEFT folder: ``adapter_config.json`` + ``adapter_model.safetensors`` each.
 
+    PEFT's multi-adapter layout: ``"default"`` at the folder's root, every other adapter in a
+    subfolder of its name (what PEFT's ``save_pretrained`` writes and ``load_adapter`` reads).
     Keys are the plain model's, whatever wraps it (``torch.compile``, DDP, Fabric). The folder is
-    written under a temporary name and swapped into place; an existing folder at ``path`` is
-    replaced only if it is an adapter folder itself.
+    written under a temporary name and swapped into place, all adapters at once; an existing
+    folder at ``path`` is replaced only if it is an adapter folder itself.
+
+    Args:
+        model: A model holding adapters.
+        path: The folder to write.
+        adapter_names: The adapters to write (default: all of them).
 
     Returns:
         The folder written.
 
     Raises:
-        ValueError: the model holds no adapters, or an adapter tensor is NaN or infinite.
+        ValueError: the model holds no adapters (or not the ones named), or an adapter tensor is
+            NaN or infinite.
     """
     model = unwrap_model(model)
-    if get_lora_config(model) is None:
+    configs = adapter_configs(model)
+    if not configs:
         raise ValueError("model holds no adapters to save; call inject_lora(model, config) first")
-    primary = primary_adapter_name(model)
-    keys = peft_keys(model, primary)
-    tensors = {keys[k]: v.detach() for k, v in adapter_tensors(model, primary).items()}
+    names = list(configs) if adapter_names is None else list(adapter_names)
+    unknown = [n for n in names if n not in configs]
+    if unknown or not names:
+        raise ValueError(f"save_adapter: no adapter named {unknown[0]!r}; the model's are {list(configs)}"
+                         if unknown else "save_adapter: adapter_names is empty; name at least one adapter")  # fmt: skip
+    folders = {("" if name == DEFAULT_ADAPTER else name): _adapter_files(model, name) for name in names}
+    _warn_where_peft_differs(model)
+    return write_adapter_folder(path, folders)
+
+
+def _adapter_files(model: nn.Module, name: str) -> AdapterFiles:
+    keys = peft_keys(model, name)
+    tensors = {keys[k]: v.detach() for k, v in adapter_tensors(model, name).items()}
     bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
     if bad:
-        raise ValueError(f"refusing to save an adapter with NaN or infinite values in {bad[:5]}")
-    _warn_where_peft_differs(model)
+        raise ValueError(f"refusing to save adapter {name!r}: NaN or infinite values in {bad[:5]}")
     metadata = {
         "format_version": FORMAT_VERSION,
         "lightning_lora_version": __version__,
-        "base_fingerprint": touched_fingerprint(model),
+        "base_fingerprint": touched_fingerprint(model, adapter_name=name),
     }
-    return write_adapter_folder(
-        path,
-        config=peft_config(model),
-        tensors=tensors,
-        metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)},
-    )
+    return peft_config(model, name), tensors, {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
 
 
 def _read_metadata(raw: dict[str, str], where: Path) -> dict[str, Any] | None:
@@ -133,16 +146,23 @@ def _read_metadata(raw: dict[str, str], where: Path) -> dict[str, Any] | None:
     return meta
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:
-    """Inject the adapter saved at ``path`` into ``model`` and load its tensors.
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, check_base: bool = True
+) -> nn.Module:
+    """Load the adapter saved at ``path`` into ``model`` under ``adapter_name``.
 
-    ``model`` is the plain base, or holds adapters of the same config (their values are
-    replaced; merged layers are unmerged first and merged again with the new values). On any
-    error the model is left as it was. Nothing is ever unpickled.
+    ``path`` is an adapter folder; where it holds a subfolder of ``adapter_name`` (PEFT's layout
+    of a further adapter), that subfolder is read. ``model`` is the plain base (the adapter
+    becomes its first), or holds other adapters (it is added beside them, inactive, as
+    :func:`~lightning_lora.core.inject.inject_lora` adds one), or holds ``adapter_name`` with the
+    same layers and settings (its values are replaced; merged layers are unmerged first and
+    merged again with the new values). On any error the model is left as it was. Nothing is ever
+    unpickled.
 
     Args:
         model: The base model (wrappers such as ``torch.compile`` are seen through).
         path: A folder written by :func:`save_adapter` or by PEFT's ``save_pretrained``.
+        adapter_name: The name the adapter gets (and the subfolder looked for).
         check_base: Refuse a base whose weights differ from the fingerprint in the file.
 
     Raises:
@@ -151,34 +171,39 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
             fit; the message says which.
     """
     outer, model = model, unwrap_model(model)
+    check_adapter_name(adapter_name)
     folder = Path(path)
+    if adapter_name != DEFAULT_ADAPTER and (folder / adapter_name / ADAPTER_CONFIG_NAME).is_file():
+        folder = folder / adapter_name
     data = read_adapter_config(folder)
     tensors, raw_meta = read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "adapter weights")
     meta = _read_metadata(raw_meta, folder / ADAPTER_WEIGHTS_NAME)
-    config, plan = config_from_peft(data, model, str(folder / ADAPTER_CONFIG_NAME))
-    existing = get_lora_config(model)
-    if existing is not None and not _same_layers(model, config, tensors):
+    with base_view(model):
+        config, plan = config_from_peft(data, model, str(folder / ADAPTER_CONFIG_NAME))
+    configs = adapter_configs(model)
+    replacing = adapter_name in configs
+    if replacing and not _same_layers(model, config, tensors, adapter_name):
         raise ValueError(
-            f"model already holds adapters other than the ones in {folder} (other layers, ranks, scales or "
-            "options); load into the plain base, or call remove_lora(model) first"
+            f"model already holds an adapter {adapter_name!r} other than the one in {folder} (other layers, ranks, "
+            "scales or options); load it under another adapter_name, or into the plain base"
         )
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("the model's weights are still on the meta device; load the base weights before the adapter")
-    if existing is None:
+    if not replacing:
         refuse_oversized(model, config, f"adapter {folder}", plan=plan)
     if check_base:
         _check_fingerprint(model, config, plan, meta, folder)
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     merged = [(layer, list(layer.merged_adapters)) for _, layer in lora_layers(model) if layer.merged]
-    if existing is None:
-        inject_lora(model, config, plan=plan)
+    if not replacing:
+        inject_lora(model, config, adapter_name=adapter_name, plan=plan)
     try:
         for layer, _ in merged:
             layer.unmerge()
-        _copy_into(model, tensors, folder)
+        _copy_into(model, tensors, folder, adapter_name)
     except Exception:
-        if existing is None:
-            remove_lora(model)
+        if not replacing:
+            delete_adapter(model, adapter_name)
             for param in model.parameters():
                 param.requires_grad_(grad_flags.get(id(param), param.requires_grad))
         raise
@@ -188,17 +213,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     return outer
 
 
-def _same_layers(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether a folder (``config``, ``tensors``) holds the adapters the model already has:
+def _same_layers(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor], name: str) -> bool:
+    """Whether a folder (``config``, ``tensors``) holds adapter ``name`` as the model has it:
     the same adapted layers (by tensor names), options, ranks and scales."""
-    if set(peft_keys(model).values()) != set(_peft_aliases(tensors, Path("."))):
+    if set(peft_keys(model, name).values()) != set(_peft_aliases(tensors, Path("."))):
         return False
-    existing = get_lora_config(model)
+    existing = get_lora_config(model, name)
     if any(getattr(existing, f) != getattr(config, f) for f in ("use_dora", "use_rslora", "bias", "dropout")):
         return False
-    for name, layer in top_level_targets(model):
-        wanted = config.for_layer(name)
-        if wanted.rank != layer.rank or wanted.scale != layer.scale:
+    for layer_name, layer in top_level_targets(model):
+        if name not in layer.lora_adapters:
+            continue
+        wanted, adapter = config.for_layer(layer_name), layer.lora_adapters[name]
+        if wanted.rank != adapter.rank or wanted.scale != adapter.scale:
             return False
     return True
 
@@ -239,12 +266,11 @@ def _peft_aliases(loaded: dict[str, torch.Tensor], folder: Path) -> dict[str, to
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _copy_into(model: nn.Module, loaded: dict[str, torch.Tensor], folder: Path) -> None:
-    """Copy file tensors into the live adapter, checking names, dtypes, values and shapes first."""
+def _copy_into(model: nn.Module, loaded: dict[str, torch.Tensor], folder: Path, name: str) -> None:
+    """Copy file tensors into the live adapter ``name``, checking names, dtypes, values and shapes first."""
     loaded = _peft_aliases(loaded, folder)
-    primary = primary_adapter_name(model)
-    keys = peft_keys(model, primary)
-    live = adapter_tensors(model, primary)
+    keys = peft_keys(model, name)
+    live = adapter_tensors(model, name)
     expected = {keys[k]: k for k in live}
     missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
     if missing or unexpected:

@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_lora.core.adapter_tensors import base_state_dict
 from lightning_lora.core.config import LoRAConfig
-from lightning_lora.core.inject import get_lora_config, saved_modules, unwrap_model
+from lightning_lora.core.model_state import owner_adapter_name, primary_adapter_name, saved_modules, unwrap_model
 from lightning_lora.core.peft_format import top_level_targets
 from lightning_lora.core.safe_io import tensor_sha256
 from lightning_lora.core.targets import TargetPlan, plan_targets
@@ -73,17 +73,20 @@ def _touched_keys(state: dict[str, torch.Tensor], modules: list[str]) -> list[st
 
 
 def touched_fingerprint(
-    model: nn.Module, config: LoRAConfig | None = None, plan: TargetPlan | None = None
+    model: nn.Module, config: LoRAConfig | None = None, plan: TargetPlan | None = None, adapter_name: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """Fingerprint of the base tensors an adapter touches (adapted layers, ``modules_to_save``).
 
-    Works on an adapted model or, given ``config`` (and its ``plan`` if made already), on the plain
-    base the adapter is meant for.
+    Works on an adapted model for one of its adapters (the primary one by default), or, given
+    ``config`` (and its ``plan`` if made already), for the adapter that config makes.
     """
     model = unwrap_model(model)
     state = base_state_dict(model)
-    if get_lora_config(model) is not None:
-        modules = [n for n, _ in top_level_targets(model)] + [n for n, _ in saved_modules(model)]
+    if plan is None and config is None:
+        name = adapter_name or primary_adapter_name(model)
+        modules = [n for n, layer in top_level_targets(model) if name in layer.lora_adapters]
+        if name == owner_adapter_name(model):
+            modules += [n for n, _ in saved_modules(model)]
     else:
         plan = plan if plan is not None else plan_targets(model, config)
         modules = list(plan.targets) + list(plan.to_save)

@@ -42,6 +42,7 @@ from lightning_lora.core.model_state import (
 from lightning_lora.core.targets import TargetPlan, log, log_skipped, plan_targets, refuse_oversized
 
 __all__ = [  # the model-state names re-exported here are the ones the rest of the package has always imported
+    "base_view",
     "delete_adapter",
     "get_lora_config",
     "inject_checked",
@@ -154,7 +155,7 @@ def inject_lora(
 
 
 @contextmanager
-def _base_view(model: nn.Module) -> Iterator[None]:
+def base_view(model: nn.Module) -> Iterator[None]:
     """Inside, the model's adapted layers are their base modules again (the same tensors), so targets
     are planned for a second adapter exactly as for the first; put back on exit."""
     outer = [(name, layer) for name, layer in lora_layers(model) if not _inside_lora(model, name)]
@@ -185,7 +186,7 @@ def _add_named_adapter(model: nn.Module, config: LoRAConfig, name: str, plan: Ta
     if any(layer.merged for _, layer in lora_layers(model)):
         raise ValueError(f"adding adapter {name!r} to a merged model; call unmerge_lora(model) first")
     if plan is None:
-        with _base_view(model):
+        with base_view(model):
             plan = plan_targets(model, config)
     fresh: dict[str, LoRALayer] = {}
     pending: list[tuple[LoRALayer, LoRAAdapter]] = []

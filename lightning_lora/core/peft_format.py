@@ -22,15 +22,16 @@ from torch import nn
 
 from lightning_lora.core.bounded_regex import MatchBudget, UnsupportedPattern, compile_bounded
 from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
-from lightning_lora.core.inject import (
+from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAConv1D, LoRALayer, LoRAMultiheadAttention, kept_biases
+from lightning_lora.core.model_state import (
     adapter_configs,
     get_lora_config,
-    kept_biases,
     lora_layers,
+    owner_adapter_name,
+    primary_adapter_name,
     saved_modules,
     unwrap_model,
 )
-from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAConv1D, LoRALayer, LoRAMultiheadAttention
 from lightning_lora.core.safe_io import read_json
 from lightning_lora.core.targets import TargetPlan, plan_targets
 from lightning_lora.errors import DataError
@@ -119,11 +120,14 @@ def top_level_targets(model: nn.Module) -> list[tuple[str, LoRALayer]]:
     return [(n, layer) for n, layer in lora_layers(model) if id(layer) not in inner]
 
 
-def peft_config(model: nn.Module) -> dict[str, Any]:
-    """The ``adapter_config.json`` PEFT needs to rebuild exactly these layers."""
+def peft_config(model: nn.Module, adapter_name: str | None = None) -> dict[str, Any]:
+    """The ``adapter_config.json`` PEFT needs to rebuild exactly one adapter's layers (the primary one by default)."""
     model = unwrap_model(model)
-    config = get_lora_config(model)
-    layers = top_level_targets(model)
+    name = adapter_name or primary_adapter_name(model)
+    config = get_lora_config(model, name)
+    layers = [(n, layer) for n, layer in top_level_targets(model) if name in layer.lora_adapters]
+    owner = name == owner_adapter_name(model)
+    adapters = {n: layer.lora_adapters[name] for n, layer in layers}
     attention = [n for n, layer in layers if isinstance(layer, LoRAMultiheadAttention)]
     if attention:
         log.warning(
@@ -147,13 +151,13 @@ def peft_config(model: nn.Module) -> dict[str, Any]:
         "bias": config.bias,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
-        "modules_to_save": sorted(n for n, _ in saved_modules(model)) or None,
+        "modules_to_save": (sorted(n for n, _ in saved_modules(model)) if owner else []) or None,
         "init_lora_weights": True if config.init == "kaiming" else "gaussian",
         # Anchored: PEFT matches a pattern against the end of a module's name, so a bare "fc" would also
         # claim "sub.fc"; "^fc" is that one layer only.
-        "rank_pattern": {f"^{re.escape(n)}": layer.rank for n, layer in layers if layer.rank != config.rank},
+        "rank_pattern": {f"^{re.escape(n)}": a.rank for n, a in adapters.items() if a.rank != config.rank},
         "alpha_pattern": {
-            f"^{re.escape(n)}": layer.config.alpha for n, layer in layers if layer.config.alpha != config.alpha
+            f"^{re.escape(n)}": a.config.alpha for n, a in adapters.items() if a.config.alpha != config.alpha
         },
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -277,7 +281,7 @@ def config_from_peft(
             modules_to_save=saved,
         )
         plan = None
-        if get_lora_config(model) is not None:  # loading into existing adapters: same layers, checked later
+        if any(True for _ in lora_layers(model)):  # loading into existing adapters: same layers, checked later
             adapted = [n for n, _ in top_level_targets(model)]
         else:
             plan = plan_targets(model, config)  # rank and alpha patterns select no layers: the same plan

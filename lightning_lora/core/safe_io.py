@@ -185,15 +185,34 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def check_folder_kind(path: Path, allowed: Iterable[str], what: str) -> None:
-    """Refuse an existing ``path`` that holds anything but ``allowed`` entries (naming them)."""
+def _is_nested_of_kind(path: Path, allowed: set[str]) -> bool:
+    """A real folder (not a link) holding only ``allowed`` plain files: one adapter of a multi-adapter folder."""
+    return (
+        path.is_dir()
+        and not path.is_symlink()
+        and all(p.name in allowed and p.is_file() and not p.is_symlink() for p in path.iterdir())
+    )
+
+
+def check_folder_kind(path: Path, allowed: Iterable[str], what: str, nested: bool = False) -> None:
+    """Refuse an existing ``path`` that holds anything but ``allowed`` entries (naming them).
+
+    With ``nested``, a subfolder that itself holds only ``allowed`` files (PEFT's folder of a
+    further adapter) is of the kind too.
+    """
     if not path.exists():
         return
     if not path.is_dir():
         raise OutputInTheWay(f"{path} exists and is not a folder; choose another output path for the {what}")
     allowed = set(allowed)
-    # Hidden entries count (a .git or .env is someone's), and an allowed name must be a plain file.
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in allowed or p.is_symlink() or not p.is_file())
+
+    def foreign_entry(p: Path) -> bool:
+        # Hidden entries count (a .git or .env is someone's), and an allowed name must be a plain file.
+        if nested and not p.name.startswith(".") and _is_nested_of_kind(p, allowed):
+            return False
+        return p.name not in allowed or p.is_symlink() or not p.is_file()
+
+    foreign = sorted(p.name for p in path.iterdir() if foreign_entry(p))
     if foreign:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
         raise OutputInTheWay(
@@ -204,7 +223,9 @@ def check_folder_kind(path: Path, allowed: Iterable[str], what: str) -> None:
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike, allowed: Iterable[str], what: str) -> Iterator[Path]:
+def atomic_directory(
+    path: str | os.PathLike, allowed: Iterable[str], what: str, nested: bool = False
+) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it takes the place of the folder ``path``.
 
     An existing ``path`` must hold only ``allowed`` entries (its own kind of output) and is
@@ -214,7 +235,7 @@ def atomic_directory(path: str | os.PathLike, allowed: Iterable[str], what: str)
     """
     path = Path(path)
     allowed = set(allowed)
-    check_folder_kind(path, allowed, what)
+    check_folder_kind(path, allowed, what, nested)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_temporaries(path.parent, path.name)
@@ -224,7 +245,7 @@ def atomic_directory(path: str | os.PathLike, allowed: Iterable[str], what: str)
     try:
         with disk_errors(path):
             yield tmp
-            for child in (tmp, *tmp.iterdir()):
+            for child in (tmp, *tmp.iterdir(), *(c for d in tmp.iterdir() if d.is_dir() for c in d.iterdir())):
                 if child.is_file():
                     _fsync(child)
                 _give_default_permissions(child)
@@ -235,10 +256,14 @@ def atomic_directory(path: str | os.PathLike, allowed: Iterable[str], what: str)
         else:
             new = {child.name for child in tmp.iterdir()}
             for child in tmp.iterdir():
+                if child.is_dir() and (path / child.name).is_dir():
+                    shutil.rmtree(path / child.name)  # an adapter subfolder: checked above to be of the kind
                 os.replace(child, path / child.name)
             for stale in path.iterdir():
                 if stale.name in allowed and stale.name not in new and stale.is_file():
                     stale.unlink()
+                elif nested and stale.name not in new and _is_nested_of_kind(stale, allowed):
+                    shutil.rmtree(stale)
         _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -373,13 +398,23 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
             f.write(blob)
 
 
-def write_adapter_folder(
-    path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> Path:
-    """Write (or replace) an adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``."""
-    with atomic_directory(path, ADAPTER_FILES, "adapter") as tmp:
-        write_safetensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt", **metadata})
-        write_json(tmp / "adapter_config.json", config)
+AdapterFiles = tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]
+"""One adapter's ``adapter_config.json`` contents, tensors and safetensors metadata."""
+
+
+def write_adapter_folder(path: str | os.PathLike, adapters: dict[str, AdapterFiles]) -> Path:
+    """Write (or replace) an adapter folder in PEFT's layout, all of it or nothing.
+
+    ``adapters`` maps a subfolder to one adapter's files: ``""`` for the folder itself (PEFT's
+    ``"default"``), a name for a further adapter's subfolder. Each holds ``adapter_config.json`` +
+    ``adapter_model.safetensors``.
+    """
+    with atomic_directory(path, ADAPTER_FILES, "adapter", nested=True) as tmp:
+        for sub, (config, tensors, metadata) in adapters.items():
+            folder = tmp / sub if sub else tmp
+            folder.mkdir(exist_ok=True)
+            write_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt", **metadata})
+            write_json(folder / "adapter_config.json", config)
     return Path(path)
 
 
