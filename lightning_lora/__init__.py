@@ -42,6 +42,8 @@ _LAZY = {
     "unwrap_model": "lightning_lora.core.inject",
     "lora_plus_param_groups": "lightning_lora.core.lora_plus",
     "add_weighted_adapter": "lightning_lora.core.weighted_merge",
+    "hotswap_adapter": "lightning_lora.core.hotswap",
+    "prepare_hotswap": "lightning_lora.core.hotswap",
     "AdapterStats": "lightning_lora.core.diagnostics",
     "adapter_stats": "lightning_lora.core.diagnostics",
     "LoRAConv": "lightning_lora.core.layers",

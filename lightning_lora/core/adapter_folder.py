@@ -171,13 +171,7 @@ def load_adapter(
             fit; the message says which.
     """
     outer, model = model, unwrap_model(model)
-    check_adapter_name(adapter_name)
-    folder = Path(path)
-    if adapter_name != DEFAULT_ADAPTER and (folder / adapter_name / ADAPTER_CONFIG_NAME).is_file():
-        folder = folder / adapter_name
-    data = read_adapter_config(folder)
-    tensors, raw_meta = read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "adapter weights")
-    meta = _read_metadata(raw_meta, folder / ADAPTER_WEIGHTS_NAME)
+    folder, data, tensors, meta = read_adapter_folder(path, adapter_name)
     with base_view(model):
         config, plan = config_from_peft(data, model, str(folder / ADAPTER_CONFIG_NAME))
     configs = adapter_configs(model)
@@ -192,7 +186,7 @@ def load_adapter(
     if not replacing:
         refuse_oversized(model, config, f"adapter {folder}", plan=plan)
     if check_base:
-        _check_fingerprint(model, config, plan, meta, folder)
+        check_base_fingerprint(model, config, plan, meta, folder)
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
     merged = [(layer, list(layer.merged_adapters)) for _, layer in lora_layers(model) if layer.merged]
     if not replacing:
@@ -213,6 +207,21 @@ def load_adapter(
     return outer
 
 
+def read_adapter_folder(
+    path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER
+) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
+    """One adapter's files, checked: its folder (``path/<adapter_name>`` where PEFT's layout has one), its
+    config JSON, its tensors (one name each) and the lightning_lora metadata (``None`` in PEFT's own files)."""
+    check_adapter_name(adapter_name)
+    folder = Path(path)
+    if adapter_name != DEFAULT_ADAPTER and (folder / adapter_name / ADAPTER_CONFIG_NAME).is_file():
+        folder = folder / adapter_name
+    data = read_adapter_config(folder)
+    tensors, raw_meta = read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "adapter weights")
+    meta = _read_metadata(raw_meta, folder / ADAPTER_WEIGHTS_NAME)
+    return folder, data, _peft_aliases(tensors, folder), meta
+
+
 def _same_layers(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor], name: str) -> bool:
     """Whether a folder (``config``, ``tensors``) holds adapter ``name`` as the model has it:
     the same adapted layers (by tensor names), options, ranks and scales."""
@@ -230,9 +239,10 @@ def _same_layers(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.
     return True
 
 
-def _check_fingerprint(
+def check_base_fingerprint(
     model: nn.Module, config: LoRAConfig, plan: TargetPlan | None, meta: dict | None, folder: Path
 ) -> None:
+    """Refuse a base other than the one the folder's adapter was trained on (a notice if the folder has no record)."""
     if meta is None:
         log.warning(
             "adapter %s has no base fingerprint (written by PEFT?): loading it without checking that this is "

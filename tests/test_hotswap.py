@@ -1,0 +1,148 @@
+"""Hot-swapping an adapter's values in place: eager and compiled models give the new adapter's outputs,
+compiled ones without compiling again; what does not fit is refused and changes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import LAYER_ZOO, zoo_model
+from torch import nn
+
+from lightning_lora import (
+    LoRAConfig,
+    hotswap_adapter,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    prepare_hotswap,
+    save_adapter,
+)
+
+KINDS = list(LAYER_ZOO)
+
+
+def trained(base: nn.Module, seed: int, **config) -> nn.Module:
+    model = inject_lora(
+        copy.deepcopy(base), LoRAConfig(**{"rank": 2, "alpha": 4, "target_modules": ["layer"], **config})
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for param in layer.lora_adapters.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_swap_of_another_rank_and_scale_gives_the_new_adapter_s_outputs_on_every_layer_type(kind, tmp_path):
+    base, x = zoo_model(kind)
+    model = trained(base, seed=1)
+    new = trained(base, seed=2, rank=3, alpha=1.5)
+    save_adapter(new, tmp_path / "new")
+    with torch.no_grad():
+        before = model(x)
+        prepare_hotswap(model, max_rank=4)
+        torch.testing.assert_close(model(x), before, atol=1e-6, rtol=1e-6)  # the padding adds nothing
+        hotswap_adapter(model, tmp_path / "new")
+        torch.testing.assert_close(model(x), new(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_model_gives_the_swapped_adapter_s_outputs_without_compiling_again(tmp_path):
+    base, x = zoo_model("linear_3d_no_bias")
+    model = trained(base, seed=1)
+    for seed, rank, alpha in ((2, 3, 1.5), (3, 1, 8.0)):
+        save_adapter(trained(base, seed=seed, rank=rank, alpha=alpha), tmp_path / f"a{seed}")
+    prepare_hotswap(model, max_rank=4)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile would raise here
+            for seed in (2, 3):
+                hotswap_adapter(compiled, tmp_path / f"a{seed}")
+                expected = load_adapter(copy.deepcopy(base), tmp_path / f"a{seed}")(x)
+                torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_without_preparing_a_larger_rank_is_refused_naming_prepare_hotswap(tmp_path):
+    base, x = zoo_model("linear")
+    model = trained(base, seed=1)
+    save_adapter(trained(base, seed=2, rank=5), tmp_path / "big")
+    out = model(x)
+    with pytest.raises(ValueError, match=r"rank 5 at layer 'layer', above the 2.*prepare_hotswap\(model, max_rank=5\)"):
+        hotswap_adapter(model, tmp_path / "big")
+    assert torch.equal(model(x), out)
+    save_adapter(trained(base, seed=3, rank=1), tmp_path / "small")  # a smaller rank fits as it is
+    hotswap_adapter(model, tmp_path / "small")
+    torch.testing.assert_close(model(x), load_adapter(copy.deepcopy(base), tmp_path / "small")(x))
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (LoRAConfig(rank=2, target_modules=["a"]), "does not adapt the layers adapter 'default' adapts"),
+        (LoRAConfig(rank=2, use_dora=True), "is DoRA, the adapter is not"),
+        (LoRAConfig(rank=2, bias="all"), "trains biases or modules_to_save"),
+    ],
+)
+def test_a_folder_that_does_not_fit_is_refused_and_changes_nothing(tmp_path, other, message):
+    base = Two().requires_grad_(False)
+    model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2))
+    save_adapter(inject_lora(copy.deepcopy(base), other), tmp_path / "other")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        hotswap_adapter(model, tmp_path / "other")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        hotswap_adapter(model, tmp_path / "other", adapter_name="zz")
+
+
+def test_a_named_adapter_is_swapped_from_its_subfolder_and_the_others_are_untouched(tmp_path):
+    base = Two().requires_grad_(False)
+    model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2))
+    inject_lora(model, LoRAConfig(rank=2), adapter_name="b")
+    source = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if ".b." in name:
+                p.normal_()
+    save_adapter(source, tmp_path / "both")
+    default_before = {k: v.clone() for k, v in model.state_dict().items() if ".default." in k}
+    hotswap_adapter(model, tmp_path / "both", adapter_name="b")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in default_before.items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items() if ".b." in k)
+
+
+def test_prepare_hotswap_refuses_a_max_rank_below_an_adapter_s():
+    model = inject_lora(Two(), LoRAConfig(rank=4))
+    with pytest.raises(ValueError, match="rank 4, above max_rank=2"):
+        prepare_hotswap(model, max_rank=2)
+
+
+def test_outputs_equal_peft_s_hotswap_adapter(tmp_path):
+    from helpers import require
+
+    peft = require("peft")
+    hotswap = require("peft.utils.hotswap")
+    base, x = zoo_model("linear")
+    model = trained(base, seed=1)
+    save_adapter(model, tmp_path / "first")
+    save_adapter(trained(base, seed=2, rank=3, alpha=1.5), tmp_path / "second")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "first").eval()
+    hotswap.prepare_model_for_compiled_hotswap(theirs, target_rank=4)
+    prepare_hotswap(model, max_rank=4)
+    hotswap.hotswap_adapter(theirs, str(tmp_path / "second"), adapter_name="default")
+    hotswap_adapter(model, tmp_path / "second")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), theirs(x), atol=1e-5, rtol=1e-5)
