@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean demo demo-mlp demo-shift demo-forgetting demo-rank-sweep demo-seeds results readme test-time
+.PHONY: install test lint format clean demo demo-mlp demo-shift demo-forgetting demo-rank-sweep demo-two-adapters demo-seeds results readme test-time
 
 # constraints.txt pins the versions the committed records were measured with (pip freeze of that venv).
 $(STAMP): pyproject.toml constraints.txt
@@ -67,13 +67,17 @@ demo-forgetting: $(STAMP)
 demo-rank-sweep: $(STAMP)
 	$(EXPERIMENTS).rank_sweep --data-dir $(DATA_DIR) --results $(RESULTS)
 
+# Experiment 6: a digit-9 and a digit-4 adapter on one base, served per sample in one batch, and merged.
+demo-two-adapters: $(STAMP)
+	$(EXPERIMENTS).two_adapters --data-dir $(DATA_DIR) --results $(RESULTS)
+
 # The demo once per seed (5 seeds): each headline number's mean and range.
 demo-seeds: $(STAMP)
 	$(EXPERIMENTS).pipeline demo-seeds --data-dir $(DATA_DIR) --results $(RESULTS)
 
 # Every experiment again, into the committed records, then the README from them (about 15 minutes).
 results: $(STAMP)
-	$(MAKE) demo demo-mlp demo-shift demo-forgetting demo-rank-sweep demo-seeds RESULTS=benchmarks/results
+	$(MAKE) demo demo-mlp demo-shift demo-forgetting demo-rank-sweep demo-two-adapters demo-seeds RESULTS=benchmarks/results
 	$(MAKE) readme
 
 # Only the README's results tables and timings, regenerated from benchmarks/results/*.json.

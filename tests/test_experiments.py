@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import write_fake_mnist
 
-from lightning_lora.experiments import forgetting, pipeline, rank_sweep, readme
+from lightning_lora.experiments import forgetting, pipeline, rank_sweep, readme, two_adapters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +42,18 @@ def test_the_forgetting_sweep_records_each_setting_and_draws_the_trade_off(workd
     assert Path(record["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert record["environment"]["torch"]
     assert "| plain | " in readme.demo_forgetting(record)
+
+
+def test_two_adapters_are_trained_apart_served_per_sample_and_merged(workdir, monkeypatch):
+    monkeypatch.setattr(two_adapters, "FINETUNE", ["-c", "configs/finetune_lora.yaml", "--trainer.max_steps", "4",
+                                                   "--trainer.val_check_interval", "2"])  # fmt: skip
+    record = json.loads(two_adapters.run("mnist", workdir / "results").read_text())
+    labels = [row["label"] for row in record["rows"]]
+    assert labels == ["base", "digit9 alone", "digit4 alone", "per sample, one batch", "weighted merge (cat, 1 + 1)"]
+    assert record["per_sample_max_difference"] < 1e-5  # every sample of the mixed batch as with its adapter alone
+    assert sorted(p.name for p in Path(record["adapters"]).iterdir()) == ["digit4", "digit9"]
+    assert Path(record["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| per sample, one batch | " in readme.demo_two_adapters(record)
 
 
 def test_the_rank_sweep_tunes_a_rate_per_setting_and_compares_lora_with_full_fine_tuning(workdir, monkeypatch):
@@ -111,14 +123,15 @@ def test_a_users_run_writes_its_record_under_runs_never_into_the_committed_recor
     monkeypatch.setattr(pipeline, "run_spread", lambda data, results: chosen.append(results))
     for experiment in ["demo", "demo-mlp", "demo-shift", "demo-seeds"]:
         pipeline.main([experiment])
-    for sweep in (forgetting, rank_sweep):
+    for sweep in (forgetting, rank_sweep, two_adapters):
         monkeypatch.setattr(sweep, "run", lambda data, results: chosen.append(results))
         sweep.command_line("x", None, sweep.run)([])
     assert chosen and set(chosen) == {pipeline.RUN_RECORDS}
     ignored = subprocess.run(["git", "check-ignore", "-q", str(pipeline.RUN_RECORDS / "demo.json")], cwd=REPO)
     assert ignored.returncode == 0, f"{pipeline.RUN_RECORDS} must be git-ignored"
     dry = subprocess.run(["make", "-n", "--no-print-directory", "demo", "demo-mlp", "demo-shift", "demo-forgetting",
-                          "demo-rank-sweep", "demo-seeds"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+                          "demo-rank-sweep", "demo-two-adapters", "demo-seeds"], cwd=REPO, capture_output=True,
+                         text=True)  # fmt: skip
     assert dry.returncode == 0 and "lightning_lora.experiments" in dry.stdout
     assert str(pipeline.RESULTS) not in dry.stdout, "a make target other than `make results` writes the records"
     publish = subprocess.run(["make", "-n", "results"], cwd=REPO, capture_output=True, text=True)

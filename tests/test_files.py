@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_lora.core.fingerprint import tensor_sha256
 from lightning_lora.core.safe_io import (
     atomic_directory,
     atomic_file,
     read_json,
     read_safetensors,
-    tensor_sha256,
     write_safetensors,
 )
 

@@ -43,11 +43,31 @@ from lightning_lora.core.peft_format import (
     read_adapter_config,
     top_level_targets,
 )
-from lightning_lora.core.safe_io import AdapterFiles, read_safetensors, write_adapter_folder
+from lightning_lora.core.safe_io import ADAPTER_FILES, atomic_directory, read_safetensors, write_json, write_safetensors
 from lightning_lora.core.targets import TargetPlan, refuse_oversized
 from lightning_lora.errors import DataError
 
 log = logging.getLogger("lightning_lora")
+
+AdapterFiles = tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]
+"""One adapter's ``adapter_config.json`` contents, tensors and safetensors metadata."""
+
+
+def write_adapter_folder(path: str | os.PathLike, adapters: dict[str, AdapterFiles]) -> Path:
+    """Write (or replace) an adapter folder in PEFT's layout, all of it or nothing.
+
+    ``adapters`` maps a subfolder to one adapter's files: ``""`` for the folder itself (PEFT's
+    ``"default"``), a name for a further adapter's subfolder. Each holds ``adapter_config.json`` +
+    ``adapter_model.safetensors``.
+    """
+    with atomic_directory(path, ADAPTER_FILES, "adapter", nested=True) as tmp:
+        for sub, (config, tensors, metadata) in adapters.items():
+            folder = tmp / sub if sub else tmp
+            folder.mkdir(exist_ok=True)
+            write_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt", **metadata})
+            write_json(folder / "adapter_config.json", config)
+    return Path(path)
+
 
 METADATA_KEY = "lightning_lora"
 FORMAT_VERSION = 2

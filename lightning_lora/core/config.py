@@ -21,7 +21,14 @@ INITS = ("kaiming", "gaussian")
 BIAS_POLICIES = ("none", "all", "lora_only")
 
 
-CALLBACK_ONLY_OPTIONS = ("module_path", "adapter_dir", "merge_on_fit_end", "stats_every_n_steps")
+CALLBACK_ONLY_OPTIONS = (
+    "module_path",
+    "adapter_dir",
+    "merge_on_fit_end",
+    "stats_every_n_steps",
+    "adapter_name",
+    "load_adapters",
+)
 """``LoRAInjectionCallback``'s settings beyond ``LoRAConfig``'s fields: where the adapters go, what
 happens at fit end and what is logged, not what they are (the command line's ``--lora.`` group takes both)."""
 

@@ -8,6 +8,7 @@ still recognised as the same base.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -17,8 +18,14 @@ from lightning_lora.core.adapter_tensors import base_state_dict
 from lightning_lora.core.config import LoRAConfig
 from lightning_lora.core.model_state import owner_adapter_name, primary_adapter_name, saved_modules, unwrap_model
 from lightning_lora.core.peft_format import top_level_targets
-from lightning_lora.core.safe_io import tensor_sha256
 from lightning_lora.core.targets import TargetPlan, plan_targets
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """A hash of a tensor's values, taken in fp32 so it does not depend on device or layout."""
+    data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
 
 _HALF_TYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

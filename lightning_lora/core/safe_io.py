@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -396,38 +395,3 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         f.write(encoded)
         for blob in blobs:
             f.write(blob)
-
-
-AdapterFiles = tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]
-"""One adapter's ``adapter_config.json`` contents, tensors and safetensors metadata."""
-
-
-def write_adapter_folder(path: str | os.PathLike, adapters: dict[str, AdapterFiles]) -> Path:
-    """Write (or replace) an adapter folder in PEFT's layout, all of it or nothing.
-
-    ``adapters`` maps a subfolder to one adapter's files: ``""`` for the folder itself (PEFT's
-    ``"default"``), a name for a further adapter's subfolder. Each holds ``adapter_config.json`` +
-    ``adapter_model.safetensors``.
-    """
-    with atomic_directory(path, ADAPTER_FILES, "adapter", nested=True) as tmp:
-        for sub, (config, tensors, metadata) in adapters.items():
-            folder = tmp / sub if sub else tmp
-            folder.mkdir(exist_ok=True)
-            write_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt", **metadata})
-            write_json(folder / "adapter_config.json", config)
-    return Path(path)
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """A hash of a tensor's values, taken in fp32 so it does not depend on device or layout."""
-    data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

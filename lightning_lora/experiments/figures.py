@@ -40,6 +40,22 @@ def mistakes_per_digit(summary: dict[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
+def grouped_mistakes(rows: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """Mistakes per true digit for several models, one bar per model in each digit's group."""
+    figure = _figure(9.0, 3.8)
+    axes = figure.subplots()
+    width = 0.8 / len(rows)
+    for i, (label, counts) in enumerate(rows.items()):
+        offsets = np.arange(10) - 0.4 + width * (i + 0.5)
+        axes.bar(offsets, counts["wrong_per_digit"], width=width, label=label)
+    axes.set_xticks(range(10), [str(d) for d in range(10)])
+    axes.set_xlabel("true digit")
+    axes.set_ylabel("test mistakes")
+    axes.set_title(title)
+    axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
 def confusion_pair(summary: dict[str, Any], path: Path) -> Path:
     """The base's and the adapter's confusion matrices side by side (rows: true digit)."""
     figure = _figure(10.5, 5.0)

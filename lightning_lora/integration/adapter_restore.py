@@ -222,6 +222,12 @@ def _inject_further_adapters(target: nn.Module, meta: dict[str, Any]) -> None:
 
 def _inject(target: nn.Module, config: LoRAConfig, name: str = DEFAULT_ADAPTER) -> None:
     existing = get_lora_config(target)
+    names = adapter_configs(target)
+    if names and name not in names:
+        raise UsageError(
+            f"the checkpoint's adapter is named {name!r}, this model's are {list(names)}: resume with the adapter "
+            f"name it was trained under (--lora.adapter_name {name}), or start a new run"
+        )
     if existing is not None:
         refuse_other_lora_settings(config, existing)
         return

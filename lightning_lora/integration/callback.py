@@ -28,13 +28,14 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_lora.core.active_adapters import lora_adapter_names
-from lightning_lora.core.adapter_folder import save_adapter
+from lightning_lora.core.active_adapters import lora_adapter_names, set_active_adapters
+from lightning_lora.core.adapter_folder import load_adapter, save_adapter
 from lightning_lora.core.adapter_tensors import count_parameters
 from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
 from lightning_lora.core.diagnostics import adapter_stats
 from lightning_lora.core.inject import get_lora_config, inject_checked, inject_lora, merge_lora
 from lightning_lora.core.layers import DEFAULT_ADAPTER
+from lightning_lora.core.model_state import check_adapter_name
 from lightning_lora.core.safe_io import ADAPTER_FILES, OutputInTheWay, check_folder_kind
 from lightning_lora.errors import UsageError
 from lightning_lora.integration.adapter_restore import refuse_other_lora_settings, resolve_module_path
@@ -59,6 +60,11 @@ class LoRAInjectionCallback(pl.Callback):
         stats_every_n_steps: Every this many optimizer steps (0: never), log each adapted layer's
             :func:`~lightning_lora.core.diagnostics.adapter_stats`: ``adapter_stats/<layer>/delta_norm_ratio``
             and ``.../effective_rank`` as scalars, ``.../singular_values`` as a TensorBoard histogram.
+        adapter_name: The name of the adapter this callback injects and trains. Other adapters of the
+            network (from ``load_adapters``) stay frozen and inactive while it trains.
+        load_adapters: Adapter name -> adapter folder, each loaded into the network (frozen, inactive)
+            before this callback's adapter is injected: a "digit 4" adapter trained beside a finished
+            "digit 9" one. Checkpoints hold them all; the adapter folder at fit end holds them all.
     """
 
     def __init__(
@@ -79,6 +85,8 @@ class LoRAInjectionCallback(pl.Callback):
         adapter_dir: str | None = None,
         merge_on_fit_end: bool = False,
         stats_every_n_steps: int = 0,
+        adapter_name: str = DEFAULT_ADAPTER,
+        load_adapters: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(stats_every_n_steps, bool) or not isinstance(stats_every_n_steps, int) or stats_every_n_steps < 0:
@@ -102,6 +110,17 @@ class LoRAInjectionCallback(pl.Callback):
         self.module_path = module_path
         self.adapter_dir = adapter_dir
         self.merge_on_fit_end = merge_on_fit_end
+        self.adapter_name = check_adapter_name(adapter_name)
+        if load_adapters is not None and not (
+            isinstance(load_adapters, dict) and all(isinstance(v, (str, Path)) for v in load_adapters.values())
+        ):
+            raise ValueError(f"load_adapters must map adapter names to adapter folders, got {load_adapters!r}")
+        self.load_adapters = {check_adapter_name(k): str(v) for k, v in (load_adapters or {}).items()}
+        if self.adapter_name in self.load_adapters:
+            raise ValueError(
+                f"load_adapters names {self.adapter_name!r}, the adapter this callback trains; give the new adapter "
+                "another adapter_name"
+            )
 
     def target(self, pl_module: pl.LightningModule) -> nn.Module:
         """The network the adapters go into (it must be built by now)."""
@@ -123,17 +142,22 @@ class LoRAInjectionCallback(pl.Callback):
         """Adapt ``pl_module``'s network now (idempotent: setup runs for every stage)."""
         target = self.target(pl_module)
         try:
+            for name, folder in self.load_adapters.items():
+                if name not in lora_adapter_names(target):
+                    load_adapter(target, folder, adapter_name=name)
             names = lora_adapter_names(target)
             if not names:
-                inject_checked(target, self.config, "these LoRA settings")
-            elif DEFAULT_ADAPTER not in names:
+                inject_checked(target, self.config, "these LoRA settings", adapter_name=self.adapter_name)
+            elif self.adapter_name not in names and not set(names) <= set(self.load_adapters):
+                foreign = [n for n in names if n not in self.load_adapters]
                 raise ValueError(
-                    f"the network already holds adapters {names} that this callback did not make (it makes "
-                    f"{DEFAULT_ADAPTER!r}); drop the callback, or inject them after it"
+                    f"the network already holds adapters {foreign} that this callback did not make (it makes "
+                    f"{self.adapter_name!r}); drop the callback, or name them in load_adapters"
                 )
-            else:
-                inject_lora(target, self.config)  # the same settings (a no-op), or a clear refusal
-        except ValueError as err:  # targets that match nothing, a layer that cannot be adapted: the config is wrong
+            else:  # the same settings again (a no-op), a clear refusal, or a new adapter beside loaded ones
+                inject_lora(target, self.config, adapter_name=self.adapter_name)
+            set_active_adapters(target, self.adapter_name)
+        except (FileNotFoundError, ValueError) as err:  # the config or a folder is wrong
             raise UsageError(str(err)) from err
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -236,13 +260,19 @@ class LoRAInjectionCallback(pl.Callback):
         return f"{type(self).__qualname__}[module_path={self.module_path!r}]"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lora_config": self.config.to_dict()}
+        return {"lora_config": self.config.to_dict(), "adapter_name": self.adapter_name}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse to resume a run trained with other LoRA settings, naming each field that differs."""
         recorded = state_dict.get("lora_config")
         if isinstance(recorded, dict):
             refuse_other_lora_settings(LoRAConfig.from_dict(recorded), self.config)
+        name = state_dict.get("adapter_name", DEFAULT_ADAPTER)
+        if name != self.adapter_name:
+            raise UsageError(
+                f"the checkpoint trained adapter {name!r}, this run trains {self.adapter_name!r}: resume with "
+                f"--lora.adapter_name {name}, or start a new run"
+            )
 
 
 def _check_optimizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
