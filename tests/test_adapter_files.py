@@ -188,7 +188,10 @@ class TestRefusals:
                 {"layers_to_transform": [0]},
                 r"PEFT features lightning-lora does not implement: \['layers_to_transform'\]",
             ),
-            ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+            (
+                {"init_lora_weights": "pissa_niter_4"},
+                "init_lora_weights='pissa_niter_4'",
+            ),  # PiSSA's fast SVD: not implemented
             ({"r": 0}, "LoRAConfig.rank must be an integer >= 1, got 0"),
             ({"lora_alpha": "big"}, "LoRAConfig.alpha must be a finite number > 0"),
             ({"r": 4}, "does not fit|unusable tensors"),

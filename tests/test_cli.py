@@ -426,7 +426,7 @@ def test_bad_input_fails_with_one_clear_message(workdir, fake_mnist, capsys, ext
         ({"rank": 0}, "LoRAConfig.rank must be an integer >= 1, got 0"),
         ({"alpha": -1}, "LoRAConfig.alpha must be a finite number > 0, got -1"),
         ({"dropout": 1.5}, "LoRAConfig.dropout must be a number in [0, 1), got 1.5"),
-        ({"init": "xavier"}, "--lora.init: expected one of 'kaiming', 'gaussian', got 'xavier'"),
+        ({"init": "xavier"}, "--lora.init: expected one of 'kaiming', 'gaussian', 'pissa', 'olora', got 'xavier'"),
         ({"bias": "some"}, "--lora.bias: expected one of 'none', 'all', 'lora_only', got 'some'"),
         ({"target_modules": ["fc9"]}, "pattern 'fc9' matches no module. Adaptable layers in this model: ['linear1'"),
         ({"target_modules": ["relu"]}, "LoRA target 'relu' is a ReLU, which LoRA cannot adapt"),

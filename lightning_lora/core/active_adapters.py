@@ -123,6 +123,11 @@ def adapter_per_sample(model: nn.Module, names: list[str]) -> Iterator[nn.Module
         )
     if any(layer.merged for layer in layers):
         raise ValueError("adapter_per_sample on a merged model: call unmerge_lora(model) first")
+    if any(layer.lora_original_weight is not None for layer in layers):
+        raise ValueError(
+            "adapter_per_sample on a model whose first adapter rewrote the base (init='pissa' or 'olora'): a "
+            "'__base__' sample would run the residual, not the base. Serve it per batch (set_active_adapters)"
+        )
     if any(layer.sample_adapters is not None for layer in layers):
         raise ValueError("adapter_per_sample blocks do not nest: the model is inside one already")
     routing = SampleRouting(names)

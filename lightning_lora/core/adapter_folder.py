@@ -99,7 +99,9 @@ def _warn_where_peft_differs(model: nn.Module) -> None:
         )
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_names: list[str] | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_names: list[str] | None = None, convert_to_lora: bool = False
+) -> Path:
     """Write adapters as a PEFT folder: ``adapter_config.json`` + ``adapter_model.safetensors`` each.
 
     PEFT's multi-adapter layout: ``"default"`` at the folder's root, every other adapter in a
@@ -112,6 +114,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_names: list[
         model: A model holding adapters.
         path: The folder to write.
         adapter_names: The adapters to write (default: all of them).
+        convert_to_lora: Write a PiSSA/OLoRA adapter as the plain LoRA adapter of twice the rank that
+            gives the same model on the *original* base, ``W + scale (B A - B_0 A_0)`` (PEFT's
+            ``path_initial_model_for_weight_conversion``): ``A' = [A; A_0]``, ``B' = [B, -B_0]``.
+            Other adapters are written as they are.
 
     Returns:
         The folder written.
@@ -129,14 +135,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_names: list[
     if unknown or not names:
         raise ValueError(f"save_adapter: no adapter named {unknown[0]!r}; the model's are {list(configs)}"
                          if unknown else "save_adapter: adapter_names is empty; name at least one adapter")  # fmt: skip
-    folders = {("" if name == DEFAULT_ADAPTER else name): _adapter_files(model, name) for name in names}
+    folders = {
+        ("" if name == DEFAULT_ADAPTER else name): _adapter_files(model, name, convert_to_lora) for name in names
+    }
     _warn_where_peft_differs(model)
     return write_adapter_folder(path, folders)
 
 
-def _adapter_files(model: nn.Module, name: str) -> AdapterFiles:
+def _adapter_files(model: nn.Module, name: str, convert_to_lora: bool = False) -> AdapterFiles:
     keys = peft_keys(model, name)
     tensors = {keys[k]: v.detach() for k, v in adapter_tensors(model, name).items()}
+    config = peft_config(model, name)
+    if convert_to_lora and config["init_lora_weights"] in ("pissa", "olora"):
+        config, tensors = _as_plain_lora(model, name, keys, config, tensors)
     bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
     if bad:
         raise ValueError(f"refusing to save adapter {name!r}: NaN or infinite values in {bad[:5]}")
@@ -145,7 +156,31 @@ def _adapter_files(model: nn.Module, name: str) -> AdapterFiles:
         "lightning_lora_version": __version__,
         "base_fingerprint": touched_fingerprint(model, adapter_name=name),
     }
-    return peft_config(model, name), tensors, {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    return config, tensors, {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+
+
+def _as_plain_lora(
+    model: nn.Module, name: str, keys: dict[str, str], config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A PiSSA/OLoRA adapter's files as a plain LoRA adapter for the original base (rank doubled, scale kept)."""
+    tensors = dict(tensors)
+    for layer_name, layer in lora_layers(model):
+        if name not in layer.lora_adapters:
+            continue
+        adapter, prefix = layer.lora_adapters[name], f"{layer_name}.lora_adapters.{name}."
+        a_key, b_key = keys[prefix + "lora_A"], keys[prefix + "lora_B"]
+        tensors[a_key] = torch.cat([adapter.lora_A.detach(), adapter.lora_A_init], dim=0)
+        tensors[b_key] = torch.cat([adapter.lora_B.detach(), -adapter.lora_B_init], dim=1)
+    growth = 2**0.5 if config["use_rslora"] else 2  # alpha / sqrt(r) or alpha / r: the same scale at rank 2r
+    config = {
+        **config,
+        "r": 2 * config["r"],
+        "lora_alpha": growth * config["lora_alpha"],
+        "rank_pattern": {k: 2 * v for k, v in config["rank_pattern"].items()},
+        "alpha_pattern": {k: growth * v for k, v in config["alpha_pattern"].items()},
+        "init_lora_weights": True,
+    }
+    return config, tensors
 
 
 def _read_metadata(raw: dict[str, str], where: Path) -> dict[str, Any] | None:

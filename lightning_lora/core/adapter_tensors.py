@@ -59,7 +59,7 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state as it was before injection, by the plain model's keys.
 
-    Merged weights, trained biases and ``modules_to_save`` copies are all seen through: this is
+    Merged weights, PiSSA/OLoRA residuals, trained biases and ``modules_to_save`` copies are all seen through: this is
     what a fingerprint of the base is taken of, and what "the base is unchanged" means.
     """
     model = unwrap_model(model)
@@ -68,6 +68,9 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         return state
     for key in adapter_tensors(model):
         state.pop(key, None)
+    for name, layer in lora_layers(model):
+        if layer.lora_original_weight is not None:  # PiSSA / OLoRA: the layer runs a residual
+            state[f"{name}.{layer.weight_name}" if name else layer.weight_name] = layer.lora_original_weight
     for module, param, qualified in kept_biases(model):
         state[qualified] = getattr(module, BASE_PREFIX + param).detach()
     for name, _ in saved_modules(model):

@@ -14,10 +14,14 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 ALL_LINEAR = "all-linear"
-INITS = ("kaiming", "gaussian")
+InitName = Literal["kaiming", "gaussian", "pissa", "olora"]
+"""How the factors start (``LoRAConfig.init``)."""
+INITS: tuple[str, ...] = get_args(InitName)
+FROM_WEIGHT_INITS = ("pissa", "olora")
+"""Initialisations that take the factors from the base weight and leave the base its residual."""
 BIAS_POLICIES = ("none", "all", "lora_only")
 
 
@@ -95,8 +99,13 @@ class LoRAConfig:
             everything inside it.
         use_dora: Learn a per-output magnitude as well (DoRA; Linear, Conv and Conv1D layers).
         use_rslora: Scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
-        init: How the factor that is not zero starts: ``"kaiming"`` (uniform, as
-            ``nn.Linear`` does) or ``"gaussian"`` (normal with std ``1 / rank``).
+        init: How the factors start. ``"kaiming"`` (uniform, as ``nn.Linear`` does) or
+            ``"gaussian"`` (normal with std ``1 / rank``) for the factor that is not zero; or
+            from the base weight, PEFT's definitions: ``"pissa"`` (Meng et al., 2024: ``A`` and
+            ``B`` from the top ``rank`` singular triplets) or ``"olora"`` (Büyükakyüz, 2024: from
+            its QR decomposition). Those two leave the layer its residual weight
+            ``W - scale * B A``, so outputs at injection equal the base's (up to rounding);
+            linear layers only, the model's first adapter only.
         bias: Which biases train: ``"none"``, ``"all"`` (every parameter whose name holds
             "bias", as PEFT does) or ``"lora_only"`` (biases of adapted layers). The base's own
             values are kept aside, so disabling the adapter restores them.
@@ -117,7 +126,7 @@ class LoRAConfig:
     exclude_modules: list[str] = field(default_factory=list)
     use_dora: bool = False
     use_rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: InitName = "kaiming"
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] = field(default_factory=list)
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -131,6 +140,8 @@ class LoRAConfig:
         self.dropout = float(self.dropout)
         if self.init not in INITS:
             raise ValueError(f"LoRAConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.init in FROM_WEIGHT_INITS and self.use_dora:
+            raise ValueError(f"LoRAConfig.init={self.init!r} with use_dora is not supported; choose one of them")
         if self.bias not in BIAS_POLICIES:
             raise ValueError(f"LoRAConfig.bias must be one of {BIAS_POLICIES}, got {self.bias!r}")
         for flag in ("use_dora", "use_rslora"):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.adapter_folder import check_base_fingerprint, read_adapter_folder
+from lightning_lora.core.config import FROM_WEIGHT_INITS
 from lightning_lora.core.inject import base_view
 from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAAdapter, LoRAConv, LoRALayer
 from lightning_lora.core.model_state import (
@@ -130,6 +131,11 @@ def hotswap_adapter(
                          f"{'' if current.use_dora else 'not '}; swap in an adapter of the same kind")  # fmt: skip
     if config.bias != "none" or config.modules_to_save:
         raise ValueError(f"hotswap_adapter: {where} trains biases or modules_to_save; hot-swapping swaps factors only")
+    if (config.init in FROM_WEIGHT_INITS) != (current.init in FROM_WEIGHT_INITS):
+        raise ValueError(
+            f"hotswap_adapter: {where} has init={config.init!r} and the adapter init={current.init!r}: PiSSA/OLoRA "
+            "adapters run on the base's residual, others on the base itself; swap in an adapter of the same kind"
+        )
     keys = peft_keys(plain, adapter_name)
     if adapter_name == owner_adapter_name(plain):
         keys = {k: v for k, v in keys.items() if ".lora_adapters." in k}

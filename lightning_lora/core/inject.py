@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.active_adapters import set_active_adapters
-from lightning_lora.core.config import LoRAConfig
+from lightning_lora.core.config import FROM_WEIGHT_INITS, LoRAConfig
 from lightning_lora.core.layers import (
     DEFAULT_ADAPTER,
     LoRAAdapter,
@@ -185,6 +185,11 @@ def _add_named_adapter(model: nn.Module, config: LoRAConfig, name: str, plan: Ta
         )
     if any(layer.merged for _, layer in lora_layers(model)):
         raise ValueError(f"adding adapter {name!r} to a merged model; call unmerge_lora(model) first")
+    if config.init in FROM_WEIGHT_INITS:
+        raise ValueError(
+            f"adapter {name!r} has init={config.init!r}, which rewrites the base weight the model's other adapters "
+            "were made against; only a model's first adapter may use it (use init='kaiming' here)"
+        )
     if plan is None:
         with base_view(model):
             plan = plan_targets(model, config)
@@ -302,6 +307,8 @@ def _unload(model: nn.Module, merge: bool, adapter_names: list[str] | None = Non
         layer.unmerge()
         if merge:
             layer.merge(names)
+        else:
+            layer.restore_original_weight()  # PiSSA / OLoRA left the layer a residual
         plain = layer.to_base()
         for alias in names_of(model, layer):
             set_submodule(model, alias, plain)
@@ -351,6 +358,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     if len(configs) == 1:
         return remove_lora(model)
     config = configs[adapter_name]
+    if config.init in FROM_WEIGHT_INITS:
+        raise ValueError(
+            f"adapter {adapter_name!r} (init={config.init!r}) left the layers their residual weights, which the "
+            "model's other adapters were made against; delete the others first, or remove_lora(model)"
+        )
     if config.bias != "none" or config.modules_to_save:
         raise ValueError(
             f"adapter {adapter_name!r} trains biases or whole modules that the model's other adapters run with; "

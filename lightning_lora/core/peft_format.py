@@ -75,6 +75,11 @@ UNSUPPORTED_FEATURES = (
 """PEFT settings that change what the adapter computes and that this package does not implement."""
 
 
+INIT_IN_PEFT: dict[str, bool | str] = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+"""``LoRAConfig.init`` -> PEFT's ``init_lora_weights`` (``False``, PEFT's "no init", reads as ``kaiming``: the
+file's tensors replace the factors anyway)."""
+
+
 def peft_path(model: nn.Module, name: str) -> str:
     """A module's path in PEFT's model: ``base_layer`` appears wherever a path enters an adapted layer."""
     parts, here, out = name.split("."), model, []
@@ -152,7 +157,7 @@ def peft_config(model: nn.Module, adapter_name: str | None = None) -> dict[str, 
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
         "modules_to_save": (sorted(n for n, _ in saved_modules(model)) if owner else []) or None,
-        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "init_lora_weights": INIT_IN_PEFT[config.init],
         # Anchored: PEFT matches a pattern against the end of a module's name, so a bare "fc" would also
         # claim "sub.fc"; "^fc" is that one layer only.
         "rank_pattern": {f"^{re.escape(n)}": a.rank for n, a in adapters.items() if a.rank != config.rank},
@@ -189,7 +194,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{where} describes a {data['peft_type']!r} adapter; lightning-lora reads LoRA adapters only")
     used = [f for f in UNSUPPORTED_FEATURES if data.get(f) not in (None, False, [], {})]
     init = data.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
+    if init is not False and init not in INIT_IN_PEFT.values():
         used.append(f"init_lora_weights={init!r}")
     if used:
         raise ValueError(f"{where} uses PEFT features lightning-lora does not implement: {used}")
@@ -276,7 +281,9 @@ def config_from_peft(
             exclude_modules=excluded,
             use_dora=data["use_dora"],
             use_rslora=data["use_rslora"],
-            init="gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming",
+            init=next(
+                (k for k, v in INIT_IN_PEFT.items() if v == data.get("init_lora_weights") and v is not True), "kaiming"
+            ),  # fmt: skip
             bias=data["bias"],
             modules_to_save=saved,
         )

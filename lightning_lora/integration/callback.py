@@ -31,7 +31,7 @@ from torch import nn
 from lightning_lora.core.active_adapters import lora_adapter_names, set_active_adapters
 from lightning_lora.core.adapter_folder import load_adapter, save_adapter
 from lightning_lora.core.adapter_tensors import count_parameters
-from lightning_lora.core.config import ALL_LINEAR, LoRAConfig
+from lightning_lora.core.config import ALL_LINEAR, InitName, LoRAConfig
 from lightning_lora.core.diagnostics import adapter_stats
 from lightning_lora.core.inject import get_lora_config, inject_checked, inject_lora, merge_lora
 from lightning_lora.core.layers import DEFAULT_ADAPTER
@@ -76,7 +76,7 @@ class LoRAInjectionCallback(pl.Callback):
         exclude_modules: list[str] | None = None,
         use_dora: bool = False,
         use_rslora: bool = False,
-        init: Literal["kaiming", "gaussian"] = "kaiming",
+        init: InitName = "kaiming",
         bias: Literal["none", "all", "lora_only"] = "none",
         modules_to_save: list[str] | None = None,
         rank_pattern: dict[str, int] | None = None,

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_lora.core.config import LoRAConfig
+from lightning_lora.core.config import FROM_WEIGHT_INITS, LoRAConfig
 from lightning_lora.core.layers.adapter import BASE_SAMPLE, DEFAULT_ADAPTER, LoRAAdapter, SampleRouting
 from lightning_lora.core.layers.biases import BASE_PREFIX, keep_base_bias, kept_biases
 from lightning_lora.core.layers.dora import DoRAArithmetic, autocast_off, robust_norm
@@ -107,15 +107,16 @@ class LoRALayer(DoRAArithmetic, nn.Module):
         for name in self.parameter_names(base):
             self.register_parameter(name, getattr(base, name))
         self.register_buffer("lora_unmerged_weight", None, persistent=False)
+        self.register_buffer("lora_original_weight", None, persistent=False)
         self.lora_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = [adapter_name]
         self.merged_adapters: list[str] = []
         self.sample_adapters: SampleRouting | None = None
         self.enabled = True
+        self._check_base_forward(base)
         self.add_adapter(adapter_name, self.new_adapter(config))
         self.register_state_dict_post_hook(_report_base_weight)
         self.register_load_state_dict_pre_hook(_refuse_loading_while_merged)
-        self._check_base_forward(base)
 
     # -- what a layer type defines ------------------------------------------------------------
 
@@ -282,11 +283,41 @@ class LoRALayer(DoRAArithmetic, nn.Module):
             self.init_adapter(self.lora_adapters[name])
 
     def init_adapter(self, adapter: LoRAAdapter) -> None:
-        """Initialise ``adapter``'s factors (and DoRA magnitude) so that it adds nothing yet."""
+        """Initialise ``adapter``'s factors (and DoRA magnitude) so that this layer computes what its base does."""
         with torch.no_grad():
-            self.init_factors(adapter)
+            if adapter.config.init in FROM_WEIGHT_INITS:
+                self.init_from_weight(adapter)
+            else:
+                self.init_factors(adapter)
             if adapter.use_dora:
                 adapter.lora_magnitude.copy_(self.weight_norm(self.base_weight().float()))
+
+    def init_from_weight(self, adapter: LoRAAdapter) -> None:
+        """PiSSA / OLoRA: factors from the base weight, and the layer left its residual (linear layers define it)."""
+        raise ValueError(
+            f"init={adapter.config.init!r} (PiSSA/OLoRA) is defined for linear layers, not for "
+            f"{type(self.base_layer).__name__}; exclude it from the targets or use init='kaiming'"
+        )
+
+    def original_weight(self) -> torch.Tensor:
+        """The weight the base had before any adapter: what ``disable_lora`` runs (PiSSA/OLoRA keep it aside)."""
+        return self.lora_original_weight if self.lora_original_weight is not None else self.base_weight()
+
+    def take_residual(self, residual: torch.Tensor) -> None:
+        """Run on ``residual`` instead of the base weight from now on, the original kept aside (never written)."""
+        original = getattr(self, self.weight_name)
+        if self.lora_original_weight is None:
+            self.lora_original_weight = original.detach()
+        setattr(self, self.weight_name, nn.Parameter(residual.to(original.dtype), requires_grad=False))
+
+    def restore_original_weight(self) -> None:
+        """Give the layer its original weight back (the very tensor the base module holds), dropping the residual."""
+        if self.lora_original_weight is not None:
+            self.unmerge()
+            kept, held = self.lora_original_weight, getattr(self.base_layer, self.weight_name)
+            same_place = held.device == kept.device and held.dtype == kept.dtype
+            setattr(self, self.weight_name, held if same_place else nn.Parameter(kept, requires_grad=False))
+            self.lora_original_weight = None
 
     def init_factors(self, adapter: LoRAAdapter) -> None:
         """Kaiming-uniform (or gaussian) ``A`` and zero ``B``, as PEFT does."""
@@ -325,7 +356,7 @@ class LoRALayer(DoRAArithmetic, nn.Module):
         (``nn.MultiheadAttention`` and its ``out_proj``).
         """
         if not self.enabled:
-            return self.base_weight()
+            return self.original_weight()
         weight = getattr(self, self.weight_name)
         in_use = self.adapters_in_use()
         if not in_use:
@@ -380,7 +411,7 @@ class LoRALayer(DoRAArithmetic, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
-            return self.base_forward(x, self.base_weight(), self.base_bias())
+            return self.base_forward(x, self.original_weight(), self.base_bias())
         if self.sample_adapters is not None:
             return self.per_sample_forward(x)
         out = self.base_forward(x, getattr(self, self.weight_name), getattr(self, "bias", None))

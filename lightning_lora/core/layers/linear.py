@@ -43,6 +43,38 @@ class LoRALinear(LoRALayer):
     def is_batched(self, x: torch.Tensor) -> bool:
         return x.dim() >= 2  # a 1-D input is one unbatched sample
 
+    def init_from_weight(self, adapter: LoRAAdapter) -> None:
+        """PEFT's PiSSA (the top-``r`` singular triplets, split as ``sqrt(S / scale)`` between the factors) or
+        OLoRA (``B`` the first ``r`` columns of ``Q``, ``A`` the first ``r`` rows of ``R`` of ``W = QR``); the
+        layer keeps ``W - scale * B A``. Computed in fp32 from the original weight, whatever the layer runs now."""
+        original = self.original_weight()
+        if original.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"init={adapter.config.init!r} needs a float32, float16 or bfloat16 weight, got {original.dtype}"
+            )
+        weight = original.float()
+        if self.output_dim_in_weight == 1:
+            weight = weight.t()  # (out, in), as B A is laid out
+        rank = adapter.rank
+        if rank > min(weight.shape):
+            raise ValueError(
+                f"init={adapter.config.init!r} takes {rank} directions from a {tuple(weight.shape)} weight, which has "
+                f"{min(weight.shape)}; use a rank of at most {min(weight.shape)} there (rank_pattern) or init='kaiming'"
+            )
+        if adapter.config.init == "pissa":
+            left, values, right = torch.linalg.svd(weight, full_matrices=False)
+            root = torch.sqrt(values[:rank] / adapter.scale)
+            lora_A, lora_B = root[:, None] * right[:rank], left[:, :rank] * root
+        else:
+            q, r = torch.linalg.qr(weight)
+            lora_A, lora_B = r[:rank], q[:, :rank]
+        adapter.lora_A.copy_(lora_A)
+        adapter.lora_B.copy_(lora_B)
+        adapter.register_buffer("lora_A_init", lora_A.clone(), persistent=False)
+        adapter.register_buffer("lora_B_init", lora_B.clone(), persistent=False)
+        residual = weight - adapter.scale * lora_B @ lora_A  # PEFT's order of operations: (scale * B) @ A
+        self.take_residual(residual.t() if self.output_dim_in_weight == 1 else residual)
+
     def output_shape(self) -> tuple[int, ...]:
         return (self.out_features,)
 
