@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -316,10 +317,41 @@ def test_inspect_shows_what_a_fine_tune_s_adapter_learned(trained_run, capsys):
         row = next(line.split() for line in out.splitlines() if line.startswith(stats.name + " "))
         assert row[1:3] == ["default", "1"] and float(row[3]) == pytest.approx(stats.delta_norm_ratio, rel=1e-2)
         assert float(row[5].rstrip(",")) == pytest.approx(stats.singular_values[0], rel=1e-2)
-    wrong = [(["inspect"], "inspect takes -c CONFIG"), (["inspect", "--ckpt", str(ckpt), "--lora.rank", "2"], "--base")]
+    wrong = [
+        (["inspect"], "inspect takes -c CONFIG"),
+        (["inspect", "--ckpt", str(ckpt), "--lora.rank", "2"], "--base"),
+        (["inspect", "--adapter", str(root)], "needs --base"),
+    ]
     for args, message in wrong:
         with pytest.raises(SystemExit) as exit_info:
             main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_inspect_shows_a_saved_adapter_folder_on_its_base(workdir, fake_mnist, capsys):
+    from lightning_lora import adapter_stats, load_adapter
+    from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run
+
+    short = ["--data.data_dir", str(fake_mnist), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+             "--trainer.limit_val_batches", "0"]  # fmt: skip
+    shutil.rmtree(workdir / "runs/pretrain")  # a real pretraining run instead of workdir's bare weights
+    main(["fit", *config_args(["pretrain.yaml"]), *short])
+    main(["fit", *config_args(["finetune_lora.yaml"]), *short])
+    folder = workdir / "runs/finetune_lora/version_0/adapter"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--adapter", str(folder), "--base", "runs/pretrain"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    net = build_net(load_run("runs/pretrain").hyper_parameters["net"])
+    load_base_checkpoint(net, "runs/pretrain")
+    for stats in adapter_stats(load_adapter(net, folder)):
+        row = next(line.split() for line in out.splitlines() if line.startswith(stats.name + " "))
+        assert row[1:3] == ["default", "1"] and float(row[3]) == pytest.approx(stats.delta_norm_ratio, rel=1e-2)
+    for args, message in [(["--adapter", str(folder)], "needs --base"),
+                          (["--adapter", str(workdir), "--base", "runs/pretrain"], "holds no adapter")]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(["inspect", *args])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 

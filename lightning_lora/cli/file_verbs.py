@@ -195,16 +195,26 @@ def inspect_command(argv: Sequence[str]) -> int:
     parser = _parser("inspect", INSPECT)
     parser.add_argument("-c", "--config", action="append", help="YAML config (repeatable)")
     parser.add_argument("--ckpt", help="a fine-tuning run folder (its latest version) or .ckpt: its adapter's numbers")
-    parser.add_argument("--base", help="with --ckpt: the pretraining run or .ckpt (default: the one it recorded)")
+    parser.add_argument(
+        "--adapter", help="an adapter folder (every adapter in it; PEFT's layout): its numbers on --base"
+    )
+    parser.add_argument(
+        "--base", help="the pretraining run or .ckpt (with --ckpt: default the one it recorded; with --adapter: needed)"
+    )
     parser.epilog = "LoRA settings override the config's as in fit: " + ", ".join(
         f"--lora.{name}" for name in LoRAConfig.field_names()
     )
     opts, rest = parser.parse_known_args(argv)
-    if bool(opts.config) == bool(opts.ckpt):
-        raise UsageError("inspect takes -c CONFIG (what a config would adapt) or --ckpt RUN (what a fine-tune learned)")
-    if opts.ckpt:
+    if sum(bool(v) for v in (opts.config, opts.ckpt, opts.adapter)) != 1:
+        raise UsageError(
+            "inspect takes -c CONFIG (what a config would adapt), --ckpt RUN (what a fine-tune learned) or "
+            "--adapter FOLDER --base PRETRAIN_RUN (what a saved adapter learned)"
+        )
+    if opts.ckpt or opts.adapter:
         if rest:
-            raise UsageError(f"unrecognised option {rest[0]!r}; inspect --ckpt takes --base and --allow-class")
+            raise UsageError(
+                f"unrecognised option {rest[0]!r}; inspect --ckpt/--adapter takes --base and --allow-class"
+            )
         return _inspect_adapter(opts)
     overrides = _lora_overrides(rest)
     config = _merge_configs(opts.config)
@@ -255,8 +265,8 @@ def _inspect_adapter(opts: argparse.Namespace) -> int:
     """Per adapted layer: rank, ||scale B A|| / ||W||, effective rank and the largest singular values."""
     from lightning_lora.core.diagnostics import adapter_stats
 
-    run = _load_adapted(opts, "inspect")
-    stats = adapter_stats(run.net)
+    net = _net_with_folder(opts) if opts.adapter else _load_adapted(opts, "inspect").net
+    stats = adapter_stats(net)
     width = max(len("module"), *(len(s.name) for s in stats))
     print(f"{'module':<{width}}  {'adapter':<8} {'rank':>4}  {'delta/W':>9}  {'eff. rank':>9}  singular values")
     for s in stats:
@@ -265,6 +275,33 @@ def _inspect_adapter(opts: argparse.Namespace) -> int:
         print(f"{s.name:<{width}}  {s.adapter:<8} {numbers}  {shown}")
     print("delta/W: ||scale B A|| / ||W|| (Frobenius); eff. rank: exp(entropy) of the singular values (1: collapsed)")
     return 0
+
+
+def _net_with_folder(opts: argparse.Namespace):
+    """The base net of ``--base`` holding every adapter of the folder ``--adapter`` (its root and subfolders)."""
+    from lightning_lora.core.adapter_folder import load_adapter
+    from lightning_lora.core.layers import DEFAULT_ADAPTER
+    from lightning_lora.core.peft_format import ADAPTER_CONFIG_NAME
+    from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run
+
+    if not opts.base:
+        raise UsageError("inspect --adapter needs --base: the pretraining run or .ckpt the adapter was trained on")
+    folder = Path(opts.adapter)
+    names = ([DEFAULT_ADAPTER] if (folder / ADAPTER_CONFIG_NAME).is_file() else []) + sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and (p / ADAPTER_CONFIG_NAME).is_file()
+    ) if folder.is_dir() else []  # fmt: skip
+    if not names:
+        raise UsageError(f"{folder} holds no adapter (adapter_config.json at its root or in a subfolder)")
+    class_allowlist.allow_classes(opts.allow_class)
+    net = build_net(load_run(opts.base).hyper_parameters["net"], "the base's net")
+    load_base_checkpoint(net, opts.base)
+    try:
+        for name in names:
+            load_adapter(net, folder, adapter_name=name)
+    except (FileNotFoundError, ValueError) as err:  # another base, a broken file: the message says which
+        raise UsageError(str(err)) from err
+    print(f"lightning-lora inspect: {folder} ({', '.join(names)}) on {opts.base}", flush=True)
+    return net
 
 
 def _lora_overrides(rest: list[str]) -> list[tuple[str, str]]:
