@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import interleaved  # noqa: E402
+from timing import add_results_option, interleaved  # noqa: E402
 
 from lightning_lora import LoRAConfig, adapter_per_sample, inject_lora, set_active_adapters  # noqa: E402
 from lightning_lora.demo.nets import RichBoyNet  # noqa: E402
-from lightning_lora.experiments.pipeline import RESULTS, RUN_RECORDS, environment, write_record  # noqa: E402
+from lightning_lora.experiments.pipeline import environment, write_record  # noqa: E402
 
 
 def model_with(adapters: int) -> torch.nn.Module:
@@ -73,11 +73,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--adapters", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument(
-        "--results",
-        default=str(RUN_RECORDS),
-        help=f"where the record goes (default: %(default)s, ignored by git; {RESULTS}: the committed record)",
-    )
+    add_results_option(parser)
     opts = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     rows = []

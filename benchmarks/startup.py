@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import interleaved  # noqa: E402
+from timing import add_results_option, interleaved  # noqa: E402
 
-from lightning_lora.experiments.pipeline import RESULTS, RUN_RECORDS, environment, write_record  # noqa: E402
+from lightning_lora.experiments.pipeline import environment, write_record  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "lightning-lora")
 
@@ -46,11 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--ckpt", help="a fine-tuning run for export and merge (e.g. runs/finetune_lora)")
-    parser.add_argument(
-        "--results",
-        default=str(RUN_RECORDS),
-        help=f"where the record goes (default: %(default)s, ignored by git; {RESULTS}: the committed record)",
-    )
+    add_results_option(parser)
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
         measured = commands(opts.ckpt, Path(out))

@@ -73,3 +73,15 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def add_results_option(parser) -> None:
+    """``--results``: where a benchmark's record goes; by default a git-ignored folder, so a run by hand never
+    rewrites the committed records (``benchmarks/results``, given explicitly)."""
+    from lightning_lora.experiments.pipeline import RESULTS, RUN_RECORDS
+
+    parser.add_argument(
+        "--results",
+        default=str(RUN_RECORDS),
+        help=f"where the record goes (default: %(default)s, ignored by git; {RESULTS}: the committed record)",
+    )

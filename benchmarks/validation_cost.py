@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import interleaved  # noqa: E402
+from timing import add_results_option, interleaved  # noqa: E402
 
-from lightning_lora.experiments.pipeline import RESULTS, RUN_RECORDS, environment, write_record  # noqa: E402
+from lightning_lora.experiments.pipeline import environment, write_record  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "lightning-lora")
 
@@ -28,11 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument(
-        "--results",
-        default=str(RUN_RECORDS),
-        help=f"where the record goes (default: %(default)s, ignored by git; {RESULTS}: the committed record)",
-    )
+    add_results_option(parser)
     opts = parser.parse_args()
     fit = [CLI, "fit", "-c", "configs/finetune_lora.yaml", "--data.data_dir", opts.data_dir,
            "--trainer.logger.init_args.name", "validation_cost", "--trainer.enable_progress_bar", "false"]  # fmt: skip

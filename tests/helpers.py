@@ -186,3 +186,27 @@ class RecordingLogger(pl.loggers.Logger):
     def log_metrics(self, metrics, step=None) -> None:
         for key, value in metrics.items():
             self.metrics.setdefault(key, []).append((step, float(value)))
+
+
+def move_adapters(model: nn.Module, seed: int = 1, std: float = 0.3) -> nn.Module:
+    """Every adapter tensor of every adapter moved away from its start, as training would (seeded)."""
+    from lightning_lora import lora_layers
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for param in layer.lora_adapters.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+class TwoLinear(nn.Module):
+    """A seeded 12 -> 16 -> 5 ReLU network: two Linear layers to adapt, fc1 and fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))

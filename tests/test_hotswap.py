@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import LAYER_ZOO, zoo_model
+from helpers import LAYER_ZOO, move_adapters, zoo_model
 from torch import nn
 
 from lightning_lora import (
@@ -15,7 +15,6 @@ from lightning_lora import (
     hotswap_adapter,
     inject_lora,
     load_adapter,
-    lora_layers,
     prepare_hotswap,
     save_adapter,
 )
@@ -27,12 +26,7 @@ def trained(base: nn.Module, seed: int, **config) -> nn.Module:
     model = inject_lora(
         copy.deepcopy(base), LoRAConfig(**{"rank": 2, "alpha": 4, "target_modules": ["layer"], **config})
     )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for param in layer.lora_adapters.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model.eval()
+    return move_adapters(model, seed).eval()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from helpers import Conv1DLike, require
+from helpers import Conv1DLike, TwoLinear, require
 from torch import nn
 
 from lightning_lora import (
@@ -32,16 +32,6 @@ from lightning_lora.core.adapter_tensors import base_state_dict
 INITS = ["pissa", "olora"]
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 5)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def trained(model: nn.Module, steps: int = 5) -> nn.Module:
     x = torch.randn(32, 12, generator=torch.Generator().manual_seed(3))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
@@ -55,7 +45,7 @@ def trained(model: nn.Module, steps: int = 5) -> nn.Module:
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("rslora", [False, True])
 def test_outputs_at_injection_equal_the_base_and_disabled_is_the_original_bit_for_bit(init, rslora):
-    base, x = Net().requires_grad_(False), torch.randn(6, 12)
+    base, x = TwoLinear().requires_grad_(False), torch.randn(6, 12)
     model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=4, alpha=8, init=init, use_rslora=rslora))
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x), atol=1e-5, rtol=1e-5)
@@ -70,7 +60,7 @@ def test_outputs_at_injection_equal_the_base_and_disabled_is_the_original_bit_fo
 @pytest.mark.parametrize("init", INITS)
 def test_factors_and_residual_equal_peft_s(init):
     peft = require("peft")
-    base, x = Net().requires_grad_(False), torch.randn(6, 12)
+    base, x = TwoLinear().requires_grad_(False), torch.randn(6, 12)
     ours = inject_lora(copy.deepcopy(base), LoRAConfig(rank=3, alpha=6, init=init))
     theirs = peft.get_peft_model(
         copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["fc1", "fc2"], init_lora_weights=init)
@@ -95,7 +85,7 @@ def test_transformers_conv1d_takes_its_transposed_weight():
 @pytest.mark.parametrize("init", INITS)
 def test_a_saved_adapter_loads_on_the_original_base_here_and_in_peft(init, tmp_path):
     peft = require("peft")
-    base, x = Net().requires_grad_(False), torch.randn(6, 12)
+    base, x = TwoLinear().requires_grad_(False), torch.randn(6, 12)
     model = trained(inject_lora(copy.deepcopy(base), LoRAConfig(rank=3, alpha=6, init=init))).eval()
     save_adapter(model, tmp_path / "a")
     with torch.no_grad():
@@ -113,7 +103,7 @@ def test_a_saved_adapter_loads_on_the_original_base_here_and_in_peft(init, tmp_p
 @pytest.mark.parametrize("rslora", [False, True])
 def test_converted_to_plain_lora_it_gives_the_trained_model_on_the_original_base_as_peft_s_does(init, rslora, tmp_path):
     peft = require("peft")
-    base, x = Net().requires_grad_(False), torch.randn(6, 12)
+    base, x = TwoLinear().requires_grad_(False), torch.randn(6, 12)
     model = trained(inject_lora(copy.deepcopy(base), LoRAConfig(rank=3, alpha=6, init=init, use_rslora=rslora)))
     save_adapter(model, tmp_path / "plain", convert_to_lora=True)
     plain = load_adapter(copy.deepcopy(base), tmp_path / "plain")
@@ -126,7 +116,7 @@ def test_converted_to_plain_lora_it_gives_the_trained_model_on_the_original_base
 
 
 def test_merge_and_unload_and_remove_lora_leave_plain_layers():
-    base, x = Net().requires_grad_(False), torch.randn(6, 12)
+    base, x = TwoLinear().requires_grad_(False), torch.randn(6, 12)
     model = trained(inject_lora(copy.deepcopy(base), LoRAConfig(rank=3, init="pissa")))
     with torch.no_grad():
         expected = model(x)
@@ -138,7 +128,7 @@ def test_merge_and_unload_and_remove_lora_leave_plain_layers():
 
 
 def test_only_a_first_adapter_may_rewrite_the_base_and_it_is_refused_where_it_cannot_hold():
-    model = inject_lora(Net(), LoRAConfig(rank=2, init="pissa"))
+    model = inject_lora(TwoLinear(), LoRAConfig(rank=2, init="pissa"))
     with pytest.raises(ValueError, match="only a model's first adapter may use it"):
         inject_lora(model, LoRAConfig(rank=2, init="olora"), adapter_name="b")
     inject_lora(model, LoRAConfig(rank=2), adapter_name="b")
@@ -152,7 +142,7 @@ def test_only_a_first_adapter_may_rewrite_the_base_and_it_is_refused_where_it_ca
     with pytest.raises(ValueError, match="defined for linear layers, not for Conv2d"):
         inject_lora(nn.Sequential(nn.Conv2d(3, 4, 3)), LoRAConfig(rank=2, init="olora", target_modules=["0"]))
     with pytest.raises(ValueError, match=r"takes 9 directions from a \(5, 16\) weight.*at most 5"):
-        inject_lora(Net(), LoRAConfig(rank=9, init="pissa"))
+        inject_lora(TwoLinear(), LoRAConfig(rank=9, init="pissa"))
 
 
 @pytest.mark.parametrize("init", INITS)

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DORA_KINDS, LAYER_ZOO, require, zoo_model
+from helpers import DORA_KINDS, LAYER_ZOO, move_adapters, require, zoo_model
 from torch import nn
 
 from lightning_lora import (
@@ -45,16 +45,6 @@ class Net(nn.Module):
         return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def moved(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Every adapter tensor moved away from its start, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for param in layer.lora_adapters.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model
-
-
 def two_adapters(kind: str | None = None, **second) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """A base, and a copy holding adapter "a" (rank 2) and "b" (rank 3 unless given), both moved."""
     if kind is None:
@@ -65,7 +55,7 @@ def two_adapters(kind: str | None = None, **second) -> tuple[nn.Module, nn.Modul
         targets = ["layer"]
     model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, alpha=4, target_modules=targets))
     inject_lora(model, LoRAConfig(**{"rank": 3, "alpha": 3, "target_modules": targets, **second}), adapter_name="b")
-    return base, moved(model), x
+    return base, move_adapters(model), x
 
 
 def alone(model: nn.Module, name: str) -> nn.Module:
@@ -80,7 +70,7 @@ def alone(model: nn.Module, name: str) -> nn.Module:
 class TestAdding:
     def test_a_second_name_adds_an_inactive_frozen_adapter_and_leaves_the_first_as_it_was(self):
         base, x = Net().requires_grad_(False), torch.randn(6, 12)
-        model = moved(inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, target_modules=["fc1", "head"])))
+        model = move_adapters(inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, target_modules=["fc1", "head"])))
         before = model(x)
         inject_lora(model, LoRAConfig(rank=4, target_modules=["fc2", "head"]), adapter_name="other")
         assert lora_adapter_names(model) == ["default", "other"]
@@ -378,7 +368,7 @@ class TestBesideTheSingleAdapterPaths:
         model = module()
         inject_lora(model.net, LoRAConfig(rank=2))
         inject_lora(model.net, LoRAConfig(rank=3, target_modules=["layers.0"]), adapter_name="b")
-        moved(model.net)
+        move_adapters(model.net)
         set_active_adapters(model.net, "b")
         checkpoint = {"state_dict": model.state_dict()}
         model.on_save_checkpoint(checkpoint)

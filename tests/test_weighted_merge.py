@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import LAYER_ZOO, require, zoo_model
+from helpers import LAYER_ZOO, TwoLinear, move_adapters, require, zoo_model
 from torch import nn
 
 from lightning_lora import (
@@ -28,25 +28,10 @@ from lightning_lora import (
 KINDS = list(LAYER_ZOO)
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def with_two(base: nn.Module, targets, rank_b: int = 2, seed: int = 1) -> nn.Module:
     model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, alpha=4, target_modules=targets))
     inject_lora(model, LoRAConfig(rank=rank_b, alpha=3, target_modules=targets), adapter_name="b")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for param in layer.lora_adapters.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
-    return model
+    return move_adapters(model, seed)
 
 
 def update_of(model: nn.Module, x: torch.Tensor, names) -> torch.Tensor:
@@ -76,7 +61,7 @@ def test_exact_combinations_equal_the_weighted_sum_of_the_updates_on_every_layer
 
 
 def test_the_new_adapter_is_inactive_frozen_and_the_sources_unchanged():
-    model = with_two(Net(), "all-linear")
+    model = with_two(TwoLinear(), "all-linear")
     x = torch.randn(4, 12)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = model(x)
@@ -91,7 +76,7 @@ class TestAgainstPEFT:
     @pytest.mark.parametrize(("combination", "rank_b"), [("linear", 2), ("cat", 2), ("cat", 3), ("svd", 3)])
     def test_outputs_equal_peft_s_add_weighted_adapter(self, combination, rank_b):
         peft = require("peft")
-        base = Net().requires_grad_(False)
+        base = TwoLinear().requires_grad_(False)
         x = torch.randn(5, 12)
         ours = with_two(base, ["fc1", "fc2"], rank_b=rank_b)
         theirs = peft.get_peft_model(
@@ -127,7 +112,7 @@ class TestAgainstPEFT:
     ],
 )
 def test_bad_combinations_are_refused_with_the_fix_and_the_model_unchanged(call, message):
-    model = with_two(Net(), "all-linear", rank_b=3)
+    model = with_two(TwoLinear(), "all-linear", rank_b=3)
     inject_lora(model, LoRAConfig(rank=2, target_modules=["fc1"]), adapter_name="c")
     keys = set(model.state_dict())
     with pytest.raises(ValueError, match=message):
@@ -136,7 +121,7 @@ def test_bad_combinations_are_refused_with_the_fix_and_the_model_unchanged(call,
 
 
 def test_dora_adapters_are_refused():
-    model = inject_lora(Net(), LoRAConfig(rank=2, use_dora=True))
+    model = inject_lora(TwoLinear(), LoRAConfig(rank=2, use_dora=True))
     inject_lora(model, LoRAConfig(rank=2), adapter_name="b")
     with pytest.raises(ValueError, match="DoRA adapter, whose magnitudes do not combine"):
         add_weighted_adapter(model, ["default", "b"], [1, 1], "mix")

@@ -282,7 +282,7 @@ def _net_with_folder(opts: argparse.Namespace):
     from lightning_lora.core.adapter_folder import load_adapter
     from lightning_lora.core.layers import DEFAULT_ADAPTER
     from lightning_lora.core.peft_format import ADAPTER_CONFIG_NAME
-    from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run
+    from lightning_lora.demo.run_loading import load_base_net
 
     if not opts.base:
         raise UsageError("inspect --adapter needs --base: the pretraining run or .ckpt the adapter was trained on")
@@ -293,8 +293,7 @@ def _net_with_folder(opts: argparse.Namespace):
     if not names:
         raise UsageError(f"{folder} holds no adapter (adapter_config.json at its root or in a subfolder)")
     class_allowlist.allow_classes(opts.allow_class)
-    net = build_net(load_run(opts.base).hyper_parameters["net"], "the base's net")
-    load_base_checkpoint(net, opts.base)
+    net = load_base_net(opts.base)
     try:
         for name in names:
             load_adapter(net, folder, adapter_name=name)

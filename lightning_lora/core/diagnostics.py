@@ -20,7 +20,6 @@ from torch import nn
 
 from lightning_lora.core.inject import lora_layers
 from lightning_lora.core.layers.base import LoRAAdapter, LoRALayer
-from lightning_lora.core.layers.conv import LoRAConv
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def update_singular_values(layer: LoRALayer, adapter: LoRAAdapter | None = None)
     """The singular values of ``scale * B A`` (of ``adapter``, the layer's primary one by default),
     largest first, in fp32, from the factors alone."""
     adapter = adapter if adapter is not None else layer.primary
-    groups = layer.groups if isinstance(layer, LoRAConv) else 1
+    groups = layer.factor_groups()
     with torch.no_grad():
         a = adapter.lora_A.detach().float().reshape(groups, adapter.rank, -1)  # (g, r, in)
         b = adapter.lora_B.detach().float().reshape(groups, -1, adapter.rank)  # (g, out, r)

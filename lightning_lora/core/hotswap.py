@@ -21,12 +21,12 @@ from torch import nn
 from lightning_lora.core.adapter_folder import check_base_fingerprint, read_adapter_folder
 from lightning_lora.core.config import FROM_WEIGHT_INITS
 from lightning_lora.core.inject import base_view
-from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAAdapter, LoRAConv, LoRALayer
+from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAAdapter, LoRALayer
 from lightning_lora.core.model_state import (
-    CONFIGS_ATTR,
     adapter_configs,
     lora_layers,
     owner_adapter_name,
+    record_adapter_config,
     unwrap_model,
 )
 from lightning_lora.core.peft_format import config_from_peft, peft_keys
@@ -34,13 +34,10 @@ from lightning_lora.core.peft_format import config_from_peft, peft_keys
 log = logging.getLogger("lightning_lora")
 
 
-def _groups(layer: LoRALayer) -> int:
-    return layer.groups if isinstance(layer, LoRAConv) else 1
-
-
 def _pad_into(layer: LoRALayer, adapter: LoRAAdapter, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
     """Copy factors of rank ``r <= adapter``'s into it, the rows and columns beyond ``r`` zero (per group)."""
-    groups, rank, new_rank = _groups(layer), adapter.lora_A.shape[0] // _groups(layer), lora_B.shape[1]
+    groups = layer.factor_groups()
+    rank, new_rank = adapter.lora_A.shape[0] // groups, lora_B.shape[1]
     with torch.no_grad():
         a = adapter.lora_A.view(groups, rank, *adapter.lora_A.shape[1:])
         a.zero_()
@@ -90,10 +87,6 @@ def prepare_hotswap(model: nn.Module, max_rank: int | None = None) -> nn.Module:
             # The same adapter at a larger rank: alpha follows so that config.scale is still its scale.
             adapter.config = replace(adapter.config, rank=max_rank, alpha=_alpha_for(adapter.config, max_rank))
     return model
-
-
-def configs_of(model: nn.Module) -> dict:
-    return getattr(model, CONFIGS_ATTR)
 
 
 def _alpha_for(config, rank: int) -> float:
@@ -182,7 +175,7 @@ def hotswap_adapter(
         elif adapter.scale != scale:
             adapter.scale, recompiles = scale, True
         adapter.config = replace(layer_config, rank=held, alpha=_alpha_for(layer_config, held))
-    configs_of(plain)[adapter_name] = config
+    record_adapter_config(plain, adapter_name, config)
     if recompiles:
         log.warning(
             "hotswap_adapter: the new adapter's scale differs and the model was not prepared, so compiled code "

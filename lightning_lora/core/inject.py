@@ -35,6 +35,7 @@ from lightning_lora.core.model_state import (
     lora_layers,
     modules_outside_adapters,
     names_of,
+    record_adapter_config,
     saved_modules,
     set_submodule,
     unwrap_model,
@@ -147,7 +148,7 @@ def inject_lora(
                 if "bias" in name and param is not None:
                     keep_base_bias(module, name)
     _guard_transformer_fast_paths(model)
-    setattr(model, CONFIGS_ATTR, {adapter_name: config})
+    record_adapter_config(model, adapter_name, config)
     setattr(model, ACTIVE_ATTR, [adapter_name])
     log_skipped(plan)
     _warn_running_statistics(model)
@@ -214,7 +215,7 @@ def _add_named_adapter(model: nn.Module, config: LoRAConfig, name: str, plan: Ta
         for alias in plan.names[target]:
             set_submodule(model, alias, layer)
     _guard_transformer_fast_paths(model)
-    getattr(model, CONFIGS_ATTR)[name] = config
+    record_adapter_config(model, name, config)
     log_skipped(plan)
 
 

@@ -62,6 +62,14 @@ def adapter_configs(model: nn.Module) -> dict[str, LoRAConfig]:
     return dict(getattr(unwrap_model(model), CONFIGS_ATTR, {}))
 
 
+def record_adapter_config(model: nn.Module, name: str, config: LoRAConfig) -> None:
+    """Record (or update) adapter ``name``'s config on the model, keeping the order adapters were added in."""
+    plain = unwrap_model(model)
+    if CONFIGS_ATTR not in plain.__dict__:
+        setattr(plain, CONFIGS_ATTR, {})
+    getattr(plain, CONFIGS_ATTR)[name] = config
+
+
 def get_lora_config(model: nn.Module, adapter_name: str | None = None) -> LoRAConfig | None:
     """The config adapter ``adapter_name`` was made with, or ``None`` when the model holds no such adapter.
 

@@ -24,12 +24,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lightning_lora.core.layers import LoRAAdapter, LoRAConv, LoRAConv1D, LoRAEmbedding, LoRALayer
+from lightning_lora.core.layers import LoRAAdapter, LoRAConv1D, LoRAEmbedding, LoRALayer
 from lightning_lora.core.model_state import (
-    CONFIGS_ATTR,
     adapter_configs,
     check_adapter_name,
     lora_layers,
+    record_adapter_config,
     unwrap_model,
 )
 
@@ -87,16 +87,20 @@ def add_weighted_adapter(
         layer.add_adapter(new_name, built[name])
     new_ranks = {name: adapter.rank for name, adapter in built.items()}
     rank = max(new_ranks.values())
-    getattr(plain, CONFIGS_ATTR)[new_name] = replace(
-        first,
-        rank=rank,
-        alpha=float(rank),
-        use_dora=False,
-        use_rslora=False,
-        bias="none",
-        modules_to_save=[],
-        rank_pattern={n: r for n, r in new_ranks.items() if r != rank},
-        alpha_pattern={n: float(r) for n, r in new_ranks.items() if r != rank},
+    record_adapter_config(
+        plain,
+        new_name,
+        replace(
+            first,
+            rank=rank,
+            alpha=float(rank),
+            use_dora=False,
+            use_rslora=False,
+            bias="none",
+            modules_to_save=[],
+            rank_pattern={n: r for n, r in new_ranks.items() if r != rank},
+            alpha_pattern={n: float(r) for n, r in new_ranks.items() if r != rank},
+        ),
     )
     return model
 
@@ -159,13 +163,9 @@ def _combined(
     return adapter.requires_grad_(False)
 
 
-def _groups(layer: LoRALayer) -> int:
-    return layer.groups if isinstance(layer, LoRAConv) else 1
-
-
 def _concatenated(layer: LoRALayer, sources: list[LoRAAdapter], weights: list[float]):
     """``[w_i s_i A_i]`` stacked over ranks and ``[B_i]`` side by side, group by group."""
-    groups = _groups(layer)
+    groups = layer.factor_groups()
     a_parts = [
         (w * s.scale * s.lora_A.float()).reshape(groups, s.rank, -1) for w, s in zip(weights, sources, strict=True)
     ]
@@ -180,7 +180,7 @@ def _truncated_svd(layer: LoRALayer, update: torch.Tensor, rank: int):
     """Factors ``A``, ``B`` (the layer's shapes) whose product is ``update`` truncated to ``rank`` per group."""
     if isinstance(layer, (LoRAConv1D, LoRAEmbedding)):
         update = update.t()  # those store the weight transposed: B A is its transpose
-    groups = _groups(layer)
+    groups = layer.factor_groups()
     per_group = update.reshape(groups, update.shape[0] // groups, -1)  # (g, out/g, in/g * kernel)
     a_blocks, b_blocks = [], []
     for block in per_group:

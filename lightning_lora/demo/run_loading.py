@@ -166,6 +166,13 @@ class LoadedRun:
         return get_lora_config(self.net) is not None
 
 
+def load_base_net(path: str | Path) -> nn.Module:
+    """The plain net of a pretraining run (or its ``.ckpt``), built from the spec it recorded, with its weights."""
+    net = build_net(load_run(path).hyper_parameters["net"], "the base's net")
+    load_base_checkpoint(net, path)
+    return net
+
+
 def load_run(reference: str | Path, base_checkpoint: str | Path | None = None) -> LoadedRun:
     """Restore the network of a lightning-lora run (a checkpoint file or a run folder), in eval mode.
 

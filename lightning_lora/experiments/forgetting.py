@@ -16,7 +16,16 @@ from typing import Any
 from lightning_lora.experiments import figures
 from lightning_lora.experiments.evaluate import digit_counts
 from lightning_lora.experiments.pipeline import RUN_RECORDS, duration
-from lightning_lora.experiments.sweep import command_line, ensure_base, finish, fit, predictions, say, shown
+from lightning_lora.experiments.sweep import (
+    command_line,
+    ensure_base,
+    finish,
+    fit,
+    predictions,
+    say,
+    shown,
+    test_split,
+)
 
 NAME = "demo-forgetting"
 DIGIT = 9  # the demo's: configs/finetune_lora.yaml trains on it
@@ -46,17 +55,12 @@ replayed ones (the default, ``retain``)."""
 
 
 def run(data_dir: str, results: Path = RUN_RECORDS) -> Path:
-    from lightning_lora.demo.mnist_datamodule import MNISTDataModule
-    from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run
+    from lightning_lora.demo.run_loading import load_base_net
 
     started = time.perf_counter()
     base_path = ensure_base(NAME, data_dir)
-    test = MNISTDataModule(data_dir=data_dir)
-    test.setup("test")
-    images, labels = test.test_set.inputs, test.test_set.targets
-    base_run = load_run(base_path)
-    base_net = build_net(base_run.hyper_parameters["net"], "the base's net")
-    load_base_checkpoint(base_net, base_path)
+    images, labels = test_split(data_dir)
+    base_net = load_base_net(base_path)
     base = digit_counts(predictions(base_net, images), labels, [DIGIT])
     say(NAME, f"base {base_path}: {100 * base['accuracy']:.2f}%, digit {DIGIT}: {base['target_wrong']} wrong")
     rows = []

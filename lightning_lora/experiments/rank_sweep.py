@@ -85,7 +85,7 @@ def _score(rate: float, options: list[str], rotated: Any, upright: Any) -> dict[
 
 def run(data_dir: str, results: Path = RUN_RECORDS) -> Path:
     from lightning_lora.demo.mnist_datamodule import MNISTDataModule
-    from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run
+    from lightning_lora.demo.run_loading import load_base_net
 
     started = time.perf_counter()
     base_path = ensure_base(NAME, data_dir)
@@ -93,8 +93,7 @@ def run(data_dir: str, results: Path = RUN_RECORDS) -> Path:
     for data in (rotated, upright):
         data.setup("fit")
         data.setup("test")
-    base_net = build_net(load_run(base_path).hyper_parameters["net"], "the base's net")
-    load_base_checkpoint(base_net, base_path)
+    base_net = load_base_net(base_path)
     base = {
         "rotated_accuracy": _accuracy(base_net, rotated.test_set),
         "upright_accuracy": _accuracy(base_net, upright.test_set),

@@ -75,6 +75,15 @@ def ensure_base(experiment: str, data_dir: str) -> Path:
         return resolve_checkpoint("runs/pretrain", "the base")
 
 
+def test_split(data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST's test images and labels, as the experiments score them."""
+    from lightning_lora.demo.mnist_datamodule import MNISTDataModule
+
+    test = MNISTDataModule(data_dir=data_dir)
+    test.setup("test")
+    return test.test_set.inputs, test.test_set.targets
+
+
 def predictions(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The predicted digits of ``net`` for ``images`` (eval mode, large batches)."""
     return outputs(net, images).argmax(dim=1)

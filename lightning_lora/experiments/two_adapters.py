@@ -22,7 +22,16 @@ import torch
 
 from lightning_lora.experiments.evaluate import digit_counts, outputs
 from lightning_lora.experiments.pipeline import RUN_RECORDS, duration
-from lightning_lora.experiments.sweep import command_line, ensure_base, finish, fit, predictions, say, shown
+from lightning_lora.experiments.sweep import (
+    command_line,
+    ensure_base,
+    finish,
+    fit,
+    predictions,
+    say,
+    shown,
+    test_split,
+)
 
 NAME = "demo-two-adapters"
 DIGITS = {"digit9": 9, "digit4": 4}
@@ -33,15 +42,12 @@ def run(data_dir: str, results: Path = RUN_RECORDS) -> Path:
     from lightning_lora.core.active_adapters import disable_lora, set_active_adapters
     from lightning_lora.core.adapter_folder import load_adapter
     from lightning_lora.core.weighted_merge import add_weighted_adapter
-    from lightning_lora.demo.mnist_datamodule import MNISTDataModule
-    from lightning_lora.demo.run_loading import build_net, load_base_checkpoint, load_run
+    from lightning_lora.demo.run_loading import load_base_net
     from lightning_lora.experiments import figures
 
     started = time.perf_counter()
     base_path = ensure_base(NAME, data_dir)
-    test = MNISTDataModule(data_dir=data_dir)
-    test.setup("test")
-    images, labels = test.test_set.inputs, test.test_set.targets
+    images, labels = test_split(data_dir)
     stages, folder = [], None
     for name, digit in DIGITS.items():
         args = [*FINETUNE, "--data.data_dir", data_dir, "--model.base_checkpoint", str(base_path),
@@ -54,8 +60,7 @@ def run(data_dir: str, results: Path = RUN_RECORDS) -> Path:
         folder = Path(cli.trainer.log_dir) / "adapter"  # holds every adapter of the run (PEFT's layout)
         stages.append({"adapter": name, "command": shown(["fit", *args]), "seconds": round(seconds, 1)})
         say(NAME, f"{name}: done in {duration(seconds)}; adapters in {folder}")
-    net = build_net(load_run(base_path).hyper_parameters["net"], "the base's net")
-    load_base_checkpoint(net, base_path)
+    net = load_base_net(base_path)
     for name in DIGITS:
         load_adapter(net, folder, adapter_name=name)
     rows: dict[str, dict[str, Any]] = {}

@@ -181,6 +181,10 @@ class LoRALayer(DoRAArithmetic, nn.Module):
         del self.lora_adapters[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
+    def factor_groups(self) -> int:
+        """How many independent blocks the factors split into (a grouped convolution's groups; 1 elsewhere)."""
+        return 1
+
     def companion_layers(self) -> list[LoRALayer]:
         """Adapted layers inside this one that a target's adapter also covers (an attention's ``out_proj``)."""
         return []

@@ -104,6 +104,9 @@ class LoRAConv(LoRALayer):
         per_group_B = adapter.lora_B.float().reshape(groups, self.out_channels // groups, rank)  # (g, out/g, r)
         return torch.bmm(per_group_B, per_group_A).reshape(self.base_weight().shape)
 
+    def factor_groups(self) -> int:
+        return self.groups
+
     def is_batched(self, x: torch.Tensor) -> bool:
         return x.dim() == self.spatial_dims + 2  # (channels, *spatial) is one unbatched sample
 
