@@ -88,6 +88,8 @@ class Two(nn.Module):
         (LoRAConfig(rank=2, target_modules=["a"]), "does not adapt the layers adapter 'default' adapts"),
         (LoRAConfig(rank=2, use_dora=True), "is DoRA, the adapter is not"),
         (LoRAConfig(rank=2, bias="all"), "trains biases or modules_to_save"),
+        (LoRAConfig(rank=2, dropout=0.1), r"dropout=0.1 and adapter 'default' dropout=0.0.*same dropout"),
+        (LoRAConfig(rank=2, use_rslora=True), r"use_rslora=True and adapter 'default' use_rslora=False"),
     ],
 )
 def test_a_folder_that_does_not_fit_is_refused_and_changes_nothing(tmp_path, other, message):
@@ -140,3 +142,38 @@ def test_outputs_equal_peft_s_hotswap_adapter(tmp_path):
     hotswap_adapter(model, tmp_path / "second")
     with torch.no_grad():
         torch.testing.assert_close(model(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_merged_adapter_is_swapped_into_the_weight_too(tmp_path):
+    base, x = zoo_model("linear")
+    model = trained(base, seed=1)
+    new = trained(base, seed=2)
+    save_adapter(new, tmp_path / "new")
+    with torch.no_grad():
+        from lightning_lora import merge_lora, unmerge_lora
+
+        merge_lora(model)
+        hotswap_adapter(model, tmp_path / "new")
+        assert model.layer.merged_adapters == ["default"]
+        torch.testing.assert_close(model(x), new(x), atol=1e-6, rtol=1e-6)  # the weight holds the new update
+        unmerge_lora(model)
+        torch.testing.assert_close(model(x), new(x), atol=1e-6, rtol=1e-6)
+        assert torch.equal(model.layer.weight, base.layer.weight)
+
+
+def test_a_name_the_folder_lacks_is_refused_not_read_from_its_root(tmp_path):
+    base = Two().requires_grad_(False)
+    model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2))
+    inject_lora(model, LoRAConfig(rank=2), adapter_name="b")
+    inject_lora(model, LoRAConfig(rank=2), adapter_name="c")
+    save_adapter(model, tmp_path / "two", adapter_names=["default", "b"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"holds adapters \['default', 'b'\], none named 'c'.*subfolder=''"):
+        hotswap_adapter(model, tmp_path / "two", adapter_name="c")
+    (tmp_path / "two" / "b" / "adapter_model.safetensors").unlink()  # a damaged subfolder is not skipped
+    with pytest.raises(FileNotFoundError, match="two/b"):
+        hotswap_adapter(model, tmp_path / "two", adapter_name="b")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    hotswap_adapter(model, tmp_path / "two", adapter_name="c", subfolder="")  # the root's, asked for by name
+    assert all(torch.equal(model.state_dict()[k.replace(".default.", ".c.")], v)
+               for k, v in state.items() if ".default." in k)  # fmt: skip

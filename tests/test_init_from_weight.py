@@ -168,3 +168,21 @@ def test_adapter_only_checkpoints_rebuild_the_residual_on_the_module_s_own_base(
     assert torch.equal(fresh(x), model(x))
     with disable_lora(fresh.net), disable_lora(model.net):
         assert torch.equal(fresh(x), model(x))
+
+
+def test_a_plain_adapter_beside_pissa_is_fingerprinted_on_the_residual_it_ran_on(tmp_path):
+    from lightning_lora import save_adapter, set_active_adapters
+
+    base, x = TwoLinear().requires_grad_(False), torch.randn(4, 12)
+    model = trained(inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, init="pissa")))
+    inject_lora(model, LoRAConfig(rank=2), adapter_name="b")
+    set_active_adapters(model, "b")
+    trained(model)
+    save_adapter(model, tmp_path / "both")
+    with pytest.raises(ValueError, match="made for another base model"):  # b alone on the original is wrong
+        load_adapter(copy.deepcopy(base), tmp_path / "both", adapter_name="b")
+    fresh = load_adapter(copy.deepcopy(base), tmp_path / "both")  # the PiSSA adapter leaves the residual ...
+    load_adapter(fresh, tmp_path / "both", adapter_name="b")  # ... that b was made on
+    set_active_adapters(fresh, "b")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), atol=1e-6, rtol=1e-6)

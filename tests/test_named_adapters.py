@@ -91,6 +91,14 @@ class TestAdding:
         with pytest.raises(ValueError, match="cannot name an adapter"):
             inject_lora(Net(), LoRAConfig(rank=2), adapter_name=name)
 
+    @pytest.mark.parametrize("name", ["half", "to", "forward", "training", "keys"])
+    def test_a_name_of_a_module_attribute_is_refused_before_anything_changes(self, name):
+        _, model, x = two_adapters()
+        out = model(x)
+        with pytest.raises(ValueError, match=f"'{name}' is the name of a torch.nn.Module attribute.*pick another"):
+            inject_lora(model, LoRAConfig(rank=2, target_modules="all-linear"), adapter_name=name)
+        assert lora_adapter_names(model) == ["default", "b"] and torch.equal(model(x), out)
+
     def test_a_second_adapter_may_not_train_biases_or_whole_modules(self):
         _, model, _ = two_adapters()
         with pytest.raises(ValueError, match="belong to the model's first adapter"):
@@ -153,6 +161,19 @@ class TestSwitching:
                 assert model.fc1.active_adapters == ["b", "default"]
                 raise RuntimeError("inside")
         assert torch.equal(model(x), out) and flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def test_use_adapters_leaves_a_trainable_adapter_active_when_the_block_deleted_the_previous_one(self):
+        _, model, x = two_adapters()
+        with use_adapters(model, "b"):
+            delete_adapter(model, "default")
+        assert model.fc1.active_adapters == ["b"]
+        assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_adapters.b." in n)
+        _, model, x = two_adapters()
+        inject_lora(model, LoRAConfig(rank=2, target_modules="all-linear"), adapter_name="c")
+        set_active_adapters(model, ["default", "b"])
+        with use_adapters(model, "c"):
+            delete_adapter(model, "b")
+        assert model.fc1.active_adapters == ["default"]
 
     @pytest.mark.parametrize(
         ("names", "message"),
@@ -403,7 +424,8 @@ class TestBesideTheSingleAdapterPaths:
             def forward(self, x):
                 return self.fc(self.attn(x, x, x)[0])
 
-        base, x = Block().eval(), torch.randn(2, 3, 8)
+        # Frozen, as injection leaves it: eval-mode attention takes torch's fused path only without grads.
+        base, x = Block().eval().requires_grad_(False), torch.randn(2, 3, 8)
         model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, target_modules=["fc"]))
         inject_lora(model, LoRAConfig(rank=2, target_modules=["attn"]), adapter_name="b")
         delete_adapter(model, "b")
@@ -450,17 +472,48 @@ class TestFiles:
                 assert torch.equal(fresh(x), model(x))
         load_adapter(fresh, folder, adapter_name="b")  # again: the values replaced, nothing added
 
-    def test_only_the_named_adapters_are_written_and_an_old_folder_is_replaced_whole(self, tmp_path):
+    def test_saving_some_adapters_keeps_the_folder_s_others_and_saving_all_writes_exactly_the_model_s(self, tmp_path):
         from lightning_lora import save_adapter
 
         _, model, _ = two_adapters()
         inject_lora(model, LoRAConfig(rank=2, target_modules=["fc1"]), adapter_name="c")
         save_adapter(model, tmp_path / "out")
         assert {p.name for p in (tmp_path / "out").iterdir() if p.is_dir()} == {"b", "c"}
-        save_adapter(model, tmp_path / "out", adapter_names=["c"])
-        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c"]
+        files = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+        with torch.no_grad():
+            model.fc1.lora_adapters["c"].lora_B.add_(1.0)
+        save_adapter(model, tmp_path / "out", adapter_names="c")  # one name as a string, not its letters
+        changed = {p for p, data in files.items() if p.read_bytes() != data}
+        assert changed == {tmp_path / "out" / "c" / "adapter_model.safetensors"}  # PEFT's selected_adapters
+        assert set((tmp_path / "out").rglob("*")) == set(files) | {tmp_path / "out" / "b", tmp_path / "out" / "c"}
+        delete_adapter(model, "b")
+        save_adapter(model, tmp_path / "out")  # every adapter: the folder is the model's, "b" goes
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+            "adapter_config.json", "adapter_model.safetensors", "c"]  # fmt: skip
         with pytest.raises(ValueError, match="no adapter named 'zz'"):
             save_adapter(model, tmp_path / "out", adapter_names=["zz"])
+        with pytest.raises(ValueError, match="adapter_names must be a list of adapter names"):
+            save_adapter(model, tmp_path / "out", adapter_names=[3])
+
+    def test_a_name_the_folder_lacks_is_refused_listing_its_adapters(self, tmp_path):
+        from lightning_lora import load_adapter, save_adapter
+
+        base, model, x = two_adapters()
+        save_adapter(model, tmp_path / "both")
+        with pytest.raises(ValueError, match=r"holds adapters \['default', 'b'\], none named 'c'"):
+            load_adapter(copy.deepcopy(base), tmp_path / "both", adapter_name="c")
+        save_adapter(model, tmp_path / "only_b", adapter_names=["b"])
+        with pytest.raises(ValueError, match=r"no adapter at its root, only \['b'\] in subfolders"):
+            load_adapter(copy.deepcopy(base), tmp_path / "only_b")
+        (tmp_path / "both" / "b" / "adapter_config.json").write_text("{")  # damaged: not skipped for the root
+        with pytest.raises(ValueError, match="both/b"):
+            load_adapter(copy.deepcopy(base), tmp_path / "both", adapter_name="b")
+        fresh = load_adapter(copy.deepcopy(base), tmp_path / "only_b", adapter_name="digit4", subfolder="b")
+        single = load_adapter(copy.deepcopy(base), tmp_path / "only_b" / "b", adapter_name="digit4")  # a lone root
+        with torch.no_grad(), use_adapters(model, "b"):
+            assert torch.equal(fresh(x), model(x)) and torch.equal(single(x), model(x))
+        with pytest.raises(ValueError, match="subfolder must be an adapter's folder name"):
+            load_adapter(copy.deepcopy(base), tmp_path / "only_b", subfolder="../x")
 
     def test_a_folder_holding_anything_else_is_not_replaced(self, tmp_path):
         from lightning_lora import save_adapter

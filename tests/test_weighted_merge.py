@@ -109,6 +109,9 @@ class TestAgainstPEFT:
         (lambda m: add_weighted_adapter(m, ["default", "b"], [1, 1], "mix", "ties"), "must be one of"),
         (lambda m: add_weighted_adapter(m, ["default", "b"], [1, 1], "mix", "cat", svd_rank=2), "'svd' only"),
         (lambda m: add_weighted_adapter(m, ["default", "c"], [1, 1], "mix", "cat"), "does not adapt layer 'fc2'"),
+        (lambda m: add_weighted_adapter(m, "default", [1], "mix"), "adapters must be a list"),
+        (lambda m: add_weighted_adapter(m, ["default"], 1.0, "mix"), "weights must be a list"),
+        (lambda m: add_weighted_adapter(m, ["default", "b"], [1, "2"], "mix", "cat"), "finite numbers"),
     ],
 )
 def test_bad_combinations_are_refused_with_the_fix_and_the_model_unchanged(call, message):
@@ -125,3 +128,16 @@ def test_dora_adapters_are_refused():
     inject_lora(model, LoRAConfig(rank=2), adapter_name="b")
     with pytest.raises(ValueError, match="DoRA adapter, whose magnitudes do not combine"):
         add_weighted_adapter(model, ["default", "b"], [1, 1], "mix")
+
+
+def test_weights_may_be_numpy_scalars_or_zero_dim_tensors():
+    import numpy as np
+
+    model = with_two(TwoLinear(), "all-linear", rank_b=3)
+    add_weighted_adapter(model, ["default", "b"], [0.5, 2.0], "plain", "cat")
+    add_weighted_adapter(model, ["default", "b"], np.array([0.5, 2.0], dtype=np.float32), "array", "cat")
+    add_weighted_adapter(model, ["default", "b"], [np.float64(0.5), torch.tensor(2.0)], "scalars", "cat")
+    x = torch.randn(3, TwoLinear().fc1.in_features)
+    with torch.no_grad():
+        outs = [set_active_adapters(model, n)(x) for n in ("plain", "array", "scalars")]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

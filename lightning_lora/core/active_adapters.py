@@ -77,7 +77,12 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> nn.Module:
 @contextmanager
 def use_adapters(model: nn.Module, names: str | list[str]) -> Iterator[nn.Module]:
     """Run with ``names`` active for the block's duration; the previous active set and gradient flags return on
-    exit, also when the block raises."""
+    exit, also when the block raises.
+
+    Where the block deleted adapters that were active before, the rest of them become active again
+    (or, with none left, the model's first adapter, as :func:`~lightning_lora.core.inject.delete_adapter`
+    does), with the gradient flags :func:`set_active_adapters` gives.
+    """
     plain = unwrap_model(model)
     _as_known_names(plain, names)
     before = active_adapter_names(plain)
@@ -86,11 +91,14 @@ def use_adapters(model: nn.Module, names: str | list[str]) -> Iterator[nn.Module
     try:
         yield model
     finally:
-        remaining = [n for n in before if n in adapter_configs(plain)]
-        if remaining:
-            set_active_adapters(plain, remaining)
-        for param, flag in flags:
-            param.requires_grad_(flag)
+        left = adapter_configs(plain)
+        remaining = [n for n in before if n in left]
+        if before and remaining == before:
+            set_active_adapters(plain, before)
+            for param, flag in flags:
+                param.requires_grad_(flag)
+        elif left:
+            set_active_adapters(plain, remaining or [next(iter(left))])
 
 
 @contextmanager

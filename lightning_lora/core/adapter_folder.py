@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +54,51 @@ AdapterFiles = tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]
 """One adapter's ``adapter_config.json`` contents, tensors and safetensors metadata."""
 
 
-def write_adapter_folder(path: str | os.PathLike, adapters: dict[str, AdapterFiles]) -> Path:
+def write_adapter_folder(path: str | os.PathLike, adapters: dict[str, AdapterFiles], keep_others: bool = False) -> Path:
     """Write (or replace) an adapter folder in PEFT's layout, all of it or nothing.
 
     ``adapters`` maps a subfolder to one adapter's files: ``""`` for the folder itself (PEFT's
     ``"default"``), a name for a further adapter's subfolder. Each holds ``adapter_config.json`` +
-    ``adapter_model.safetensors``.
+    ``adapter_model.safetensors``. With ``keep_others``, the adapters an existing folder holds
+    besides these stay as they are (copied into the new folder before the swap); without, the
+    folder afterwards holds exactly ``adapters``.
     """
+    path = Path(path)
     with atomic_directory(path, ADAPTER_FILES, "adapter", nested=True) as tmp:
+        if keep_others and path.is_dir():
+            for sub in folder_adapter_names(path):
+                if _subfolder_of(sub) not in adapters:
+                    old, new = path / _subfolder_of(sub), tmp / _subfolder_of(sub)
+                    new.mkdir(exist_ok=True)
+                    for name in ADAPTER_FILES:
+                        if (old / name).is_file():
+                            shutil.copy2(old / name, new / name)
         for sub, (config, tensors, metadata) in adapters.items():
             folder = tmp / sub if sub else tmp
             folder.mkdir(exist_ok=True)
-            write_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt", **metadata})
-            write_json(folder / "adapter_config.json", config)
-    return Path(path)
+            write_safetensors(folder / ADAPTER_WEIGHTS_NAME, tensors, {"format": "pt", **metadata})
+            write_json(folder / ADAPTER_CONFIG_NAME, config)
+    return path
+
+
+def _subfolder_of(adapter_name: str) -> str:
+    """Where PEFT's layout keeps adapter ``adapter_name``: ``""`` (the root) for ``"default"``, else its name."""
+    return "" if adapter_name == DEFAULT_ADAPTER else adapter_name
+
+
+def folder_adapter_names(path: str | os.PathLike) -> list[str]:
+    """The adapters a folder in PEFT's layout holds: ``"default"`` for one at its root, then its subfolders'
+    (sorted); empty for a folder that holds none (or no folder)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return []
+    root = [DEFAULT_ADAPTER] if (folder / ADAPTER_CONFIG_NAME).is_file() else []
+    subs = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_dir() and p.name != DEFAULT_ADAPTER and (p / ADAPTER_CONFIG_NAME).is_file()
+    )
+    return root + subs
 
 
 METADATA_KEY = "lightning_lora"
@@ -108,7 +140,9 @@ def save_adapter(
     subfolder of its name (what PEFT's ``save_pretrained`` writes and ``load_adapter`` reads).
     Keys are the plain model's, whatever wraps it (``torch.compile``, DDP, Fabric). The folder is
     written under a temporary name and swapped into place, all adapters at once; an existing
-    folder at ``path`` is replaced only if it is an adapter folder itself.
+    folder at ``path`` is replaced only if it is an adapter folder itself. Saving every adapter
+    (``adapter_names=None``) leaves the folder holding exactly the model's adapters; saving some
+    leaves the folder's other adapters as they were (PEFT's ``selected_adapters``).
 
     Args:
         model: A model holding adapters.
@@ -130,16 +164,20 @@ def save_adapter(
     configs = adapter_configs(model)
     if not configs:
         raise ValueError("model holds no adapters to save; call inject_lora(model, config) first")
-    names = list(configs) if adapter_names is None else list(adapter_names)
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names]
+    if adapter_names is not None and (
+        not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names)
+    ):
+        raise ValueError(f"save_adapter: adapter_names must be a list of adapter names, got {adapter_names!r}")
+    names = list(configs) if adapter_names is None else list(dict.fromkeys(adapter_names))
     unknown = [n for n in names if n not in configs]
     if unknown or not names:
         raise ValueError(f"save_adapter: no adapter named {unknown[0]!r}; the model's are {list(configs)}"
                          if unknown else "save_adapter: adapter_names is empty; name at least one adapter")  # fmt: skip
-    folders = {
-        ("" if name == DEFAULT_ADAPTER else name): _adapter_files(model, name, convert_to_lora) for name in names
-    }
+    folders = {_subfolder_of(name): _adapter_files(model, name, convert_to_lora) for name in names}
     _warn_where_peft_differs(model)
-    return write_adapter_folder(path, folders)
+    return write_adapter_folder(path, folders, keep_others=adapter_names is not None)
 
 
 def _adapter_files(model: nn.Module, name: str, convert_to_lora: bool = False) -> AdapterFiles:
@@ -202,7 +240,11 @@ def _read_metadata(raw: dict[str, str], where: Path) -> dict[str, Any] | None:
 
 
 def load_adapter(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, check_base: bool = True
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = DEFAULT_ADAPTER,
+    check_base: bool = True,
+    subfolder: str | None = None,
 ) -> nn.Module:
     """Load the adapter saved at ``path`` into ``model`` under ``adapter_name``.
 
@@ -219,6 +261,8 @@ def load_adapter(
         path: A folder written by :func:`save_adapter` or by PEFT's ``save_pretrained``.
         adapter_name: The name the adapter gets (and the subfolder looked for).
         check_base: Refuse a base whose weights differ from the fingerprint in the file.
+        subfolder: Read ``path/subfolder`` (``""``: the root) whatever ``adapter_name`` is, e.g. to
+            load a folder's ``"b"`` as ``"digit4"``; by default, see :func:`read_adapter_folder`.
 
     Raises:
         FileNotFoundError: the folder or one of its files is missing.
@@ -226,7 +270,7 @@ def load_adapter(
             fit; the message says which.
     """
     outer, model = model, unwrap_model(model)
-    folder, data, tensors, meta = read_adapter_folder(path, adapter_name)
+    folder, data, tensors, meta = read_adapter_folder(path, adapter_name, subfolder)
     with base_view(model):
         config, plan = config_from_peft(data, model, str(folder / ADAPTER_CONFIG_NAME))
     configs = adapter_configs(model)
@@ -238,7 +282,9 @@ def load_adapter(
         )
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("the model's weights are still on the meta device; load the base weights before the adapter")
-    if not replacing:
+    if replacing:
+        log.info("load_adapter: adapter %r takes the values of %s (the same layers and settings)", adapter_name, folder)
+    else:
         refuse_oversized(model, config, f"adapter {folder}", plan=plan)
     if check_base:
         check_base_fingerprint(model, config, plan, meta, folder)
@@ -263,14 +309,37 @@ def load_adapter(
 
 
 def read_adapter_folder(
-    path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER
+    path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, subfolder: str | None = None
 ) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
-    """One adapter's files, checked: its folder (``path/<adapter_name>`` where PEFT's layout has one), its
-    config JSON, its tensors (one name each) and the lightning_lora metadata (``None`` in PEFT's own files)."""
+    """One adapter's files, checked: its folder, its config JSON, its tensors (one name each) and the
+    lightning_lora metadata (``None`` in PEFT's own files).
+
+    The folder is ``path/subfolder`` when ``subfolder`` is given (``""``: ``path`` itself). Without
+    it: ``path/<adapter_name>`` where that exists (PEFT's layout of a further adapter), else
+    ``path`` for ``"default"`` or for a folder holding a single adapter at its root. A folder of
+    several adapters none of which is ``adapter_name`` is refused, listing them, rather than read
+    from its root.
+    """
     check_adapter_name(adapter_name)
-    folder = Path(path)
-    if adapter_name != DEFAULT_ADAPTER and (folder / adapter_name / ADAPTER_CONFIG_NAME).is_file():
-        folder = folder / adapter_name
+    root = Path(path)
+    if subfolder is not None:
+        if not isinstance(subfolder, str) or any(c in subfolder for c in "/\\") or subfolder in (".", ".."):
+            raise ValueError(f"subfolder must be an adapter's folder name or '' for the root, got {subfolder!r}")
+        folder = root / subfolder
+    elif adapter_name != DEFAULT_ADAPTER and (root / adapter_name).is_dir():
+        folder = root / adapter_name
+    else:
+        folder = root
+        held = folder_adapter_names(root)
+        if adapter_name != DEFAULT_ADAPTER and len(held) > 1:
+            raise ValueError(
+                f"{root} holds adapters {held}, none named {adapter_name!r}: pass one of those as adapter_name, or "
+                f"subfolder='' (the root's) or subfolder='<name>' to load that one as {adapter_name!r}"
+            )
+        if DEFAULT_ADAPTER not in held and held:
+            raise ValueError(
+                f"{root} holds no adapter at its root, only {held} in subfolders: pass one of those as adapter_name"
+            )
     data = read_adapter_config(folder)
     tensors, raw_meta = read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "adapter weights")
     meta = _read_metadata(raw_meta, folder / ADAPTER_WEIGHTS_NAME)

@@ -56,11 +56,12 @@ def lora_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[s
     return {k: v.detach() for k, v in adapter_tensors(model, adapter_name).items()}
 
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def base_state_dict(model: nn.Module, residuals: bool = False) -> dict[str, torch.Tensor]:
     """The base model's state as it was before injection, by the plain model's keys.
 
     Merged weights, PiSSA/OLoRA residuals, trained biases and ``modules_to_save`` copies are all seen through: this is
-    what a fingerprint of the base is taken of, and what "the base is unchanged" means.
+    what a fingerprint of the base is taken of, and what "the base is unchanged" means. With ``residuals``, a
+    PiSSA/OLoRA layer reports the residual it runs on instead: the base a further, plain adapter beside it is made on.
     """
     model = unwrap_model(model)
     state = dict(model.state_dict())  # merged layers already report their base weights
@@ -69,7 +70,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key in adapter_tensors(model):
         state.pop(key, None)
     for name, layer in lora_layers(model):
-        if layer.lora_original_weight is not None:  # PiSSA / OLoRA: the layer runs a residual
+        if layer.lora_original_weight is not None and not residuals:  # PiSSA / OLoRA: the layer runs a residual
             state[f"{name}.{layer.weight_name}" if name else layer.weight_name] = layer.lora_original_weight
     for module, param, qualified in kept_biases(model):
         state[qualified] = getattr(module, BASE_PREFIX + param).detach()

@@ -15,8 +15,14 @@ import torch
 from torch import nn
 
 from lightning_lora.core.adapter_tensors import base_state_dict
-from lightning_lora.core.config import LoRAConfig
-from lightning_lora.core.model_state import owner_adapter_name, primary_adapter_name, saved_modules, unwrap_model
+from lightning_lora.core.config import FROM_WEIGHT_INITS, LoRAConfig
+from lightning_lora.core.model_state import (
+    adapter_configs,
+    owner_adapter_name,
+    primary_adapter_name,
+    saved_modules,
+    unwrap_model,
+)
 from lightning_lora.core.peft_format import top_level_targets
 from lightning_lora.core.targets import TargetPlan, plan_targets
 
@@ -85,12 +91,15 @@ def touched_fingerprint(
     """Fingerprint of the base tensors an adapter touches (adapted layers, ``modules_to_save``).
 
     Works on an adapted model for one of its adapters (the primary one by default), or, given
-    ``config`` (and its ``plan`` if made already), for the adapter that config makes.
+    ``config`` (and its ``plan`` if made already), for the adapter that config makes. The base is
+    the weights the adapter runs on: a PiSSA/OLoRA adapter's is the original weight, a plain
+    adapter's beside one is the residual that adapter left in the layer.
     """
     model = unwrap_model(model)
-    state = base_state_dict(model)
+    name = adapter_name or primary_adapter_name(model)
+    own = config if config is not None else adapter_configs(model).get(name)
+    state = base_state_dict(model, residuals=own is not None and own.init not in FROM_WEIGHT_INITS)
     if plan is None and config is None:
-        name = adapter_name or primary_adapter_name(model)
         modules = [n for n, layer in top_level_targets(model) if name in layer.lora_adapters]
         if name == owner_adapter_name(model):
             modules += [n for n, _ in saved_modules(model)]

@@ -94,7 +94,11 @@ def _alpha_for(config, rank: int) -> float:
 
 
 def hotswap_adapter(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, check_base: bool = True
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = DEFAULT_ADAPTER,
+    check_base: bool = True,
+    subfolder: str | None = None,
 ) -> nn.Module:
     """Replace adapter ``adapter_name``'s values with the adapter in folder ``path``, in place.
 
@@ -102,7 +106,9 @@ def hotswap_adapter(
     not), at a rank no larger than the adapter's tensors hold (after :func:`prepare_hotswap`, its
     ``max_rank``). Nothing is re-created, so a ``torch.compile``\\ d model gives the new adapter's
     outputs without compiling again; a scale that differs while the model was not prepared is set
-    anyway (eager code is right at once; compiled code compiles again) and says so.
+    anyway (eager code is right at once; compiled code compiles again) and says so. A merged
+    adapter is unmerged, swapped and merged again, so the weight then holds the new update.
+    ``subfolder`` picks the folder's adapter as in :func:`~lightning_lora.core.adapter_folder.load_adapter`.
 
     Raises:
         ValueError: no such adapter, or a folder whose targets, options or ranks do not fit; the model
@@ -112,7 +118,7 @@ def hotswap_adapter(
     configs = adapter_configs(plain)
     if adapter_name not in configs:
         raise ValueError(f"hotswap_adapter: the model holds no adapter named {adapter_name!r}; its are {list(configs)}")
-    folder, data, tensors, meta = read_adapter_folder(path, adapter_name)
+    folder, data, tensors, meta = read_adapter_folder(path, adapter_name, subfolder)
     where = str(folder)
     with base_view(plain):
         config, plan = config_from_peft(data, plain, where)
@@ -122,6 +128,13 @@ def hotswap_adapter(
     if config.use_dora != current.use_dora:
         raise ValueError(f"hotswap_adapter: {where} is {'' if config.use_dora else 'not '}DoRA, the adapter is "
                          f"{'' if current.use_dora else 'not '}; swap in an adapter of the same kind")  # fmt: skip
+    for field in ("dropout", "use_rslora"):
+        if getattr(config, field) != getattr(current, field):
+            raise ValueError(
+                f"hotswap_adapter: {where} has {field}={getattr(config, field)!r} and adapter {adapter_name!r} "
+                f"{field}={getattr(current, field)!r}; a swap keeps the layers' modules, so swap in an adapter with "
+                f"the same {field}, or load_adapter it under another name"
+            )
     if config.bias != "none" or config.modules_to_save:
         raise ValueError(f"hotswap_adapter: {where} trains biases or modules_to_save; hot-swapping swaps factors only")
     if (config.init in FROM_WEIGHT_INITS) != (current.init in FROM_WEIGHT_INITS):
@@ -163,6 +176,9 @@ def hotswap_adapter(
             raise ValueError(f"hotswap_adapter: {where} holds NaN or infinite values at layer {name!r}")
         swaps.append((layer, adapter, lora_A, lora_B, magnitude, config.for_layer(name)))
     recompiles = False
+    merged = [(layer, list(layer.merged_adapters)) for layer, *_ in swaps if adapter_name in layer.merged_adapters]
+    for layer, _ in merged:
+        layer.unmerge([adapter_name])
     for layer, adapter, lora_A, lora_B, magnitude, layer_config in swaps:
         scale, held = layer_config.scale, adapter.lora_B.shape[1]
         _pad_into(layer, adapter, lora_A.to(adapter.lora_A.dtype), lora_B.to(adapter.lora_B.dtype))
@@ -175,6 +191,8 @@ def hotswap_adapter(
         elif adapter.scale != scale:
             adapter.scale, recompiles = scale, True
         adapter.config = replace(layer_config, rank=held, alpha=_alpha_for(layer_config, held))
+    for layer, names in merged:
+        layer.merge(names)
     record_adapter_config(plain, adapter_name, config)
     if recompiles:
         log.warning(

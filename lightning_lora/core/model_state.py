@@ -102,7 +102,16 @@ def check_adapter_name(name: object) -> str:
             f"adapter name {name!r} cannot name an adapter: use a non-empty string without '.', '/' or '\\' "
             "that does not start with '__' (e.g. 'default', 'digit9')"
         )
+    if hasattr(nn.ModuleDict, name) or name in _MODULE_DICT_FIELDS:
+        raise ValueError(
+            f"adapter name {name!r} is the name of a torch.nn.Module attribute, which a layer's adapters cannot be "
+            f"keyed by; pick another (e.g. '{name}_adapter')"
+        )
     return name
+
+
+_MODULE_DICT_FIELDS = frozenset(vars(nn.ModuleDict()))
+"""The instance attributes every ``ModuleDict`` has (``training``, ``_modules``, ...): no adapter key may shadow one."""
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

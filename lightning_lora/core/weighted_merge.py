@@ -18,6 +18,7 @@ group, so the result still lives in the grouped weight.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -64,7 +65,7 @@ def add_weighted_adapter(
     """
     plain = unwrap_model(model)
     configs = adapter_configs(plain)
-    adapters, weights = list(adapters), list(weights)
+    adapters, weights = _as_list(adapters, "adapters"), [_as_weight(w) for w in _as_list(weights, "weights")]
     _check(configs, adapters, weights, new_name, combination, svd_rank)
     combination = "linear" if len(adapters) == 1 else combination
     layers = [(name, layer) for name, layer in lora_layers(plain) if any(a in layer.lora_adapters for a in adapters)]
@@ -103,6 +104,26 @@ def add_weighted_adapter(
         ),
     )
     return model
+
+
+def _as_list(values, what: str) -> list:
+    """``values`` as a list; a lone string or number is refused (it would be split, or is not a sequence)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not hasattr(values, "tolist"):
+        raise ValueError(f"add_weighted_adapter: {what} must be a list (one entry per adapter), got {values!r}")
+    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    if not isinstance(values, list):
+        raise ValueError(f"add_weighted_adapter: {what} must be a list (one entry per adapter), got {values!r}")
+    return values
+
+
+def _as_weight(weight):
+    """A weight as a Python float when it is a real number of any kind (numpy scalar, 0-d tensor), else as given."""
+    if isinstance(weight, bool) or isinstance(weight, str):
+        return weight
+    try:
+        return float(weight) if isinstance(weight, numbers.Real) or getattr(weight, "ndim", None) == 0 else weight
+    except (TypeError, ValueError):
+        return weight
 
 
 def _check(configs, adapters, weights, new_name, combination, svd_rank) -> None:
