@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -103,7 +104,7 @@ def test_resume_with_ckpt_path_restores_strictly_and_continues(tmp_path, fake_mn
     trainer.fit(resumed, data(fake_mnist), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 6 and resumed.strict_loading
     assert not torch.equal(resumed.net.layers[0].lora_B, first.net.layers[0].lora_B)
-    with pytest.raises(ValueError, match="resume with the same LoRA settings"):
+    with pytest.raises(ValueError, match="use the LoRA settings of the run that wrote it"):
         make_trainer(tmp_path, [LoRAInjectionCallback(rank=3)], max_steps=6).fit(
             make_model(base_ckpt), data(fake_mnist), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
         )
@@ -247,12 +248,26 @@ def test_adapter_stats_go_to_tensorboard_every_n_optimizer_steps(tmp_path, fake_
     final = {s.name: s for s in adapter_stats(model.net)}
     assert final, "nothing adapted"
     for name, stats in final.items():
-        ratios = events.Scalars(f"adapter_stats/{name}/delta_norm_ratio")
+        ratios = events.Scalars(f"adapter_stats/default/{name}/delta_norm_ratio")
         assert [s.step for s in ratios] == [2, 4, 6]
         assert ratios[-1].value == pytest.approx(stats.delta_norm_ratio, rel=1e-5) and ratios[-1].value > 0
-        assert events.Scalars(f"adapter_stats/{name}/effective_rank")[-1].value == pytest.approx(stats.effective_rank)
-        histogram = events.Histograms(f"adapter_stats/{name}/singular_values")
+        rank = events.Scalars(f"adapter_stats/default/{name}/effective_rank")[-1].value
+        assert rank == pytest.approx(stats.effective_rank)
+        histogram = events.Histograms(f"adapter_stats/default/{name}/singular_values")
         assert [h.step for h in histogram] == [2, 4, 6] and histogram[-1].histogram_value.num == 2  # rank 2
+    # A second adapter trained beside the first: only its own stats, under its own name, no collisions.
+    logger = TensorBoardLogger(tmp_path, name="second", default_hp_metric=False)
+    second = lora(
+        stats_every_n_steps=2, adapter_name="b", load_adapters={"default": str(Path(trainer.log_dir) / "adapter")}
+    )
+    make_trainer(tmp_path, [second], max_steps=2, logger=logger, limit_val_batches=0).fit(
+        make_model(base_ckpt), data(fake_mnist))  # fmt: skip
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"] + events.Tags()["histograms"]
+    stats_tags = {t for t in tags if t.startswith("adapter_stats/")}
+    assert stats_tags and all(t.startswith("adapter_stats/b/") for t in stats_tags)
+    assert len(stats_tags) == 3 * len(final)
 
 
 def test_stats_every_n_steps_must_be_a_count():

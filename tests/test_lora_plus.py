@@ -93,9 +93,12 @@ def test_bad_rates_are_refused_naming_them(kwargs, message):
         lora_plus_param_groups(model, **kwargs)
 
 
-def test_a_model_without_trainable_parameters_is_refused():
+def test_a_model_without_adapters_or_trainable_parameters_is_refused():
+    with pytest.raises(ValueError, match="holds no LoRA adapters, so LoRA\\+ has no B.*inject adapters first"):
+        lora_plus_param_groups(Tagger(), lr=1e-3)  # trainable, but its biases are no adapter's B
+    model = inject_lora(Tagger(), LoRAConfig(rank=2, target_modules=["fc1"])).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter; inject adapters first"):
-        lora_plus_param_groups(Tagger().requires_grad_(False), lr=1e-3)
+        lora_plus_param_groups(model, lr=1e-3)
 
 
 def test_the_command_line_trains_with_lora_plus_and_resumes_only_with_the_same_ratio(workdir, fake_mnist, capsys):
@@ -129,3 +132,9 @@ def test_the_command_line_trains_with_lora_plus_and_resumes_only_with_the_same_r
     with pytest.raises(SystemExit):
         main([*fit, "--trainer.max_steps", "4", "--ckpt_path", "runs/plain", "--model.lora_plus_ratio", "16"])
     assert "trained without LoRA+; resume without --model.lora_plus_ratio" in capsys.readouterr().err
+    pretrain = ["fit", "-c", str(configs / "pretrain.yaml"), "--data.data_dir", str(fake_mnist),
+                "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*pretrain, "--model.lora_plus_ratio", "16"])  # no adapters: nothing for LoRA+ to do
+    assert exit_info.value.code == 2
+    assert "network holds no LoRA adapters" in capsys.readouterr().err

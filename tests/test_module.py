@@ -117,7 +117,7 @@ def test_checkpoints_hold_the_adapter_and_rebuild_on_the_modules_own_base():
     assert torch.equal(fresh(x), model(x))
     other = module()
     inject_lora(other.net, LoRAConfig(rank=2))
-    with pytest.raises(ValueError, match="resume with the same LoRA settings"):
+    with pytest.raises(ValueError, match="use the LoRA settings of the run that wrote it"):
         other.on_load_checkpoint(checkpoint)
 
 

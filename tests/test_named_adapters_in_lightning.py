@@ -109,6 +109,27 @@ def test_resuming_with_another_adapter_name_is_refused_naming_both(tmp_path, fak
         fit(tmp_path, [other, ExactResume()], module(base_ckpt), digit(fake_mnist, 9), 6, ckpt)
 
 
+def test_resuming_a_two_adapter_run_with_other_adapters_is_refused_naming_the_run_s_options(
+    tmp_path, fake_mnist, base_ckpt, digit9_folder
+):
+    checkpoints = ResumableCheckpoint(every_n_train_steps=3, dirpath=str(tmp_path / "ck"))
+    callback = LoRAInjectionCallback(rank=3, adapter_name="digit4", load_adapters={"digit9": str(digit9_folder)})
+    fit(tmp_path / "r", [callback, ExactResume(), checkpoints], module(base_ckpt), digit(fake_mnist, 4), 3)
+    ckpt = str(next((tmp_path / "ck").glob("*.ckpt")))
+    fix = r"\['digit4'\] trained, \['digit9'\] loaded.*--lora.adapter_name digit4 and --lora.load_adapters naming"
+    for other in (
+        LoRAInjectionCallback(rank=3, adapter_name="digit4"),  # the loaded adapter not given again
+        LoRAInjectionCallback(rank=3, adapter_name="digit5", load_adapters={"digit9": str(digit9_folder)}),
+    ):
+        with pytest.raises(UsageError, match=r"the checkpoint holds adapters \['digit9', 'digit4'\] \(" + fix):
+            fit(tmp_path / "r", [other, ExactResume()], module(base_ckpt), digit(fake_mnist, 4), 6, ckpt)
+    wider = LoRAInjectionCallback(rank=3, alpha=4, adapter_name="digit9", adapter_dir=str(tmp_path / "w9"))
+    fit(tmp_path / "w", [wider], module(base_ckpt), digit(fake_mnist, 9))
+    other = LoRAInjectionCallback(rank=3, adapter_name="digit4", load_adapters={"digit9": str(tmp_path / "w9")})
+    with pytest.raises(UsageError, match=r"rank 2 in the checkpoint, 3 now.*same folders in --lora.load_adapters"):
+        fit(tmp_path / "r", [other, ExactResume()], module(base_ckpt), digit(fake_mnist, 4), 6, ckpt)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -59,6 +59,36 @@ def test_classification_report_on_synthetic_digits(workdir, fake_mnist):
         assert (workdir / "out" / "figures" / figure).read_bytes().startswith(b"\x89PNG"), figure
 
 
+def test_a_run_holding_two_adapters_is_reported_naming_the_trained_one(workdir, fake_mnist, capsys):
+    torch.manual_seed(0)
+    data = ["--data.data_dir", str(fake_mnist), "--data.batch_size", "16"]
+    net = ["--model.net.class_path", "lightning_lora.demo.nets.MLP", "--model.net.init_args.hidden_sizes", "[32]"]
+    fit("-c", str(CONFIGS / "mlp_pretrain.yaml"), *data, *net)
+    tune = ["-c", str(CONFIGS / "mlp_finetune_lora.yaml"), *data, *net]
+    fit(*tune, "--data.train_digits", "[3]", "--lora.adapter_name", "digit3")
+    report("runs/mlp_finetune_lora/version_0", workdir / "d3")
+    fit(*tune, "--data.train_digits", "[5]", "--lora.adapter_name", "digit5", "--lora.rank", "2",
+        "--lora.load_adapters", f"{{digit3: {workdir / 'd3' / 'adapter' / 'digit3'}}}")  # fmt: skip
+    summary, markdown = report("runs/mlp_finetune_lora/version_1", workdir / "out")
+    assert summary["adapters"] == ["digit3", "digit5"] and summary["trained_adapter"] == "digit5"
+    folder = workdir / "out" / "adapter"
+    assert sorted(p.name for p in folder.iterdir()) == ["digit3", "digit5"]
+    assert summary["adapter_weights_bytes"] == (folder / "digit5" / "adapter_model.safetensors").stat().st_size
+    assert summary["adapter_bytes"] == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert "is the trained 'digit5', ['digit3'] stay off" in Path(markdown).read_text()
+    assert summary["adapter_off_identical_to_base"] is True
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="0"):
+        main(["export", "--ckpt", "runs/mlp_finetune_lora/version_1", "--out", str(workdir / "exported")])
+    printed = capsys.readouterr().out
+    size = sum(f.stat().st_size for f in (workdir / "exported").rglob("*") if f.is_file())
+    assert f"({size:,} bytes)" in printed and "adapters ['digit3', 'digit5'] in PEFT's layout" in printed
+    assert 'from_pretrained(base, path/digit3, adapter_name="digit3").load_adapter(path/digit5' in printed
+    with pytest.raises(SystemExit, match="0"):
+        main(["merge", "--ckpt", "runs/mlp_finetune_lora/version_1", "--out", str(workdir / "merged.safetensors")])
+    assert "(adapter ['digit5'], the one the run trained; ['digit3'] left out)" in capsys.readouterr().out
+
+
 def test_the_report_says_how_the_run_was_trained(workdir, fake_mnist):
     torch.manual_seed(0)
     data = ["--data.data_dir", str(fake_mnist), "--data.batch_size", "16", "--data.rotation", "30"]

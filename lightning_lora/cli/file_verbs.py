@@ -71,20 +71,33 @@ def export_command(argv: Sequence[str]) -> int:
     parser = _parser("export", EXPORT)
     _run_options(parser, "the adapter folder to write (a new folder, or an adapter folder to replace)")
     opts = parser.parse_args(argv)
+    from lightning_lora.core.active_adapters import lora_adapter_names
     from lightning_lora.core.adapter_folder import layers_peft_gets_wrong, save_adapter
 
     run = _load_adapted(opts, "export")
     _refuse_another_runs_folder(Path(opts.out), Path(run.checkpoint))
     path = save_adapter(run.net, opts.out)
-    size = sum(f.stat().st_size for f in path.iterdir())
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     wrong = layers_peft_gets_wrong(run.net)
-    how = (
-        f"load it with lightning_lora.load_adapter(base, path): PEFT gets {', '.join(wrong)} wrong (see above)"
-        if wrong
-        else "PEFT loads it with PeftModel.from_pretrained(base, path)"
-    )
-    print(f"adapter written to {path} ({size:,} bytes); {how}")
+    print(f"adapter written to {path} ({size:,} bytes); {_how_to_load(path, lora_adapter_names(run.net), wrong)}")
     return 0
+
+
+def _how_to_load(path: Path, names: list[str], wrong: list[str]) -> str:
+    """How to load an exported folder: here, or with PEFT (a further adapter from its subfolder)."""
+    from lightning_lora.core.layers import DEFAULT_ADAPTER
+
+    if wrong:
+        return f"load it with lightning_lora.load_adapter(base, path): PEFT gets {', '.join(wrong)} wrong (see above)"
+    if names == [DEFAULT_ADAPTER]:
+        return "PEFT loads it with PeftModel.from_pretrained(base, path)"
+    first, *others = names
+    where = "path" if first == DEFAULT_ADAPTER else f"path/{first}"
+    more = "".join(f'.load_adapter(path/{n}, adapter_name="{n}")' for n in others)
+    return (
+        f"adapters {names} in PEFT's layout; PEFT loads them with PeftModel.from_pretrained(base, {where}, "
+        f'adapter_name="{first}"){more}, lightning_lora with load_adapter(base, path, adapter_name=<name>)'
+    )
 
 
 def _run_folder_of(path: Path) -> Path | None:
@@ -115,14 +128,23 @@ def merge_command(argv: Sequence[str]) -> int:
     parser = _parser("merge", MERGE + " Load it with lightning_lora.load_merged(path).")
     _run_options(parser, "the file to write, e.g. merged.safetensors (a new file, or a merged file to replace)")
     opts = parser.parse_args(argv)
+    from lightning_lora.core.active_adapters import lora_adapter_names
     from lightning_lora.core.inject import merge_and_unload
+    from lightning_lora.core.model_state import active_adapter_names
     from lightning_lora.demo.merged_model import write_merged
     from lightning_lora.demo.run_loading import net_spec
 
     run = _load_adapted(opts, "merge")
     spec = run.hyper_parameters.get("net") or net_spec(run.net)
+    held, merged = lora_adapter_names(run.net), active_adapter_names(run.net)
     path = write_merged(opts.out, merge_and_unload(run.net), spec, _image_contract(run))
-    print(f"merged model written to {path} ({path.stat().st_size:,} bytes); load it with lightning_lora.load_merged")
+    which = (
+        ""
+        if held == merged
+        else f" (adapter {merged}, the one the run trained; {[n for n in held if n not in merged]} left out)"
+    )
+    size = path.stat().st_size
+    print(f"merged model written to {path} ({size:,} bytes){which}; load it with lightning_lora.load_merged")
     return 0
 
 
@@ -280,16 +302,13 @@ def _inspect_adapter(opts: argparse.Namespace) -> int:
 def _net_with_folder(opts: argparse.Namespace):
     """The base net of ``--base`` holding every adapter of the folder ``--adapter`` (its root and subfolders)."""
     from lightning_lora.core.adapter_folder import load_adapter
-    from lightning_lora.core.layers import DEFAULT_ADAPTER
-    from lightning_lora.core.peft_format import ADAPTER_CONFIG_NAME
+    from lightning_lora.core.adapter_layout import folder_adapter_names
     from lightning_lora.demo.run_loading import load_base_net
 
     if not opts.base:
         raise UsageError("inspect --adapter needs --base: the pretraining run or .ckpt the adapter was trained on")
     folder = Path(opts.adapter)
-    names = ([DEFAULT_ADAPTER] if (folder / ADAPTER_CONFIG_NAME).is_file() else []) + sorted(
-        p.name for p in folder.iterdir() if p.is_dir() and (p / ADAPTER_CONFIG_NAME).is_file()
-    ) if folder.is_dir() else []  # fmt: skip
+    names = folder_adapter_names(folder)
     if not names:
         raise UsageError(f"{folder} holds no adapter (adapter_config.json at its root or in a subfolder)")
     class_allowlist.allow_classes(opts.allow_class)

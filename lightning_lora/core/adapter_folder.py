@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,12 @@ import torch
 from torch import nn
 
 from lightning_lora._version import __version__
+from lightning_lora.core.adapter_layout import (
+    AdapterFiles,
+    adapter_subfolder,
+    subfolder_of,
+    write_adapter_folder,
+)
 from lightning_lora.core.adapter_tensors import adapter_tensors
 from lightning_lora.core.config import LoRAConfig
 from lightning_lora.core.fingerprint import first_difference, touched_fingerprint
@@ -30,7 +35,6 @@ from lightning_lora.core.inject import base_view, delete_adapter, inject_lora
 from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAConv, LoRAMultiheadAttention
 from lightning_lora.core.model_state import (
     adapter_configs,
-    check_adapter_name,
     get_lora_config,
     lora_layers,
     unwrap_model,
@@ -44,61 +48,11 @@ from lightning_lora.core.peft_format import (
     read_adapter_config,
     top_level_targets,
 )
-from lightning_lora.core.safe_io import ADAPTER_FILES, atomic_directory, read_safetensors, write_json, write_safetensors
+from lightning_lora.core.safe_io import read_safetensors
 from lightning_lora.core.targets import TargetPlan, refuse_oversized
 from lightning_lora.errors import DataError
 
 log = logging.getLogger("lightning_lora")
-
-AdapterFiles = tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]
-"""One adapter's ``adapter_config.json`` contents, tensors and safetensors metadata."""
-
-
-def write_adapter_folder(path: str | os.PathLike, adapters: dict[str, AdapterFiles], keep_others: bool = False) -> Path:
-    """Write (or replace) an adapter folder in PEFT's layout, all of it or nothing.
-
-    ``adapters`` maps a subfolder to one adapter's files: ``""`` for the folder itself (PEFT's
-    ``"default"``), a name for a further adapter's subfolder. Each holds ``adapter_config.json`` +
-    ``adapter_model.safetensors``. With ``keep_others``, the adapters an existing folder holds
-    besides these stay as they are (copied into the new folder before the swap); without, the
-    folder afterwards holds exactly ``adapters``.
-    """
-    path = Path(path)
-    with atomic_directory(path, ADAPTER_FILES, "adapter", nested=True) as tmp:
-        if keep_others and path.is_dir():
-            for sub in folder_adapter_names(path):
-                if _subfolder_of(sub) not in adapters:
-                    old, new = path / _subfolder_of(sub), tmp / _subfolder_of(sub)
-                    new.mkdir(exist_ok=True)
-                    for name in ADAPTER_FILES:
-                        if (old / name).is_file():
-                            shutil.copy2(old / name, new / name)
-        for sub, (config, tensors, metadata) in adapters.items():
-            folder = tmp / sub if sub else tmp
-            folder.mkdir(exist_ok=True)
-            write_safetensors(folder / ADAPTER_WEIGHTS_NAME, tensors, {"format": "pt", **metadata})
-            write_json(folder / ADAPTER_CONFIG_NAME, config)
-    return path
-
-
-def _subfolder_of(adapter_name: str) -> str:
-    """Where PEFT's layout keeps adapter ``adapter_name``: ``""`` (the root) for ``"default"``, else its name."""
-    return "" if adapter_name == DEFAULT_ADAPTER else adapter_name
-
-
-def folder_adapter_names(path: str | os.PathLike) -> list[str]:
-    """The adapters a folder in PEFT's layout holds: ``"default"`` for one at its root, then its subfolders'
-    (sorted); empty for a folder that holds none (or no folder)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return []
-    root = [DEFAULT_ADAPTER] if (folder / ADAPTER_CONFIG_NAME).is_file() else []
-    subs = sorted(
-        p.name
-        for p in folder.iterdir()
-        if p.is_dir() and p.name != DEFAULT_ADAPTER and (p / ADAPTER_CONFIG_NAME).is_file()
-    )
-    return root + subs
 
 
 METADATA_KEY = "lightning_lora"
@@ -175,7 +129,7 @@ def save_adapter(
     if unknown or not names:
         raise ValueError(f"save_adapter: no adapter named {unknown[0]!r}; the model's are {list(configs)}"
                          if unknown else "save_adapter: adapter_names is empty; name at least one adapter")  # fmt: skip
-    folders = {_subfolder_of(name): _adapter_files(model, name, convert_to_lora) for name in names}
+    folders = {subfolder_of(name): _adapter_files(model, name, convert_to_lora) for name in names}
     _warn_where_peft_differs(model)
     return write_adapter_folder(path, folders, keep_others=adapter_names is not None)
 
@@ -311,35 +265,10 @@ def load_adapter(
 def read_adapter_folder(
     path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, subfolder: str | None = None
 ) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
-    """One adapter's files, checked: its folder, its config JSON, its tensors (one name each) and the
-    lightning_lora metadata (``None`` in PEFT's own files).
-
-    The folder is ``path/subfolder`` when ``subfolder`` is given (``""``: ``path`` itself). Without
-    it: ``path/<adapter_name>`` where that exists (PEFT's layout of a further adapter), else
-    ``path`` for ``"default"`` or for a folder holding a single adapter at its root. A folder of
-    several adapters none of which is ``adapter_name`` is refused, listing them, rather than read
-    from its root.
-    """
-    check_adapter_name(adapter_name)
-    root = Path(path)
-    if subfolder is not None:
-        if not isinstance(subfolder, str) or any(c in subfolder for c in "/\\") or subfolder in (".", ".."):
-            raise ValueError(f"subfolder must be an adapter's folder name or '' for the root, got {subfolder!r}")
-        folder = root / subfolder
-    elif adapter_name != DEFAULT_ADAPTER and (root / adapter_name).is_dir():
-        folder = root / adapter_name
-    else:
-        folder = root
-        held = folder_adapter_names(root)
-        if adapter_name != DEFAULT_ADAPTER and len(held) > 1:
-            raise ValueError(
-                f"{root} holds adapters {held}, none named {adapter_name!r}: pass one of those as adapter_name, or "
-                f"subfolder='' (the root's) or subfolder='<name>' to load that one as {adapter_name!r}"
-            )
-        if DEFAULT_ADAPTER not in held and held:
-            raise ValueError(
-                f"{root} holds no adapter at its root, only {held} in subfolders: pass one of those as adapter_name"
-            )
+    """One adapter's files, checked: its folder (:func:`~lightning_lora.core.adapter_layout.adapter_subfolder`
+    picks it), its config JSON, its tensors (one name each) and the lightning_lora metadata (``None`` in PEFT's
+    own files)."""
+    folder = adapter_subfolder(path, adapter_name, subfolder)
     data = read_adapter_config(folder)
     tensors, raw_meta = read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "adapter weights")
     meta = _read_metadata(raw_meta, folder / ADAPTER_WEIGHTS_NAME)

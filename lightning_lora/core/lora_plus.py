@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lora.core.layers import LoRALayer
 from lightning_lora.core.layers.embedding import LoRAEmbedding
 
 
@@ -42,6 +43,12 @@ def lora_plus_param_groups(
             raise ValueError(f"lora_plus_param_groups: {name} must be a positive finite number, got {value!r}")
     if ratio < 1:
         raise ValueError(f"lora_plus_param_groups: ratio must be >= 1 (B learns faster than A), got {ratio}")
+    if not any(isinstance(m, LoRALayer) for m in model.modules()):
+        raise ValueError(
+            "lora_plus_param_groups: the model holds no LoRA adapters, so LoRA+ has no B to speed up (its biases "
+            "would train at ratio x lr); inject adapters first (inject_lora, or LoRAInjectionCallback / --lora.*), "
+            "or train without LoRA+ (no lora_plus_ratio)"
+        )
     embedding = {id(p) for m in model.modules() if isinstance(m, LoRAEmbedding) for p in m.parameters()}
     groups: dict[str, list[torch.Tensor]] = {"lora_plus_A": [], "lora_plus_B": [], "lora_plus_embedding": []}
     for name, param in model.named_parameters():

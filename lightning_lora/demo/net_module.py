@@ -316,6 +316,12 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
                 "nothing to train: every parameter is frozen. Add a LoRAInjectionCallback "
                 "(trainer.callbacks) or unfreeze part of the net."
             )
+        if self.lora_plus_ratio is not None and get_lora_config(self.net) is None:
+            raise UsageError(
+                "--model.lora_plus_ratio is set, but the network holds no LoRA adapters: LoRA+ has no B to speed up "
+                "(the base's biases would train at ratio x lr). Add the adapters (--lora.* options, a "
+                "LoRAInjectionCallback), or drop --model.lora_plus_ratio"
+            )
         try:
             optimizer = self.optimizer(trainable)
             self._configured_lr = optimizer.defaults.get("lr")

@@ -25,6 +25,15 @@ def _rotated(training: dict[str, Any]) -> str:
     return f", rotated {training['rotation']:g} degrees as in training" if training.get("rotation") else ""
 
 
+def _which_adapters(s: dict[str, Any]) -> str:
+    """Where a run holds several adapters: which one "adapter on" is, and what the folder holds besides."""
+    names = s.get("adapters") or []
+    if len(names) < 2:
+        return ""
+    others = [n for n in names if n != s["trained_adapter"]]
+    return f' (adapters {names}; "adapter on" is the trained {s["trained_adapter"]!r}, {others} stay off)'
+
+
 def classification_markdown(s: dict[str, Any]) -> str:
     rows = [("pretrained base", "base"), ("adapter on", "adapter_on"), ("adapter off", "adapter_off")]
     rows.append(("merged", "merged"))
@@ -53,7 +62,7 @@ def classification_markdown(s: dict[str, Any]) -> str:
     lines += [
         "",
         f"- Trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable_percent']:.2f}%).",
-        f"- Adapter folder: {s['adapter_bytes']:,} bytes; the run's adapter-only checkpoint: "
+        f"- Adapter folder: {s['adapter_bytes']:,} bytes{_which_adapters(s)}; the run's adapter-only checkpoint: "
         f"{s['checkpoint_bytes']:,} bytes; the whole model: {s['model_bytes']:,} bytes.",
         "- Adapter off: "
         + (

@@ -15,7 +15,10 @@ from typing import Any
 
 from torch import nn
 
+from lightning_lora.core.active_adapters import lora_adapter_names
 from lightning_lora.core.adapter_folder import save_adapter
+from lightning_lora.core.adapter_layout import subfolder_of
+from lightning_lora.core.model_state import active_adapter_names
 from lightning_lora.core.peft_format import ADAPTER_WEIGHTS_NAME
 from lightning_lora.core.safe_io import atomic_directory, atomic_file, check_folder_kind
 from lightning_lora.demo.run_loading import LoadedRun, build_net, load_base_checkpoint, load_run
@@ -39,11 +42,16 @@ def _write(out: Path, summary: dict[str, Any], markdown: str) -> None:
         tmp.write_text(markdown)
 
 
-def _sizes(run: LoadedRun, out: Path) -> dict[str, int]:
+def _sizes(run: LoadedRun, out: Path) -> dict[str, Any]:
+    """The exported folder (every adapter the run holds, PEFT's layout) and its sizes; the weights are the
+    trained (active) adapter's."""
     folder = save_adapter(run.net, out / "adapter")
+    trained = active_adapter_names(run.net)[0]
     return {
-        "adapter_bytes": sum(f.stat().st_size for f in folder.iterdir()),
-        "adapter_weights_bytes": (folder / ADAPTER_WEIGHTS_NAME).stat().st_size,
+        "adapters": lora_adapter_names(run.net),
+        "trained_adapter": trained,
+        "adapter_bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
+        "adapter_weights_bytes": (folder / subfolder_of(trained) / ADAPTER_WEIGHTS_NAME).stat().st_size,
         "checkpoint_bytes": run.checkpoint.stat().st_size,
         "model_bytes": sum(p.numel() * p.element_size() for p in run.net.parameters() if not p.requires_grad),
     }

@@ -113,7 +113,7 @@ def restore_adapters(root: nn.Module, checkpoint: dict[str, Any], base_hint: str
     path, target = resolve_module_path(root, meta["module_path"])
     if target is None:
         raise UsageError(f"the checkpoint's adapters live in '{path}', which this module has not built")
-    _inject(target, LoRAConfig.from_dict(meta["lora_config"]), meta.get("primary_adapter", DEFAULT_ADAPTER))
+    _inject(target, LoRAConfig.from_dict(meta["lora_config"]), meta.get("primary_adapter", DEFAULT_ADAPTER), meta)
     _inject_further_adapters(target, meta)
     problem = first_difference(meta["base_fingerprint"], _fingerprint_of(root))
     if problem:
@@ -192,8 +192,9 @@ def refuse_other_lora_settings(recorded: LoRAConfig, current: LoRAConfig) -> Non
     )
     if differences:
         raise UsageError(
-            f"the checkpoint was trained with other LoRA settings ({differences}); "
-            "resume with the same LoRA settings (e.g. --lora.rank), or start a new run without --ckpt_path"
+            f"the checkpoint was trained with other LoRA settings ({differences}); use the LoRA settings of the "
+            "run that wrote it (the --lora options, e.g. --lora.rank, and the same folders in --lora.load_adapters), "
+            "or start a new run without --ckpt_path"
         )
 
 
@@ -211,6 +212,11 @@ def _inject_further_adapters(target: nn.Module, meta: dict[str, Any]) -> None:
     further, active = meta.get("further_adapters", {}), meta.get("active_adapters")
     if not isinstance(further, dict) or not all(isinstance(v, dict) for v in further.values()):
         raise DataError(f"the checkpoint's '{CHECKPOINT_KEY}' section is damaged: further_adapters is not a mapping")
+    extra = [
+        n for n in adapter_configs(target) if n != meta.get("primary_adapter", DEFAULT_ADAPTER) and n not in further
+    ]
+    if extra:
+        raise UsageError(_other_adapters(meta, list(adapter_configs(target))))
     try:
         for name, config in further.items():
             inject_lora(target, LoRAConfig.from_dict(config), adapter_name=name)
@@ -220,14 +226,31 @@ def _inject_further_adapters(target: nn.Module, meta: dict[str, Any]) -> None:
         raise UsageError(f"the checkpoint's adapters do not fit this model: {err}") from err
 
 
-def _inject(target: nn.Module, config: LoRAConfig, name: str = DEFAULT_ADAPTER) -> None:
+def _other_adapters(meta: dict[str, Any], names: list[str]) -> str:
+    """Why a model's adapters are not the checkpoint's, with the options that rebuild them."""
+    primary = meta.get("primary_adapter", DEFAULT_ADAPTER)
+    held = [primary, *(meta.get("further_adapters") or {})]
+    if len(held) == 1:
+        return (
+            f"the checkpoint's adapter is named {primary!r}, this model's are {names}: use the adapter name it was "
+            f"trained under (--lora.adapter_name {primary}), or start a new run"
+        )
+    trained = meta.get("active_adapters") or held[-1:]
+    loaded = [n for n in held if n not in trained]
+    return (
+        f"the checkpoint holds adapters {held} ({trained} trained, {loaded} loaded), this model's are {names}: use "
+        f"the run's own --lora.adapter_name {trained[0]} and --lora.load_adapters naming {loaded} (the same "
+        "folders), or start a new run"
+    )
+
+
+def _inject(
+    target: nn.Module, config: LoRAConfig, name: str = DEFAULT_ADAPTER, meta: dict[str, Any] | None = None
+) -> None:
     existing = get_lora_config(target)
     names = adapter_configs(target)
     if names and name not in names:
-        raise UsageError(
-            f"the checkpoint's adapter is named {name!r}, this model's are {list(names)}: resume with the adapter "
-            f"name it was trained under (--lora.adapter_name {name}), or start a new run"
-        )
+        raise UsageError(_other_adapters(meta or {"primary_adapter": name}, list(names)))
     if existing is not None:
         refuse_other_lora_settings(config, existing)
         return

@@ -58,8 +58,9 @@ class LoRAInjectionCallback(pl.Callback):
         merge_on_fit_end: Merge the adapters into the weights after fitting, so later
             ``validate``/``test``/``predict`` calls on the same model run at base-model speed.
         stats_every_n_steps: Every this many optimizer steps (0: never), log each adapted layer's
-            :func:`~lightning_lora.core.diagnostics.adapter_stats`: ``adapter_stats/<layer>/delta_norm_ratio``
-            and ``.../effective_rank`` as scalars, ``.../singular_values`` as a TensorBoard histogram.
+            :func:`~lightning_lora.core.diagnostics.adapter_stats` for the adapter it trains:
+            ``adapter_stats/<adapter>/<layer>/delta_norm_ratio`` and ``.../effective_rank`` as scalars,
+            ``.../singular_values`` as a TensorBoard histogram (frozen adapters do not change, so are not logged).
         adapter_name: The name of the adapter this callback injects and trains. Other adapters of the
             network (from ``load_adapters``) stay frozen and inactive while it trains.
         load_adapters: Adapter name -> adapter folder, each loaded into the network (frozen, inactive)
@@ -230,11 +231,13 @@ class LoRAInjectionCallback(pl.Callback):
         for logger in trainer.loggers:
             scalars = {}
             for layer in stats:
-                scalars[f"adapter_stats/{layer.name}/delta_norm_ratio"] = layer.delta_norm_ratio
-                scalars[f"adapter_stats/{layer.name}/effective_rank"] = layer.effective_rank
+                if layer.adapter != self.adapter_name:
+                    continue
+                tag = f"adapter_stats/{layer.adapter}/{layer.name}"
+                scalars[f"{tag}/delta_norm_ratio"] = layer.delta_norm_ratio
+                scalars[f"{tag}/effective_rank"] = layer.effective_rank
                 if hasattr(logger.experiment, "add_histogram") and layer.singular_values:
-                    values = torch.tensor(layer.singular_values)
-                    logger.experiment.add_histogram(f"adapter_stats/{layer.name}/singular_values", values, step)
+                    logger.experiment.add_histogram(f"{tag}/singular_values", torch.tensor(layer.singular_values), step)
             logger.log_metrics(scalars, step=step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
