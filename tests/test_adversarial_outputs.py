@@ -128,7 +128,7 @@ def test_an_interrupted_write_keeps_the_previous_output_and_the_next_write_sweep
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lightning_lora.core.adapter_folder.write_safetensors", interrupted)
+    monkeypatch.setattr("lightning_lora.core.adapter_layout.write_safetensors", interrupted)
     monkeypatch.setattr("lightning_lora.demo.merged_model.write_safetensors", interrupted)
     for verb, out in (("export", adapter), ("merge", merged)):
         with pytest.raises(SystemExit) as exit_info:

@@ -690,3 +690,17 @@ def test_a_changed_learning_rate_on_resume_is_named_not_dropped_silently(workdir
     caplog.clear()
     main([*fit, "--trainer.max_steps", "4", "--ckpt_path", "runs/finetune_lora"])
     assert "learning rate" not in capsys.readouterr().err + caplog.text  # the same rate: nothing to say
+
+
+def test_a_refused_test_or_validate_leaves_the_run_s_folder_as_it_was(trained_run, fake_mnist, monkeypatch, capsys):
+    """They log into the run's own folder: a refusal must not leave an empty event file or a config copy there."""
+    root, _ = trained_run
+    monkeypatch.chdir(root)
+    folder = root / "runs/finetune_lora/version_0"
+    before = {p.name: p.stat().st_size for p in folder.iterdir()}
+    common = [*config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist)]
+    for verb in ("test", "validate"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([verb, *common, "--lora.rank", "8", "--ckpt_path", "runs/finetune_lora"])
+        assert exit_info.value.code == 2 and "rank 1 in the checkpoint, 8 now" in capsys.readouterr().err
+        assert {p.name: p.stat().st_size for p in folder.iterdir()} == before

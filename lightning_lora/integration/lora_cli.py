@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_lora.core.config import CALLBACK_ONLY_OPTIONS, LoRAConfig
-from lightning_lora.core.safe_io import sweep_stale_temporaries
+from lightning_lora.core.safe_io import atomic_file, sweep_stale_temporaries
 from lightning_lora.errors import UsageError, root_cause
 from lightning_lora.integration.callback import LoRAInjectionCallback
 from lightning_lora.integration.checkpoint_reader import describe_resolution, resolve_checkpoint
@@ -250,7 +250,10 @@ class LoRACLI(LightningCLI):
             self.resolved_ckpt_path = self._resolve_ckpt_path(self.requested_ckpt_path, logger)
             kwargs = {**self._log_beside_the_fit(logger), **kwargs}  # so the logger is known before the trainer
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
-        _RUN.update(trainer=trainer, started=time.time(), new_folder=_new_run_folder(trainer))
+        new_folder = _new_run_folder(trainer)
+        _RUN.update(
+            trainer=trainer, started=time.time(), new_folder=new_folder, held=_entries_held(trainer, new_folder)
+        )
         _sweep_earlier_runs(trainer)
         if self.requested_ckpt_path is not None:
             if self.resolved_ckpt_path is None:
@@ -365,6 +368,24 @@ def _new_run_folder(trainer: pl.Trainer) -> Path | None:
     return None if folder.exists() else folder
 
 
+def _entries_held(trainer: pl.Trainer, new_folder: Path | None) -> dict[str, bytes | None] | None:
+    """What an existing run folder holds before this command logs into it (``test`` with ``--ckpt_path``): each
+    entry's name, with the contents of the config copies a command rewrites (``<verb>_config.yaml``)."""
+    if new_folder is not None or not isinstance(trainer.logger, TensorBoardLogger) or not trainer.is_global_zero:
+        return None
+    folder = Path(trainer.logger.log_dir)
+    if not folder.is_dir():
+        return None
+    return {
+        p.name: p.read_bytes() if p.name.endswith("_config.yaml") and p.is_file() else None for p in folder.iterdir()
+    }
+
+
+def _is_own_log(path: Path) -> bool:
+    """A file every command writes into its run folder: TensorBoard's event file, Lightning's config copy."""
+    return path.name.startswith("events.out.tfevents.") or path.name.endswith("_config.yaml")
+
+
 def run_folder() -> Path | None:
     """The version folder the command running now logs into, if it has one."""
     logger = _RUN["trainer"].logger if _RUN.get("trainer") is not None else None
@@ -379,6 +400,8 @@ def discard_empty_run() -> Path | None:
     is ever removed. Returns the folder removed, if any.
     """
     trainer, folder = _RUN.get("trainer"), _RUN.get("new_folder")
+    if trainer is not None and _RUN.get("held") is not None and trainer.global_step == 0:
+        _discard_own_logs(Path(trainer.logger.log_dir), _RUN["held"])
     if trainer is None or folder is None or not folder.is_dir():
         return None
     starts = [cb.step_at_start for cb in trainer.callbacks if isinstance(cb, ExactResume)]
@@ -389,6 +412,20 @@ def discard_empty_run() -> Path | None:
     with contextlib.suppress(OSError):  # runs/<name>/ too, when nothing else is in it
         folder.parent.rmdir()
     return folder
+
+
+def _discard_own_logs(folder: Path, held: dict[str, bytes | None]) -> None:
+    """A failed command that logged into an existing run folder (``test``/``validate`` with ``--ckpt_path``) trained
+    nothing: remove the empty event file and the config copy it added there, put back a config copy it rewrote,
+    and touch nothing else."""
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if not _is_own_log(path) or not path.is_file():
+            continue
+        if path.name not in held:
+            path.unlink(missing_ok=True)
+        elif held[path.name] is not None and path.read_bytes() != held[path.name]:
+            with atomic_file(path) as tmp:
+                tmp.write_bytes(held[path.name])
 
 
 def _sweep_earlier_runs(trainer: pl.Trainer) -> None:
