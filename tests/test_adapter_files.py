@@ -367,6 +367,15 @@ class TestWhatAStrangerFound:
         with pytest.raises(ValueError, match="NaN or infinite values \\(as torch.float32\\)|not a float type"):
             load_adapter(net(), path)
 
+    def test_a_config_edited_to_target_other_layers_is_named_as_such_not_as_another_base(self, trained):
+        _, path = trained
+        config = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
+        config["target_modules"] = ["encoder.0"]
+        (path / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+        edited = r"targets layers \['encoder.0', 'head'\], but the adapter was saved for layers \[.*edited or damaged"
+        with pytest.raises(ValueError, match=edited):
+            load_adapter(net(), path)
+
     def test_a_base_cast_to_half_precision_is_still_the_base(self, trained):
         model, path = trained
         half = load_adapter(net().to(torch.bfloat16), path)

@@ -28,7 +28,7 @@ from lightning_lora.core.adapter_layout import (
     subfolder_of,
     write_adapter_folder,
 )
-from lightning_lora.core.adapter_tensors import adapter_tensors
+from lightning_lora.core.adapter_tensors import adapter_tensors, base_state_dict
 from lightning_lora.core.config import LoRAConfig
 from lightning_lora.core.fingerprint import first_difference, touched_fingerprint
 from lightning_lora.core.inject import base_view, delete_adapter, inject_lora
@@ -304,7 +304,15 @@ def check_base_fingerprint(
         )
         return
     actual = touched_fingerprint(model, config, plan)
-    problem = first_difference(meta["base_fingerprint"], actual)
+    recorded, state = meta["base_fingerprint"], set(base_state_dict(model))
+    if set(recorded) != set(actual) and set(recorded) <= state:  # this base has every recorded tensor
+        layers = sorted({k.rpartition(".")[0] for k in recorded}), sorted({k.rpartition(".")[0] for k in actual})
+        raise ValueError(
+            f"adapter {folder}: its {ADAPTER_CONFIG_NAME} targets layers {layers[1][:5]}, but the adapter was saved "
+            f"for layers {layers[0][:5]}: the config was edited or damaged (restore it, or re-export the adapter), or "
+            "this base has other layers than the one it was made for (load the base it was trained on)"
+        )
+    problem = first_difference(recorded, actual)
     if problem:
         raise ValueError(
             f"adapter {folder} was made for another base model: {problem}. Load the base it was trained on, "
