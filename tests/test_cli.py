@@ -348,8 +348,10 @@ def test_inspect_shows_a_saved_adapter_folder_on_its_base(workdir, fake_mnist, c
     for stats in adapter_stats(load_adapter(net, folder)):
         row = next(line.split() for line in out.splitlines() if line.startswith(stats.name + " "))
         assert row[1:3] == ["default", "1"] and float(row[3]) == pytest.approx(stats.delta_norm_ratio, rel=1e-2)
+    base = ["--base", "runs/pretrain"]
     for args, message in [(["--adapter", str(folder)], "needs --base"),
-                          (["--adapter", str(workdir), "--base", "runs/pretrain"], "holds no adapter")]:  # fmt: skip
+                          (["--adapter", str(workdir), *base], "holds no adapter"),
+                          (["--adapter", str(workdir / "nowhere"), *base], "does not exist")]:  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             main(["inspect", *args])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -86,7 +86,7 @@ class Two(nn.Module):
     ("other", "message"),
     [
         (LoRAConfig(rank=2, target_modules=["a"]), "does not adapt the layers adapter 'default' adapts"),
-        (LoRAConfig(rank=2, use_dora=True), "is DoRA, the adapter is not"),
+        (LoRAConfig(rank=2, use_dora=True), "is a DoRA adapter and .default. a plain LoRA one"),
         (LoRAConfig(rank=2, bias="all"), "trains biases or modules_to_save"),
         (LoRAConfig(rank=2, dropout=0.1), r"dropout=0.1 and adapter 'default' dropout=0.0.*same dropout"),
         (LoRAConfig(rank=2, use_rslora=True), r"use_rslora=True and adapter 'default' use_rslora=False"),
@@ -179,3 +179,34 @@ def test_a_name_the_folder_lacks_is_refused_not_read_from_its_root(tmp_path):
     hotswap_adapter(model, tmp_path / "two", adapter_name="c", subfolder="")  # the root's, asked for by name
     assert all(torch.equal(model.state_dict()[k.replace(".default.", ".c.")], v)
                for k, v in state.items() if ".default." in k)  # fmt: skip
+
+
+def test_a_pissa_adapter_swaps_only_with_one_of_the_same_init_and_ranks_and_damaged_folders_are_refused(tmp_path):
+    import json
+
+    from helpers import TwoLinear
+    from safetensors.torch import load_file, save_file
+
+    base = TwoLinear().requires_grad_(False)
+    model = inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, init="pissa"))
+    prepare_hotswap(model, max_rank=4)
+    for name, config in {"r4": LoRAConfig(rank=4, init="pissa"), "olora": LoRAConfig(rank=2, init="olora")}.items():
+        save_adapter(inject_lora(copy.deepcopy(base), config), tmp_path / name)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="has rank 4 at layer 'fc1' and adapter 'default' \\(pissa\\) rank 2"):
+        hotswap_adapter(model, tmp_path / "r4")
+    with pytest.raises(ValueError, match="is a olora adapter and 'default' a pissa one"):
+        hotswap_adapter(model, tmp_path / "olora")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+    plain = trained(base, seed=1, target_modules=["fc1", "fc2"])
+    save_adapter(trained(base, seed=2, target_modules=["fc1", "fc2"]), tmp_path / "damaged")
+    config = json.loads((tmp_path / "damaged" / "adapter_config.json").read_text())
+    (tmp_path / "damaged" / "adapter_config.json").write_text(json.dumps({**config, "r": 9}))
+    with pytest.raises(ValueError, match="holds rank-2 factors at layer 'fc1', but its config says rank 9"):
+        hotswap_adapter(plain, tmp_path / "damaged")
+    (tmp_path / "damaged" / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "damaged" / "adapter_model.safetensors")
+    save_file({k: (v * 100).long() for k, v in tensors.items()}, tmp_path / "damaged" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="holds torch.int64 factors at layer 'fc1', not a float type"):
+        hotswap_adapter(plain, tmp_path / "damaged", check_base=False)

@@ -186,3 +186,25 @@ def test_a_plain_adapter_beside_pissa_is_fingerprinted_on_the_residual_it_ran_on
     set_active_adapters(fresh, "b")
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"adapters \['b'\] ran on the residual 'default' \(pissa\).*without convert"):
+        save_adapter(model, tmp_path / "converted", convert_to_lora=True)
+    assert not (tmp_path / "converted").exists()
+
+
+def test_a_weighted_adapter_made_from_pissa_is_a_plain_adapter_on_its_residual_and_loads_back(tmp_path):
+    from lightning_lora import add_weighted_adapter, save_adapter, set_active_adapters
+
+    base, x = TwoLinear().requires_grad_(False), torch.randn(4, 12)
+    model = trained(inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, init="pissa")))
+    add_weighted_adapter(model, ["default"], [0.5], "halved", combination="cat")
+    save_adapter(model, tmp_path / "both")
+    fresh = load_adapter(copy.deepcopy(base), tmp_path / "both")
+    load_adapter(fresh, tmp_path / "both", adapter_name="halved")
+    with torch.no_grad():
+        for name in ("default", "halved"):
+            set_active_adapters(model, name), set_active_adapters(fresh, name)
+            torch.testing.assert_close(fresh(x), model(x), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="inject or load it into the plain base.*convert_to_lora=True"):
+        load_adapter(
+            fresh, tmp_path / "both", adapter_name="again", subfolder=""
+        )  # a PiSSA folder as a further adapter

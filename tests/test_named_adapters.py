@@ -162,6 +162,24 @@ class TestSwitching:
                 raise RuntimeError("inside")
         assert torch.equal(model(x), out) and flags == {n: p.requires_grad for n, p in model.named_parameters()}
 
+    def test_switching_away_from_a_merged_adapter_unmerges_it_as_peft_does_and_use_adapters_merges_it_back(self):
+        from lightning_lora import merge_lora
+
+        _, model, x = two_adapters()
+        with torch.no_grad():
+            b_alone = alone(model, "b")(x)
+            merge_lora(model, ["default"])
+            merged = model(x)
+            with use_adapters(model, "b"):
+                assert torch.equal(model(x), b_alone) and model.fc1.merged_adapters == []
+            assert model.fc1.merged_adapters == ["default"] and torch.equal(model(x), merged)
+            set_active_adapters(model, "b")  # PEFT's set_adapter unmerges too (with a warning)
+            assert model.fc1.merged_adapters == [] and torch.equal(model(x), b_alone)
+            with adapter_per_sample(model, ["b"] * len(x)):
+                with pytest.raises(ValueError, match="inside an adapter_per_sample block; leave the block first"):
+                    set_active_adapters(model, "default")
+            assert model.fc1.active_adapters == ["b"]
+
     def test_use_adapters_leaves_a_trainable_adapter_active_when_the_block_deleted_the_previous_one(self):
         _, model, x = two_adapters()
         with use_adapters(model, "b"):
@@ -472,7 +490,7 @@ class TestFiles:
                 assert torch.equal(fresh(x), model(x))
         load_adapter(fresh, folder, adapter_name="b")  # again: the values replaced, nothing added
 
-    def test_saving_some_adapters_keeps_the_folder_s_others_and_saving_all_writes_exactly_the_model_s(self, tmp_path):
+    def test_saving_rewrites_only_the_adapters_saved_and_keeps_the_folder_s_others(self, tmp_path):
         from lightning_lora import save_adapter
 
         _, model, _ = two_adapters()
@@ -487,9 +505,9 @@ class TestFiles:
         assert changed == {tmp_path / "out" / "c" / "adapter_model.safetensors"}  # PEFT's selected_adapters
         assert set((tmp_path / "out").rglob("*")) == set(files) | {tmp_path / "out" / "b", tmp_path / "out" / "c"}
         delete_adapter(model, "b")
-        save_adapter(model, tmp_path / "out")  # every adapter: the folder is the model's, "b" goes
-        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-            "adapter_config.json", "adapter_model.safetensors", "c"]  # fmt: skip
+        save_adapter(model, tmp_path / "out")  # every adapter the model holds; "b", saved earlier, stays
+        assert (tmp_path / "out" / "b" / "adapter_model.safetensors").read_bytes() == files[
+            tmp_path / "out" / "b" / "adapter_model.safetensors"]  # fmt: skip
         with pytest.raises(ValueError, match="no adapter named 'zz'"):
             save_adapter(model, tmp_path / "out", adapter_names=["zz"])
         with pytest.raises(ValueError, match="adapter_names must be a list of adapter names"):
@@ -559,3 +577,20 @@ class TestFiles:
             load_adapter(model, tmp_path / "other", adapter_name="c", check_base=False)
         assert set(model.state_dict()) == keys and torch.equal(model(x), out)
         assert lora_adapter_names(model) == ["default", "b"]
+
+
+def test_per_sample_serving_works_on_a_model_cast_to_bfloat16_after_injection():
+    """What Lightning's bf16-true does: base and adapters in bfloat16; each sample as it alone would be."""
+    _, model, x = two_adapters()
+    model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    routing = ["default", "b", "__base__", "b", "default", "__base__"]
+    with torch.no_grad():
+        with adapter_per_sample(model, routing):
+            mixed = model(x)
+        for i, name in enumerate(routing):
+            if name == "__base__":
+                with disable_lora(model):
+                    expected = model(x[i : i + 1])
+            else:
+                expected = set_active_adapters(model, name)(x[i : i + 1])
+            torch.testing.assert_close(mixed[i : i + 1], expected, atol=2e-2, rtol=2e-2)  # bfloat16 rounding

@@ -110,6 +110,7 @@ class TestAgainstPEFT:
         (lambda m: add_weighted_adapter(m, ["default", "b"], [1, 1], "mix", "cat", svd_rank=2), "'svd' only"),
         (lambda m: add_weighted_adapter(m, ["default", "c"], [1, 1], "mix", "cat"), "does not adapt layer 'fc2'"),
         (lambda m: add_weighted_adapter(m, "default", [1], "mix"), "adapters must be a list"),
+        (lambda m: add_weighted_adapter(m, ["default", "b"], [1, 1], "mix", "svd", 10**9), "exceeds 5, the ranks"),
         (lambda m: add_weighted_adapter(m, ["default"], 1.0, "mix"), "weights must be a list"),
         (lambda m: add_weighted_adapter(m, ["default", "b"], [1, "2"], "mix", "cat"), "finite numbers"),
     ],

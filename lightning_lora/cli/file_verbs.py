@@ -308,6 +308,8 @@ def _net_with_folder(opts: argparse.Namespace):
     if not opts.base:
         raise UsageError("inspect --adapter needs --base: the pretraining run or .ckpt the adapter was trained on")
     folder = Path(opts.adapter)
+    if not folder.is_dir():
+        raise UsageError(f"--adapter {folder} does not exist or is not a folder; give an adapter folder")
     names = folder_adapter_names(folder)
     if not names:
         raise UsageError(f"{folder} holds no adapter (adapter_config.json at its root or in a subfolder)")

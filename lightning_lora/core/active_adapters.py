@@ -7,6 +7,7 @@ gradients), so it is free to do per batch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +26,8 @@ from lightning_lora.core.model_state import (
     saved_modules,
     unwrap_model,
 )
+
+log = logging.getLogger("lightning_lora")
 
 
 def lora_adapter_names(model: nn.Module) -> list[str]:
@@ -52,7 +55,8 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> nn.Module:
 
     Only the active adapters' tensors require grad afterwards, so an optimizer over
     ``requires_grad`` parameters trains exactly them; trained biases and ``modules_to_save``
-    copies stay trainable. Merged adapters stay in the weight whatever is active.
+    copies stay trainable. A merged adapter that is not among ``names`` is unmerged first, with a
+    warning (PEFT's ``set_adapter`` unmerges too): a merged update would otherwise act whatever is active.
 
     Raises:
         ValueError: an unknown name, a name given twice, or no name.
@@ -66,7 +70,15 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> nn.Module:
             f"switched off: keep it active (set_active_adapters(model, {[owner, *names]})), or inject it with "
             "bias='none' and no modules_to_save"
         )
-    for _, layer in lora_layers(plain):
+    layers = [layer for _, layer in lora_layers(plain)]
+    if any(layer.sample_adapters is not None for layer in layers):
+        raise ValueError("set_active_adapters inside an adapter_per_sample block; leave the block first")
+    leaving = sorted({n for layer in layers for n in layer.merged_adapters if n not in names})
+    if leaving:
+        log.warning("set_active_adapters: unmerging adapters %s, which are merged but not made active", leaving)
+        for layer in layers:
+            layer.unmerge(leaving)
+    for layer in layers:
         layer.active_adapters = list(names)
         for key, adapter in layer.lora_adapters.items():
             adapter.requires_grad_(key in names)
@@ -77,7 +89,7 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> nn.Module:
 @contextmanager
 def use_adapters(model: nn.Module, names: str | list[str]) -> Iterator[nn.Module]:
     """Run with ``names`` active for the block's duration; the previous active set and gradient flags return on
-    exit, also when the block raises.
+    exit, also when the block raises; adapters unmerged for the block are merged again.
 
     Where the block deleted adapters that were active before, the rest of them become active again
     (or, with none left, the model's first adapter, as :func:`~lightning_lora.core.inject.delete_adapter`
@@ -87,6 +99,7 @@ def use_adapters(model: nn.Module, names: str | list[str]) -> Iterator[nn.Module
     _as_known_names(plain, names)
     before = active_adapter_names(plain)
     flags = [(p, p.requires_grad) for _, layer in lora_layers(plain) for p in layer.lora_adapters.parameters()]
+    merged = [(layer, list(layer.merged_adapters)) for _, layer in lora_layers(plain) if layer.merged_adapters]
     set_active_adapters(plain, names)
     try:
         yield model
@@ -99,6 +112,8 @@ def use_adapters(model: nn.Module, names: str | list[str]) -> Iterator[nn.Module
                 param.requires_grad_(flag)
         elif left:
             set_active_adapters(plain, remaining or [next(iter(left))])
+        for layer, names_merged in merged:  # what set_active_adapters unmerged for the block is merged again
+            layer.merge(names_merged)
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from lightning_lora.core.adapter_layout import (
     write_adapter_folder,
 )
 from lightning_lora.core.adapter_tensors import adapter_tensors, base_state_dict
-from lightning_lora.core.config import LoRAConfig
+from lightning_lora.core.config import FROM_WEIGHT_INITS, LoRAConfig
 from lightning_lora.core.fingerprint import first_difference, touched_fingerprint
 from lightning_lora.core.inject import base_view, delete_adapter, inject_lora
 from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAConv, LoRAMultiheadAttention
@@ -94,9 +94,9 @@ def save_adapter(
     subfolder of its name (what PEFT's ``save_pretrained`` writes and ``load_adapter`` reads).
     Keys are the plain model's, whatever wraps it (``torch.compile``, DDP, Fabric). The folder is
     written under a temporary name and swapped into place, all adapters at once; an existing
-    folder at ``path`` is replaced only if it is an adapter folder itself. Saving every adapter
-    (``adapter_names=None``) leaves the folder holding exactly the model's adapters; saving some
-    leaves the folder's other adapters as they were (PEFT's ``selected_adapters``).
+    folder at ``path`` is replaced only if it is an adapter folder itself, and the adapters it holds
+    that are not written now stay as they were (PEFT's ``save_pretrained`` keeps them too): nothing
+    saved earlier is lost.
 
     Args:
         model: A model holding adapters.
@@ -129,9 +129,18 @@ def save_adapter(
     if unknown or not names:
         raise ValueError(f"save_adapter: no adapter named {unknown[0]!r}; the model's are {list(configs)}"
                          if unknown else "save_adapter: adapter_names is empty; name at least one adapter")  # fmt: skip
+    rewriting = [n for n, c in configs.items() if c.init in FROM_WEIGHT_INITS]
+    on_residual = [n for n in names if configs[n].init not in FROM_WEIGHT_INITS]
+    if convert_to_lora and rewriting and on_residual:
+        raise ValueError(
+            f"save_adapter: adapters {on_residual} ran on the residual {rewriting[0]!r} ({configs[rewriting[0]].init}) "
+            "left in the layers, which a converted folder no longer has; save them without convert_to_lora (they "
+            f"load after {rewriting[0]!r} does), e.g. save_adapter(model, folder, adapter_names={rewriting}, "
+            "convert_to_lora=True) into one folder and the others into another"
+        )
     folders = {subfolder_of(name): _adapter_files(model, name, convert_to_lora) for name in names}
     _warn_where_peft_differs(model)
-    return write_adapter_folder(path, folders, keep_others=adapter_names is not None)
+    return write_adapter_folder(path, folders, keep_others=True)
 
 
 def _adapter_files(model: nn.Module, name: str, convert_to_lora: bool = False) -> AdapterFiles:

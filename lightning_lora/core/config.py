@@ -21,6 +21,8 @@ InitName = Literal["kaiming", "gaussian", "pissa", "olora"]
 """How the factors start (``LoRAConfig.init``)."""
 INITS: tuple[str, ...] = get_args(InitName)
 FROM_WEIGHT_INITS = ("pissa", "olora")
+DEFAULT_INIT: InitName = "kaiming"
+"""Plain factors: A drawn at random, B zero."""
 """Initialisations that take the factors from the base weight and leave the base its residual."""
 BIAS_POLICIES = ("none", "all", "lora_only")
 
@@ -126,7 +128,7 @@ class LoRAConfig:
     exclude_modules: list[str] = field(default_factory=list)
     use_dora: bool = False
     use_rslora: bool = False
-    init: InitName = "kaiming"
+    init: InitName = DEFAULT_INIT
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] = field(default_factory=list)
     rank_pattern: dict[str, int] = field(default_factory=dict)

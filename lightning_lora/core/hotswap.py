@@ -117,7 +117,9 @@ def hotswap_adapter(
     plain = unwrap_model(model)
     configs = adapter_configs(plain)
     if adapter_name not in configs:
-        raise ValueError(f"hotswap_adapter: the model holds no adapter named {adapter_name!r}; its are {list(configs)}")
+        raise ValueError(
+            f"hotswap_adapter: the model holds no adapter named {adapter_name!r}; its adapters are {list(configs)}"
+        )
     folder, data, tensors, meta = read_adapter_folder(path, adapter_name, subfolder)
     where = str(folder)
     with base_view(plain):
@@ -126,8 +128,11 @@ def hotswap_adapter(
             check_base_fingerprint(plain, config, plan, meta, folder)
     current = configs[adapter_name]
     if config.use_dora != current.use_dora:
-        raise ValueError(f"hotswap_adapter: {where} is {'' if config.use_dora else 'not '}DoRA, the adapter is "
-                         f"{'' if current.use_dora else 'not '}; swap in an adapter of the same kind")  # fmt: skip
+        kinds = ["DoRA" if c.use_dora else "plain LoRA" for c in (config, current)]
+        raise ValueError(
+            f"hotswap_adapter: {where} is a {kinds[0]} adapter and {adapter_name!r} a {kinds[1]} one; swap in an "
+            "adapter of the same kind"
+        )
     for field in ("dropout", "use_rslora"):
         if getattr(config, field) != getattr(current, field):
             raise ValueError(
@@ -137,6 +142,12 @@ def hotswap_adapter(
             )
     if config.bias != "none" or config.modules_to_save:
         raise ValueError(f"hotswap_adapter: {where} trains biases or modules_to_save; hot-swapping swaps factors only")
+    if current.init in FROM_WEIGHT_INITS and config.init != current.init:
+        raise ValueError(
+            f"hotswap_adapter: {where} is a {config.init} adapter and {adapter_name!r} a {current.init} one: the "
+            "residual the layers run on depends on the method; swap in a folder of the same init, or load_adapter it "
+            "into the plain base"
+        )
     if (config.init in FROM_WEIGHT_INITS) != (current.init in FROM_WEIGHT_INITS):
         raise ValueError(
             f"hotswap_adapter: {where} has init={config.init!r} and the adapter init={current.init!r}: PiSSA/OLoRA "
@@ -163,6 +174,25 @@ def hotswap_adapter(
         held = adapter.lora_B.shape[1]
         if rank < 1 or (lora_A.shape, lora_B.shape) != tuple(map(torch.Size, layer.factor_shapes(rank))):
             raise ValueError(f"hotswap_adapter: {where} holds factors of the wrong shape for layer {name!r}")
+        initial = getattr(adapter, "lora_A_init", None)
+        if initial is not None and rank != initial.shape[0]:
+            raise ValueError(
+                f"hotswap_adapter: {where} has rank {rank} at layer {name!r} and adapter {adapter_name!r} "
+                f"({current.init}) rank {initial.shape[0]}: the residual the layer runs on depends on the rank; swap "
+                "in a folder of the same ranks, or load_adapter it into the plain base"
+            )
+        if rank != config.for_layer(name).rank:
+            raise ValueError(
+                f"hotswap_adapter: {where} holds rank-{rank} factors at layer {name!r}, but its config says rank "
+                f"{config.for_layer(name).rank}; the folder is damaged: re-export the adapter"
+            )
+        odd = [
+            t.dtype
+            for t in (lora_A, lora_B)
+            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        ]
+        if odd:
+            raise ValueError(f"hotswap_adapter: {where} holds {odd[0]} factors at layer {name!r}, not a float type")
         if rank > held:
             raise ValueError(
                 f"hotswap_adapter: {where} has rank {rank} at layer {name!r}, above the {held} the adapter holds; "

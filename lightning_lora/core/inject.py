@@ -189,7 +189,8 @@ def _add_named_adapter(model: nn.Module, config: LoRAConfig, name: str, plan: Ta
     if config.init in FROM_WEIGHT_INITS:
         raise ValueError(
             f"adapter {name!r} has init={config.init!r}, which rewrites the base weight the model's other adapters "
-            "were made against; only a model's first adapter may use it (use init='kaiming' here)"
+            "were made against; only a model's first adapter may use it: inject or load it into the plain base, "
+            "give a further adapter init='kaiming', or (a saved one) save it with convert_to_lora=True for a plain one"
         )
     if plan is None:
         with base_view(model):

@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from lightning_lora.core.config import DEFAULT_INIT
 from lightning_lora.core.layers import LoRAAdapter, LoRAConv1D, LoRAEmbedding, LoRALayer
 from lightning_lora.core.model_state import (
     adapter_configs,
@@ -76,6 +77,12 @@ def add_weighted_adapter(
                 f"add_weighted_adapter: adapter {missing[0]!r} does not adapt layer {name!r} that "
                 f"{[a for a in adapters if a not in missing][0]!r} adapts; combine adapters of the same targets"
             )
+        exact = sum(layer.lora_adapters[a].rank for a in adapters)
+        if combination == "svd" and svd_rank is not None and svd_rank > exact:
+            raise ValueError(
+                f"add_weighted_adapter: svd_rank={svd_rank} exceeds {exact}, the ranks the adapters add up to at layer "
+                f"{name!r}, where 'svd' is exact already; give svd_rank <= {exact}"
+            )
         ranks = {layer.lora_adapters[a].rank for a in adapters}
         if combination == "linear" and len(ranks) > 1:
             raise ValueError(
@@ -97,6 +104,7 @@ def add_weighted_adapter(
             alpha=float(rank),
             use_dora=False,
             use_rslora=False,
+            init=DEFAULT_INIT,  # plain factors, on whatever base the sources ran on (a PiSSA residual too)
             bias="none",
             modules_to_save=[],
             rank_pattern={n: r for n, r in new_ranks.items() if r != rank},

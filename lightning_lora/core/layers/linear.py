@@ -94,10 +94,11 @@ class LoRALinear(LoRALayer):
             adapter = self.lora_adapters[name]
             per_row = mask.view(-1, *(1,) * (x.dim() - 2)).expand(x.shape[:-1]).reshape(-1, 1)
             dropped = adapter.lora_dropout(flat).to(adapter.lora_A.dtype)
-            hidden = F.linear(dropped, adapter.lora_A) * (per_row * adapter.scale)
+            hidden = F.linear(dropped, adapter.lora_A)
+            hidden = hidden * (per_row.to(hidden.dtype) * adapter.scale)
             if out.dtype == hidden.dtype:
                 out = torch.addmm(out, hidden, adapter.lora_B.t())
-            else:  # a half-precision base: the update in fp32, as the one-adapter path computes it
+            else:  # a half-precision base: the update in the adapter's dtype, as the one-adapter path computes it
                 out = out + F.linear(hidden, adapter.lora_B).to(out.dtype)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
