@@ -6,8 +6,9 @@ Owns: ``LoRAInjectionCallback`` (:mod:`.callback`), adapter-only checkpoints
 ``ResumableDataLoader``, :mod:`.resumable_loader`), reading checkpoints safely
 (:mod:`.checkpoint_reader`, :mod:`.safe_checkpoint_io`), which classes a file may name
 (:mod:`.class_allowlist`), the CLI class (``LoRACLI``, :mod:`.lora_cli`) and the verbs it runs
-(:mod:`.lightning_verbs`), the run record for TensorBoard's HParams tab (:mod:`.run_record`),
-where an evaluation's numbers go (:mod:`.evaluation_log`), progress lines (:mod:`.line_progress`)
+(:mod:`.lightning_verbs`), what a failed command leaves behind (:mod:`.failed_run_cleanup`), the run
+record for TensorBoard's HParams tab (:mod:`.run_record`), where an evaluation's numbers go
+(:mod:`.evaluation_log`), progress lines (:mod:`.line_progress`)
 and the list of benign library warnings (:mod:`.benign_warnings`).
 
 May import: Lightning, torch, jsonargparse, ``lightning_lora.core`` and ``lightning_lora.errors``;

@@ -9,9 +9,7 @@ error is one line naming the option, the value and what it accepts.
 
 from __future__ import annotations
 
-import contextlib
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,12 +24,13 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_lora.core.config import CALLBACK_ONLY_OPTIONS, LoRAConfig
-from lightning_lora.core.safe_io import atomic_file, sweep_stale_temporaries
+from lightning_lora.core.safe_io import sweep_stale_temporaries
 from lightning_lora.errors import UsageError, root_cause
 from lightning_lora.integration.callback import LoRAInjectionCallback
 from lightning_lora.integration.checkpoint_reader import describe_resolution, resolve_checkpoint
 from lightning_lora.integration.evaluation_log import evaluation_step, logger_beside_its_fit, results_table
 from lightning_lora.integration.exact_resume import ExactResume
+from lightning_lora.integration.failed_run_cleanup import discard_failed_run, entries_held, new_run_folder
 from lightning_lora.integration.line_progress import LineProgress
 from lightning_lora.integration.run_record import RunRecord
 from lightning_lora.integration.safe_checkpoint_io import SafeCheckpointIO
@@ -250,10 +249,8 @@ class LoRACLI(LightningCLI):
             self.resolved_ckpt_path = self._resolve_ckpt_path(self.requested_ckpt_path, logger)
             kwargs = {**self._log_beside_the_fit(logger), **kwargs}  # so the logger is known before the trainer
         trainer = super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
-        new_folder = _new_run_folder(trainer)
-        _RUN.update(
-            trainer=trainer, started=time.time(), new_folder=new_folder, held=_entries_held(trainer, new_folder)
-        )
+        new_folder = new_run_folder(trainer)
+        _RUN.update(trainer=trainer, started=time.time(), new_folder=new_folder, held=entries_held(trainer, new_folder))
         _sweep_earlier_runs(trainer)
         if self.requested_ckpt_path is not None:
             if self.resolved_ckpt_path is None:
@@ -355,37 +352,6 @@ def _latest_run(logger: Any) -> str:
     return str(folder)
 
 
-def _new_run_folder(trainer: pl.Trainer) -> Path | None:
-    """The version folder this run's logger will create, if it does not exist yet (else ``None``).
-
-    Asked before anything is written: a TensorBoard logger names its next version folder without
-    creating it. A failed run that trained nothing leaves no such folder behind (:func:`discard_empty_run`).
-    """
-    logger = trainer.logger
-    if not isinstance(logger, TensorBoardLogger) or not trainer.is_global_zero:
-        return None
-    folder = Path(logger.log_dir)
-    return None if folder.exists() else folder
-
-
-def _entries_held(trainer: pl.Trainer, new_folder: Path | None) -> dict[str, bytes | None] | None:
-    """What an existing run folder holds before this command logs into it (``test`` with ``--ckpt_path``): each
-    entry's name, with the contents of the config copies a command rewrites (``<verb>_config.yaml``)."""
-    if new_folder is not None or not isinstance(trainer.logger, TensorBoardLogger) or not trainer.is_global_zero:
-        return None
-    folder = Path(trainer.logger.log_dir)
-    if not folder.is_dir():
-        return None
-    return {
-        p.name: p.read_bytes() if p.name.endswith("_config.yaml") and p.is_file() else None for p in folder.iterdir()
-    }
-
-
-def _is_own_log(path: Path) -> bool:
-    """A file every command writes into its run folder: TensorBoard's event file, Lightning's config copy."""
-    return path.name.startswith("events.out.tfevents.") or path.name.endswith("_config.yaml")
-
-
 def run_folder() -> Path | None:
     """The version folder the command running now logs into, if it has one."""
     logger = _RUN["trainer"].logger if _RUN.get("trainer") is not None else None
@@ -393,39 +359,14 @@ def run_folder() -> Path | None:
 
 
 def discard_empty_run() -> Path | None:
-    """After a failed command: remove the version folder it created if that holds nothing of value.
-
-    Nothing of value: no checkpoint in it, and no training step done (a refused resume, a target
-    that matches nothing, a failed ``test`` or ``predict``). Only a folder this very run created
-    is ever removed. Returns the folder removed, if any.
-    """
-    trainer, folder = _RUN.get("trainer"), _RUN.get("new_folder")
-    if trainer is not None and _RUN.get("held") is not None and trainer.global_step == 0:
-        _discard_own_logs(Path(trainer.logger.log_dir), _RUN["held"])
-    if trainer is None or folder is None or not folder.is_dir():
+    """After a failed command: remove what it left in run folders that holds nothing of value
+    (:func:`~lightning_lora.integration.failed_run_cleanup.discard_failed_run`). Returns the folder removed, if any."""
+    trainer = _RUN.get("trainer")
+    if trainer is None:
         return None
     starts = [cb.step_at_start for cb in trainer.callbacks if isinstance(cb, ExactResume)]
     began = next((step for step in starts if step is not None), None) if starts else 0  # None: before training
-    if any(folder.rglob("*.ckpt")) or (began is not None and trainer.global_step > began):
-        return None
-    shutil.rmtree(folder, ignore_errors=True)
-    with contextlib.suppress(OSError):  # runs/<name>/ too, when nothing else is in it
-        folder.parent.rmdir()
-    return folder
-
-
-def _discard_own_logs(folder: Path, held: dict[str, bytes | None]) -> None:
-    """A failed command that logged into an existing run folder (``test``/``validate`` with ``--ckpt_path``) trained
-    nothing: remove the empty event file and the config copy it added there, put back a config copy it rewrote,
-    and touch nothing else."""
-    for path in folder.iterdir() if folder.is_dir() else []:
-        if not _is_own_log(path) or not path.is_file():
-            continue
-        if path.name not in held:
-            path.unlink(missing_ok=True)
-        elif held[path.name] is not None and path.read_bytes() != held[path.name]:
-            with atomic_file(path) as tmp:
-                tmp.write_bytes(held[path.name])
+    return discard_failed_run(trainer, _RUN.get("new_folder"), _RUN.get("held"), began)
 
 
 def _sweep_earlier_runs(trainer: pl.Trainer) -> None:
