@@ -542,6 +542,10 @@ class TestFiles:
         with pytest.raises(Exception, match="is not an adapter folder: it holds b"):
             save_adapter(model, tmp_path / "out")
         assert (tmp_path / "out" / "b" / "notes.txt").read_text() == "mine"
+        save_adapter(model, tmp_path / "kept")
+        (tmp_path / "kept" / "b" / "notes.txt").write_text("mine")  # inside an adapter's subfolder: named
+        with pytest.raises(Exception, match="is not an adapter folder: it holds b/notes.txt. Nothing was written"):
+            save_adapter(model, tmp_path / "kept")
 
     def test_peft_loads_what_we_write_and_we_load_what_peft_writes(self, tmp_path):
         from lightning_lora import load_adapter, save_adapter

@@ -211,7 +211,12 @@ def check_folder_kind(path: Path, allowed: Iterable[str], what: str, nested: boo
             return False
         return p.name not in allowed or p.is_symlink() or not p.is_file()
 
-    foreign = sorted(p.name for p in path.iterdir() if foreign_entry(p))
+    def named(p: Path) -> str:  # a subfolder of the kind but for some files: name those files
+        if nested and p.is_dir() and not p.is_symlink() and any(c.name in allowed for c in p.iterdir()):
+            return ", ".join(f"{p.name}/{c.name}" for c in sorted(p.iterdir()) if c.name not in allowed) or p.name
+        return p.name
+
+    foreign = sorted(named(p) for p in path.iterdir() if foreign_entry(p))
     if foreign:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
         raise OutputInTheWay(
