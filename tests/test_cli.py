@@ -348,8 +348,12 @@ def test_inspect_shows_a_saved_adapter_folder_on_its_base(workdir, fake_mnist, c
     for stats in adapter_stats(load_adapter(net, folder)):
         row = next(line.split() for line in out.splitlines() if line.startswith(stats.name + " "))
         assert row[1:3] == ["default", "1"] and float(row[3]) == pytest.approx(stats.delta_norm_ratio, rel=1e-2)
-    base = ["--base", "runs/pretrain"]
+    main(["fit", *config_args(["pretrain.yaml"]), *short, "--seed_everything", "7"])  # another base: version_1
+    base = ["--base", "runs/pretrain/version_0"]
     for args, message in [(["--adapter", str(folder)], "needs --base"),
+                          (["--adapter", str(folder), "--base", "runs/pretrain/version_1"],
+                           "made for another base model: 'linear1.bias' differs (different values). Load the base it "
+                           "was trained on (--base: the pretraining run it was trained on)."),
                           (["--adapter", str(workdir), *base], "holds no adapter"),
                           (["--adapter", str(workdir / "nowhere"), *base], "does not exist")]:  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:

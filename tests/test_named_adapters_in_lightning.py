@@ -120,13 +120,19 @@ def test_resuming_a_two_adapter_run_with_other_adapters_is_refused_naming_the_ru
     for other in (
         LoRAInjectionCallback(rank=3, adapter_name="digit4"),  # the loaded adapter not given again
         LoRAInjectionCallback(rank=3, adapter_name="digit5", load_adapters={"digit9": str(digit9_folder)}),
+        LoRAInjectionCallback(rank=3, load_adapters={"digit9": str(digit9_folder)}),  # adapter_name left out
     ):
         with pytest.raises(UsageError, match=r"the checkpoint holds adapters \['digit9', 'digit4'\] \(" + fix):
             fit(tmp_path / "r", [other, ExactResume()], module(base_ckpt), digit(fake_mnist, 4), 6, ckpt)
     wider = LoRAInjectionCallback(rank=3, alpha=4, adapter_name="digit9", adapter_dir=str(tmp_path / "w9"))
     fit(tmp_path / "w", [wider], module(base_ckpt), digit(fake_mnist, 9))
     other = LoRAInjectionCallback(rank=3, adapter_name="digit4", load_adapters={"digit9": str(tmp_path / "w9")})
-    with pytest.raises(UsageError, match=r"rank 2 in the checkpoint, 3 now.*same folders in --lora.load_adapters"):
+    with pytest.raises(UsageError, match=r"adapter 'digit9' was trained with other LoRA settings \(rank 2 in the "
+                       r"checkpoint, 3 now.*same folders in --lora.load_adapters"):  # fmt: skip
+        fit(tmp_path / "r", [other, ExactResume()], module(base_ckpt), digit(fake_mnist, 4), 6, ckpt)
+    other = LoRAInjectionCallback(rank=4, adapter_name="digit4", load_adapters={"digit9": str(digit9_folder)})
+    with pytest.raises(UsageError, match=r"adapter 'digit4' was trained with other LoRA settings \(rank 3 in the "
+                       r"checkpoint, 4 now.*e.g. --lora.rank"):  # fmt: skip
         fit(tmp_path / "r", [other, ExactResume()], module(base_ckpt), digit(fake_mnist, 4), 6, ckpt)
 
 

@@ -319,7 +319,8 @@ def _net_with_folder(opts: argparse.Namespace):
         for name in names:
             load_adapter(net, folder, adapter_name=name)
     except (FileNotFoundError, ValueError) as err:  # another base, a broken file: the message says which
-        raise UsageError(str(err)) from err
+        python_only = ", or pass check_base=False to load it anyway."
+        raise UsageError(str(err).replace(python_only, " (--base: the pretraining run it was trained on).")) from err
     print(f"lightning-lora inspect: {folder} ({', '.join(names)}) on {opts.base}", flush=True)
     return net
 

@@ -183,7 +183,7 @@ def _fingerprint_of(root: nn.Module) -> dict[str, dict[str, Any]]:
     return cached() if callable(cached) else fingerprint(base_tensors(root))
 
 
-def refuse_other_lora_settings(recorded: LoRAConfig, current: LoRAConfig) -> None:
+def refuse_other_lora_settings(recorded: LoRAConfig, current: LoRAConfig, adapter: str | None = None) -> None:
     """Refuse a resume whose LoRA settings differ from the checkpoint's, naming each field and both values."""
     differences = ", ".join(
         f"{name} {getattr(recorded, name)!r} in the checkpoint, {getattr(current, name)!r} now"
@@ -191,8 +191,10 @@ def refuse_other_lora_settings(recorded: LoRAConfig, current: LoRAConfig) -> Non
         if getattr(recorded, name) != getattr(current, name)
     )
     if differences:
+        whose = f"'s adapter {adapter!r}" if adapter else ""
         raise UsageError(
-            f"the checkpoint was trained with other LoRA settings ({differences}); use the LoRA settings of the "
+            f"the checkpoint{whose} was trained with other LoRA settings "
+            f"({differences}); use the LoRA settings of the "
             "run that wrote it (the --lora options, e.g. --lora.rank, and the same folders in --lora.load_adapters), "
             "or start a new run without --ckpt_path"
         )
@@ -217,8 +219,12 @@ def _inject_further_adapters(target: nn.Module, meta: dict[str, Any]) -> None:
     ]
     if extra:
         raise UsageError(_other_adapters(meta, list(adapter_configs(target))))
+    held = adapter_configs(target)
     try:
         for name, config in further.items():
+            if name in held:  # made by the callback: its settings must be the checkpoint's
+                refuse_other_lora_settings(LoRAConfig.from_dict(config), held[name], name)
+                continue
             inject_lora(target, LoRAConfig.from_dict(config), adapter_name=name)
         if active is not None:
             set_active_adapters(target, active)
@@ -247,12 +253,13 @@ def _other_adapters(meta: dict[str, Any], names: list[str]) -> str:
 def _inject(
     target: nn.Module, config: LoRAConfig, name: str = DEFAULT_ADAPTER, meta: dict[str, Any] | None = None
 ) -> None:
-    existing = get_lora_config(target)
     names = adapter_configs(target)
-    if names and name not in names:
-        raise UsageError(_other_adapters(meta or {"primary_adapter": name}, list(names)))
+    meta = meta or {"primary_adapter": name}
+    if names and set(names) != {name, *(meta.get("further_adapters") or {})}:
+        raise UsageError(_other_adapters(meta, list(names)))
+    existing = names.get(name)
     if existing is not None:
-        refuse_other_lora_settings(config, existing)
+        refuse_other_lora_settings(config, existing, name if len(names) > 1 else None)
         return
     try:
         inject_checked(target, config, "the checkpoint's LoRA config", adapter_name=name)
