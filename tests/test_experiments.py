@@ -7,6 +7,7 @@ that sees the repository's configs.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def test_two_adapters_are_trained_apart_served_per_sample_and_merged(workdir, mo
     assert sorted(p.name for p in Path(record["adapters"]).iterdir()) == ["digit4", "digit9"]
     assert Path(record["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| per sample, one batch | " in readme.demo_two_adapters(record)
+    pasted = shlex.split(record["stages"][1]["command"])  # the recorded command pastes into a shell as it ran
+    assert pasted[pasted.index("--lora.load_adapters") + 1].startswith("{digit9: ")
 
 
 def test_the_rank_sweep_tunes_a_rate_per_setting_and_compares_lora_with_full_fine_tuning(workdir, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -90,7 +91,8 @@ def predictions(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def shown(args: list[str]) -> str:
-    return "lightning-lora " + " ".join(args)
+    """The command line ``args`` make, quoted so that it can be pasted into a shell."""
+    return "lightning-lora " + shlex.join(args)
 
 
 def finish(name: str, record: dict[str, Any], started: float, figure: Path, results: Path) -> Path:
