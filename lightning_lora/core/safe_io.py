@@ -211,18 +211,16 @@ def check_folder_kind(path: Path, allowed: Iterable[str], what: str, nested: boo
             return False
         return p.name not in allowed or p.is_symlink() or not p.is_file()
 
-    def named(p: Path) -> str:  # a subfolder of the kind but for some files: name those files
-        if nested and p.is_dir() and not p.is_symlink() and any(c.name in allowed for c in p.iterdir()):
-            return ", ".join(f"{p.name}/{c.name}" for c in sorted(p.iterdir()) if c.name not in allowed) or p.name
-        return p.name
+    def named(p: Path) -> list[str]:  # an adapter's subfolder but for some files: name those files
+        adapter = nested and p.is_dir() and not p.is_symlink() and any(c.name in allowed for c in p.iterdir())
+        return [f"{p.name}/{c.name}" for c in sorted(p.iterdir()) if c.name not in allowed] if adapter else [p.name]
 
-    foreign = sorted(named(p) for p in path.iterdir() if foreign_entry(p))
+    foreign = sorted(name for p in path.iterdir() if foreign_entry(p) for name in named(p))
     if foreign:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
         raise OutputInTheWay(
             f"{path} is not {'an' if what[0] in 'aeiou' else 'a'} {what} folder: it holds {shown}. Nothing was "
-            "written or removed; "
-            f"choose a new or empty folder for the {what}"
+            f"written or removed; choose a new or empty folder for the {what}"
         )
 
 
