@@ -710,3 +710,9 @@ def test_a_refused_test_or_validate_leaves_the_run_s_folder_as_it_was(trained_ru
             main([verb, *common, "--lora.rank", "8", "--ckpt_path", "runs/finetune_lora"])
         assert exit_info.value.code == 2 and "rank 1 in the checkpoint, 8 now" in capsys.readouterr().err
         assert {p.name: p.stat().st_size for p in folder.iterdir()} == before
+
+
+def test_python_dash_m_runs_the_command_as_the_console_script_does():
+    result = subprocess.run([sys.executable, "-m", "lightning_lora.cli", "--version"], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.startswith("lightning-lora ")
