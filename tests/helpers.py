@@ -200,6 +200,20 @@ def move_adapters(model: nn.Module, seed: int = 1, std: float = 0.3) -> nn.Modul
     return model
 
 
+def assert_same_per_adapter(got: nn.Module, expected: nn.Module, x: torch.Tensor, names, atol: float = 0.0) -> None:
+    """With each of ``names`` active in both models (a name, or a list of them), ``got`` computes what ``expected``
+    does: bit for bit at ``atol=0``, else to ``atol`` (and the same relative tolerance)."""
+    from lightning_lora import set_active_adapters
+
+    with torch.no_grad():
+        for active in names:
+            set_active_adapters(got, active), set_active_adapters(expected, active)
+            if atol:
+                torch.testing.assert_close(got(x), expected(x), atol=atol, rtol=atol)
+            else:
+                assert torch.equal(got(x), expected(x)), active
+
+
 class TwoLinear(nn.Module):
     """A seeded 12 -> 16 -> 5 ReLU network: two Linear layers to adapt, fc1 and fc2."""
 

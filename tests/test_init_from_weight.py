@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from helpers import Conv1DLike, TwoLinear, require
+from helpers import Conv1DLike, TwoLinear, assert_same_per_adapter, require
 from torch import nn
 
 from lightning_lora import (
@@ -192,7 +192,7 @@ def test_a_plain_adapter_beside_pissa_is_fingerprinted_on_the_residual_it_ran_on
 
 
 def test_a_weighted_adapter_made_from_pissa_is_a_plain_adapter_on_its_residual_and_loads_back(tmp_path):
-    from lightning_lora import add_weighted_adapter, save_adapter, set_active_adapters
+    from lightning_lora import add_weighted_adapter, save_adapter
 
     base, x = TwoLinear().requires_grad_(False), torch.randn(4, 12)
     model = trained(inject_lora(copy.deepcopy(base), LoRAConfig(rank=2, init="pissa")))
@@ -200,10 +200,7 @@ def test_a_weighted_adapter_made_from_pissa_is_a_plain_adapter_on_its_residual_a
     save_adapter(model, tmp_path / "both")
     fresh = load_adapter(copy.deepcopy(base), tmp_path / "both")
     load_adapter(fresh, tmp_path / "both", adapter_name="halved")
-    with torch.no_grad():
-        for name in ("default", "halved"):
-            set_active_adapters(model, name), set_active_adapters(fresh, name)
-            torch.testing.assert_close(fresh(x), model(x), atol=1e-6, rtol=1e-6)
+    assert_same_per_adapter(fresh, model, x, ["default", "halved"], atol=1e-6)
     with pytest.raises(ValueError, match="inject or load it into the plain base.*convert_to_lora=True"):
         load_adapter(
             fresh, tmp_path / "both", adapter_name="again", subfolder=""

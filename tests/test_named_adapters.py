@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DORA_KINDS, LAYER_ZOO, move_adapters, require, zoo_model
+from helpers import DORA_KINDS, LAYER_ZOO, assert_same_per_adapter, move_adapters, require, zoo_model
 from torch import nn
 
 from lightning_lora import (
@@ -484,10 +484,7 @@ class TestFiles:
         fresh = load_adapter(copy.deepcopy(base), folder)  # "default", from the root
         load_adapter(fresh, folder, adapter_name="b")  # from folder/b, added beside it
         assert lora_adapter_names(fresh) == ["default", "b"]
-        with torch.no_grad():
-            for names in ("default", "b", ["default", "b"]):
-                set_active_adapters(model, names), set_active_adapters(fresh, names)
-                assert torch.equal(fresh(x), model(x))
+        assert_same_per_adapter(fresh, model, x, ["default", "b", ["default", "b"]])
         load_adapter(fresh, folder, adapter_name="b")  # again: the values replaced, nothing added
 
     def test_saving_rewrites_only_the_adapters_saved_and_keeps_the_folder_s_others(self, tmp_path):
@@ -565,10 +562,7 @@ class TestFiles:
         theirs.save_pretrained(tmp_path / "theirs")  # PEFT's own multi-adapter layout
         back = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
         load_adapter(back, tmp_path / "theirs", adapter_name="b")
-        with torch.no_grad():
-            for names in ("default", "b"):
-                set_active_adapters(model, names), set_active_adapters(back, names)
-                torch.testing.assert_close(back(x), model(x), atol=1e-6, rtol=1e-6)
+        assert_same_per_adapter(back, model, x, ["default", "b"], atol=1e-6)
 
     def test_a_failed_load_of_a_further_adapter_leaves_the_model_as_it_was(self, tmp_path):
         from lightning_lora import load_adapter, save_adapter

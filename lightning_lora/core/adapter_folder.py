@@ -140,7 +140,7 @@ def save_adapter(
         )
     folders = {subfolder_of(name): _adapter_files(model, name, convert_to_lora) for name in names}
     _warn_where_peft_differs(model)
-    return write_adapter_folder(path, folders, keep_others=True)
+    return write_adapter_folder(path, folders)
 
 
 def _adapter_files(model: nn.Module, name: str, convert_to_lora: bool = False) -> AdapterFiles:
@@ -313,8 +313,8 @@ def check_base_fingerprint(
         )
         return
     actual = touched_fingerprint(model, config, plan)
-    recorded, state = meta["base_fingerprint"], set(base_state_dict(model))
-    if set(recorded) != set(actual) and set(recorded) <= state:  # this base has every recorded tensor
+    recorded = meta["base_fingerprint"]
+    if set(recorded) != set(actual) and set(recorded) <= set(base_state_dict(model)):  # it has every recorded tensor
         layers = sorted({k.rpartition(".")[0] for k in recorded}), sorted({k.rpartition(".")[0] for k in actual})
         raise ValueError(
             f"adapter {folder}: its {ADAPTER_CONFIG_NAME} targets layers {layers[1][:5]}, but the adapter was saved "
@@ -343,7 +343,8 @@ def _peft_aliases(loaded: dict[str, torch.Tensor], folder: Path) -> dict[str, to
     return tensors
 
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+"""The tensor types an adapter file may hold (each is read into the model's own dtype)."""
 
 
 def _copy_into(model: nn.Module, loaded: dict[str, torch.Tensor], folder: Path, name: str) -> None:
@@ -360,7 +361,7 @@ def _copy_into(model: nn.Module, loaded: dict[str, torch.Tensor], folder: Path, 
     problems = []
     for file_key, key in expected.items():
         tensor, target = loaded[file_key], live[key]
-        if target.is_floating_point() and tensor.dtype not in _FLOAT_DTYPES:
+        if target.is_floating_point() and tensor.dtype not in FLOAT_DTYPES:
             problems.append(f"{file_key} has dtype {tensor.dtype}, not a float type this package reads")
         elif not target.is_floating_point() and tensor.dtype != target.dtype:
             problems.append(f"{file_key} has dtype {tensor.dtype}; this model's tensor is {target.dtype}")

@@ -23,25 +23,22 @@ AdapterFiles = tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]
 """One adapter's ``adapter_config.json`` contents, tensors and safetensors metadata."""
 
 
-def write_adapter_folder(path: str | os.PathLike, adapters: dict[str, AdapterFiles], keep_others: bool = False) -> Path:
-    """Write (or replace) an adapter folder in PEFT's layout, all of it or nothing.
+def write_adapter_folder(path: str | os.PathLike, adapters: dict[str, AdapterFiles]) -> Path:
+    """Write adapters into a folder in PEFT's layout, all of them or nothing.
 
     ``adapters`` maps a subfolder to one adapter's files: ``""`` for the folder itself (PEFT's
     ``"default"``), a name for a further adapter's subfolder. Each holds ``adapter_config.json`` +
-    ``adapter_model.safetensors``. With ``keep_others``, the adapters an existing folder holds
-    besides these stay as they are (copied into the new folder before the swap); without, the
-    folder afterwards holds exactly ``adapters``.
+    ``adapter_model.safetensors``. The adapters an existing folder holds besides these stay as they
+    are (copied into the new folder before the swap), as PEFT's ``save_pretrained`` keeps them.
     """
     path = Path(path)
     with atomic_directory(path, ADAPTER_FILES, "adapter", nested=True) as tmp:
-        if keep_others and path.is_dir():
-            for sub in folder_adapter_names(path):
-                if subfolder_of(sub) not in adapters:
-                    old, new = path / subfolder_of(sub), tmp / subfolder_of(sub)
-                    new.mkdir(exist_ok=True)
-                    for name in ADAPTER_FILES:
-                        if (old / name).is_file():
-                            shutil.copy2(old / name, new / name)
+        kept = [subfolder_of(name) for name in folder_adapter_names(path)]
+        for sub in (s for s in kept if s not in adapters):
+            (tmp / sub).mkdir(exist_ok=True)
+            for name in ADAPTER_FILES:
+                if (path / sub / name).is_file():
+                    shutil.copy2(path / sub / name, tmp / sub / name)
         for sub, (config, tensors, metadata) in adapters.items():
             folder = tmp / sub if sub else tmp
             folder.mkdir(exist_ok=True)

@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lightning_lora.core.adapter_folder import check_base_fingerprint, read_adapter_folder
+from lightning_lora.core.adapter_folder import FLOAT_DTYPES, check_base_fingerprint, read_adapter_folder
 from lightning_lora.core.config import FROM_WEIGHT_INITS
 from lightning_lora.core.inject import base_view
 from lightning_lora.core.layers import DEFAULT_ADAPTER, LoRAAdapter, LoRALayer
@@ -186,11 +186,7 @@ def hotswap_adapter(
                 f"hotswap_adapter: {where} holds rank-{rank} factors at layer {name!r}, but its config says rank "
                 f"{config.for_layer(name).rank}; the folder is damaged: re-export the adapter"
             )
-        odd = [
-            t.dtype
-            for t in (lora_A, lora_B)
-            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-        ]
+        odd = [t.dtype for t in (lora_A, lora_B) if t.dtype not in FLOAT_DTYPES]
         if odd:
             raise ValueError(f"hotswap_adapter: {where} holds {odd[0]} factors at layer {name!r}, not a float type")
         if rank > held:
@@ -208,7 +204,7 @@ def hotswap_adapter(
     recompiles = False
     merged = [(layer, list(layer.merged_adapters)) for layer, *_ in swaps if adapter_name in layer.merged_adapters]
     for layer, _ in merged:
-        layer.unmerge([adapter_name])
+        layer.unmerge()  # merged again below, in the order they were
     for layer, adapter, lora_A, lora_B, magnitude, layer_config in swaps:
         scale, held = layer_config.scale, adapter.lora_B.shape[1]
         _pad_into(layer, adapter, lora_A.to(adapter.lora_A.dtype), lora_B.to(adapter.lora_B.dtype))

@@ -115,13 +115,11 @@ def add_weighted_adapter(
 
 
 def _as_list(values, what: str) -> list:
-    """``values`` as a list; a lone string or number is refused (it would be split, or is not a sequence)."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not hasattr(values, "tolist"):
+    """``values`` as a list (a numpy array or tensor too); a lone string or number is refused, not split."""
+    values = values.tolist() if hasattr(values, "tolist") else values
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise ValueError(f"add_weighted_adapter: {what} must be a list (one entry per adapter), got {values!r}")
-    values = values.tolist() if hasattr(values, "tolist") else list(values)
-    if not isinstance(values, list):
-        raise ValueError(f"add_weighted_adapter: {what} must be a list (one entry per adapter), got {values!r}")
-    return values
+    return list(values)
 
 
 def _as_weight(weight):

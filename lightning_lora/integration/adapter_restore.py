@@ -214,11 +214,6 @@ def _inject_further_adapters(target: nn.Module, meta: dict[str, Any]) -> None:
     further, active = meta.get("further_adapters", {}), meta.get("active_adapters")
     if not isinstance(further, dict) or not all(isinstance(v, dict) for v in further.values()):
         raise DataError(f"the checkpoint's '{CHECKPOINT_KEY}' section is damaged: further_adapters is not a mapping")
-    extra = [
-        n for n in adapter_configs(target) if n != meta.get("primary_adapter", DEFAULT_ADAPTER) and n not in further
-    ]
-    if extra:
-        raise UsageError(_other_adapters(meta, list(adapter_configs(target))))
     held = adapter_configs(target)
     try:
         for name, config in further.items():
