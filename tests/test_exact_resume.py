@@ -110,6 +110,15 @@ def test_every_checkpoint_it_writes_resumes_exactly_in_any_chain(tmp_path, chain
     assert_same_run(seen, module, reference.seen, reference)
 
 
+def test_checkpoints_are_written_whole_without_lightnings_defaulting_notice(tmp_path, caplog):
+    """Each save asks for the full state itself, so Lightning logs no "`weights_only` was not set" per checkpoint."""
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        _, root = fit(tmp_path / "a", max_steps=6)
+    assert "was not set" not in caplog.text
+    checkpoint = torch.load(root / "last.ckpt", weights_only=True)
+    assert checkpoint["optimizer_states"] and checkpoint["callbacks"]
+
+
 def test_gradient_accumulation_and_a_resume_inside_an_epoch(tmp_path):
     args = {"accumulate_grad_batches": 2}
     reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3), max_steps=5, **args)

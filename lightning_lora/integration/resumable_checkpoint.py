@@ -122,7 +122,7 @@ class ResumableCheckpoint(Checkpoint):
 
     def _save(self, trainer: pl.Trainer) -> None:
         path = Path(self.dirpath) / f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state a resume needs, said, not defaulted
         if trainer.is_global_zero:
             if str(path) not in self.saved:
                 self.saved.append(str(path))
