@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import time
 
 import pytest
@@ -120,6 +121,14 @@ def test_zero_width_assertions_answer_as_re_does(pattern, names):
 def test_hostile_shapes_are_refused_at_once_and_long_plain_alternations_accepted():
     with pytest.raises(UnsupportedPattern, match="nests its groups too deeply"):
         compile_bounded("(" * 400 + "linear1" + ")" * 400)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)  # as some libraries do (the refusal must not rest on the interpreter's limit)
+    try:
+        with pytest.raises(UnsupportedPattern, match="nests its groups too deeply"):
+            compile_bounded("(" * 400 + "linear1" + ")" * 400)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert compile_bounded("(" * 90 + "linear1" + ")" * 90)("linear1")
     wide = "[" + "".join(chr(0x4E00 + i) for i in range(900)) + "]"
     began = time.perf_counter()
     with pytest.raises(UnsupportedPattern, match="a character class of over 32 items"):

@@ -25,6 +25,9 @@ MAX_PATTERN = 10_000
 MAX_CLASS = 32
 """Most items in one character class ``[...]``: each is tested per character, and re-parsed per copy."""
 
+MAX_DEPTH = 100
+"""Deepest nesting of groups accepted: a fixed bound, not the interpreter's recursion limit (which others raise)."""
+
 MAX_STATES = 20_000
 """Largest automaton accepted (a counted repeat ``{m,n}`` copies its body)."""
 
@@ -96,7 +99,7 @@ class _Builder:
     """A recursive-descent parser that emits NFA fragments (start, list of dangling exits) as it goes."""
 
     def __init__(self, pattern: str) -> None:
-        self.pattern, self.pos, self.states = pattern, 0, []
+        self.pattern, self.pos, self.states, self.depth = pattern, 0, [], 0
 
     def state(self, **kwargs) -> int:
         if len(self.states) >= MAX_STATES:
@@ -208,7 +211,11 @@ class _Builder:
                     self.pos += rest.index(">") + 1
                 else:
                     raise self.refuse("a lookaround, backreference or inline flag (?...)")
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise RecursionError  # refused as too deep by compile_bounded, whatever the recursion limit
             fragment = self.parse_alternation()
+            self.depth -= 1
             if self.peek() != ")":
                 raise self.refuse("an unbalanced parenthesis")
             self.take()
