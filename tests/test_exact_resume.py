@@ -91,6 +91,12 @@ CHAINS = {
     "epochs 1 -> epochs 2 -> steps 15": [{"max_epochs": 1}, {"max_epochs": 2}, {"max_steps": 15}],
     "steps 6 -> epochs 3 -> steps 14": [{"max_steps": 6}, {"max_epochs": 3}, {"max_steps": 14}],
     "steps 4 -> epochs 3": [{"max_steps": 4}, {"max_epochs": 3}],
+    "epochs 1 -> steps 6 -> steps 12 -> epochs 4": [
+        {"max_epochs": 1},
+        {"max_steps": 6},
+        {"max_steps": 12},
+        {"max_epochs": 4},
+    ],
 }
 
 
@@ -98,8 +104,6 @@ CHAINS = {
 @pytest.mark.parametrize("chain", list(CHAINS), ids=list(CHAINS))
 def test_every_checkpoint_it_writes_resumes_exactly_in_any_chain(tmp_path, chain, validate):
     legs = CHAINS[chain]
-    if not validate and chain.startswith(("steps 4", "epochs 1")) and len(legs) > 2:
-        pytest.skip("a chain through an epoch-boundary resume needs validation at epoch ends (see the refusal test)")
     reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3, validate=validate), **legs[-1])
     seen, ckpt, module = [], None, None
     for i, leg in enumerate(legs):
@@ -211,18 +215,61 @@ def test_a_mid_accumulation_checkpoint_is_refused(tmp_path):
     assert len(resumed.seen) == 6  # a step boundary: accepted, and three more steps of two batches
 
 
-def test_a_run_resumed_at_an_epochs_last_batch_without_validation_is_not_resumed_again(tmp_path):
-    """Lightning restores such a run with its epoch counters one behind: its own checkpoints are refused."""
-    chain = [{"max_epochs": 1}, {"max_epochs": 2}, {"max_epochs": 4}]
-    assert not _chain_is_exact_in_plain_lightning(tmp_path / "lightning", chain), (
-        "Lightning now restores a run resumed at an epoch's last batch correctly: the refusal can go"
+EPOCH_LAST_BATCH_THEN = [{"max_epochs": 1}, {"max_epochs": 2}]  # the second run resumes at epoch 0's last batch
+
+
+def test_lightnings_own_behaviour_a_run_resumed_at_an_epochs_last_batch_resumes_exactly_only_counting_steps(tmp_path):
+    """Without validation after it, such a run's checkpoints repeat an epoch counting epochs, and not counting steps."""
+    assert not _chain_is_exact_in_plain_lightning(tmp_path / "epochs", [*EPOCH_LAST_BATCH_THEN, {"max_epochs": 4}]), (
+        "Lightning now resumes such a run's checkpoints exactly counting epochs: ExactResume's refusal can go"
     )
-    _, root = fit(tmp_path / "a", **chain[0])
-    _, root = fit(tmp_path / "b", root / "last.ckpt", **chain[1])
-    module = Tiny()
-    with pytest.raises(ResumeError, match="epoch counters one behind"):
-        fit(tmp_path / "c", root / "last.ckpt", module=module, **chain[2])
+    assert _chain_is_exact_in_plain_lightning(tmp_path / "steps", [*EPOCH_LAST_BATCH_THEN, {"max_steps": 16}]), (
+        "Lightning no longer resumes such a run's checkpoints exactly counting steps: ExactResume must refuse them"
+    )
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_such_a_run_continued_counting_epochs_is_refused_with_the_max_steps_that_trains_as_far(tmp_path, accumulate):
+    args = {"accumulate_grad_batches": accumulate}
+    reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3), max_epochs=4, **args)
+    first, root = fit(tmp_path / "a", module=Tiny(dropout=0.3), **EPOCH_LAST_BATCH_THEN[0], **args)
+    second, root = fit(tmp_path / "b", root / "last.ckpt", module=Tiny(dropout=0.3), **EPOCH_LAST_BATCH_THEN[1], **args)
+    module = Tiny(dropout=0.3)
+    with pytest.raises(ResumeError, match="only into a run that counts steps") as refusal:
+        fit(tmp_path / "c", root / "last.ckpt", module=module, max_epochs=4, **args)
     assert module.seen == []
+    steps = 4 * BATCHES // accumulate
+    assert f"--trainer.max_steps {steps} (max_epochs=4 x {steps // 4} optimizer steps an epoch)" in str(refusal.value)
+    resumed, _ = fit(tmp_path / "d", root / "last.ckpt", module=Tiny(dropout=0.3), max_steps=steps, **args)
+    assert_same_run(first.seen + second.seen + resumed.seen, resumed, reference.seen, reference)
+
+
+ENDS = [4, 8, 12, 16]  # every leg ends on an epoch boundary: the place where counting epochs or steps matters
+
+
+@pytest.mark.parametrize("counts", [f"{n:04b}" for n in range(16)])
+def test_any_chain_of_epoch_boundary_resumes_counting_epochs_or_steps_is_exact_or_refused_with_advice(tmp_path, counts):
+    """Each leg counts epochs (1) or steps (0); a refused leg is run again as the refusal says, and all stays exact."""
+    legs = [
+        {"max_epochs": end // BATCHES} if count == "1" else {"max_steps": end}
+        for end, count in zip(ENDS, counts, strict=True)
+    ]
+    reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3), max_steps=ENDS[-1])
+    seen, ckpt, module = [], None, None
+    for i, leg in enumerate(legs):
+        module = Tiny(dropout=0.3)
+        try:
+            fit(tmp_path / str(i), ckpt, module=module, **leg)
+        except ResumeError as refusal:
+            assert module.seen == [] and "max_epochs" in leg, "refused before training, and only counting epochs"
+            steps = int(re.search(r"--trainer.max_steps (\d+)", str(refusal)).group(1))
+            assert steps == ENDS[i]
+            module = Tiny(dropout=0.3)
+            writer = ResumableCheckpoint(dirpath=str(tmp_path / str(i)))
+            fit(tmp_path / f"{i}-steps", ckpt, module=module, callbacks=[writer], max_steps=steps)
+        seen = seen[: torch.load(ckpt, weights_only=True)["global_step"] if ckpt else 0] + module.seen
+        ckpt = tmp_path / str(i) / "last.ckpt"
+    assert_same_run(seen, module, reference.seen, reference)
 
 
 def _chain_is_exact_in_plain_lightning(root, legs) -> bool:

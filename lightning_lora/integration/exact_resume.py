@@ -10,11 +10,15 @@ state (``state_dict`` / ``load_state_dict``):
 - **Where a checkpoint was written.** The callback notes which hook every checkpoint was written
   in. Lightning 2.6 restores a checkpoint exactly when it was written at the end of a training
   batch that completed an optimizer step, or at the end of a validation; one written at an
-  epoch's or the training's end only into a run that counts epochs; and one written at the end of
-  an epoch's last batch only once: the run resumed from it restarts its next epoch without
-  counting it started, so none of *its* checkpoints resume exactly. ``tests/test_exact_resume.py``
-  tries each of these against Lightning and fails if it changes. A resume from anything else is
-  refused, naming why and what to resume from instead. :class:`~lightning_lora.integration.
+  epoch's or the training's end only into a run that counts epochs. One written at the end of an
+  epoch's last batch resumes exactly, but the run resumed from it starts its next epoch without
+  counting it started: Lightning then takes each of *that* run's checkpoints for one written after
+  a finished epoch, and a run counting epochs would repeat the epoch from its first batch. Those
+  checkpoints resume exactly only into a run that counts steps (``max_steps``; it counts the
+  epochs right again, so its own checkpoints resume anywhere), and a resume counting epochs is
+  refused with the ``max_steps`` that trains as far. ``tests/test_exact_resume.py`` tries each of
+  these against Lightning and fails if it changes. A resume from anything else is refused, naming
+  why and what to resume from instead. :class:`~lightning_lora.integration.
   resumable_checkpoint.ResumableCheckpoint` writes only checkpoints of the first kind.
 - **What decides the data order.** The Trainer's ``accumulate_grad_batches``,
   ``limit_train_batches`` and number of processes, and the DataModule's ``resume_settings()``
@@ -88,7 +92,7 @@ class ExactResume(pl.Callback):
         self.new_data_order = new_data_order
         self.run_seed: int | None = None
         self.batches_started = 0
-        self.inexact_from_restore: str | None = None  # why this run's own checkpoints cannot be resumed exactly
+        self.inexact_from_restore: str | None = None  # why this run's checkpoints resume exactly only counting steps
         self.step_at_start: int | None = None  # the global step this run's training began at; None: not begun
         self._run_trainer: pl.Trainer | None = None
         self._phase = "elsewhere"
@@ -211,6 +215,7 @@ class ExactResume(pl.Callback):
             "step_boundary": self._stepped,
             "epoch_last_batch": self._epoch_last_batch,
             "inexact_from_restore": self.inexact_from_restore,
+            "steps_per_epoch": _steps_per_epoch(trainer) if trainer is not None else None,
             "settings": self.order_settings(trainer) if trainer is not None else {},
         }
 
@@ -252,9 +257,9 @@ class ExactResume(pl.Callback):
         if state_dict.get("written_at") == "batch_end" and state_dict.get("epoch_last_batch"):
             self.inexact_from_restore = (
                 "its run was itself resumed from a checkpoint written at the end of an epoch's last batch, with no "
-                "validation after it: Lightning 2.6 restores such a run with its epoch counters one behind, so the "
-                "checkpoints that run writes do not resume exactly; the checkpoint it started from, "
-                f"{trainer.ckpt_path}, does"
+                "validation after it (Lightning 2.6 then counts the epochs it starts one behind, and takes this "
+                "checkpoint for one written after a finished epoch: a run counting epochs would repeat the epoch "
+                "from its first batch)"
             )
 
     def _differences(self, state: dict[str, Any], trainer: pl.Trainer) -> list[str]:
@@ -275,6 +280,14 @@ def _whole_number(state: dict[str, Any], key: str, trainer: pl.Trainer) -> int:
             "altered after it was written; resume another checkpoint of the run"
         )
     return value
+
+
+def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps in one training epoch, once the loader is known (a refusal names ``max_steps`` with it)."""
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) or batches <= 0:
+        return None
+    return -(-batches // trainer.accumulate_grad_batches)
 
 
 def _refuse_damaged_optimizer_state(trainer: pl.Trainer) -> None:
@@ -310,11 +323,19 @@ def _check_resumable(state: dict[str, Any], trainer: pl.Trainer) -> None:
         "Resume from a checkpoint that ResumableCheckpoint wrote (lightning-lora's configs write only those; "
         "every_n_train_steps sets how often)"
     )
-    if state.get("inexact_from_restore"):
+    if state.get("inexact_from_restore") and trainer.max_steps == -1:
+        per_epoch = state.get("steps_per_epoch")
+        epochs = trainer.max_epochs
+        as_far = (
+            f"--trainer.max_steps {epochs * per_epoch} (max_epochs={epochs} x {per_epoch} optimizer steps an epoch)"
+            if isinstance(per_epoch, int) and isinstance(epochs, int) and epochs > 0 and per_epoch > 0
+            else "--trainer.max_steps <max_epochs x optimizer steps an epoch>"
+        )
         raise ResumeError(
-            f"resume refused: this checkpoint cannot be resumed exactly: {state['inexact_from_restore']}. Resume from "
-            "the checkpoint that run started from, or validate at every epoch end (then checkpoints at epoch ends "
-            "are written after the validation, where Lightning restores them exactly)"
+            "resume refused: this checkpoint resumes exactly only into a run that counts steps, not epochs: "
+            f"{state['inexact_from_restore']}. Continue it with {as_far}, which trains as far and counts the epochs "
+            "right again; or validate at every epoch end (checkpoints are then written after the validation, where "
+            "Lightning restores them exactly)"
         )
     if where in EXACT_EVERYWHERE:
         if not state.get("step_boundary", True):
