@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 
 import lightning.pytorch as pl
 import pytest
@@ -182,6 +183,43 @@ def test_an_epoch_end_checkpoint_resumes_exactly_into_a_run_that_counts_epochs(t
     first, root = fit(tmp_path / "a", callbacks=[epoch_end_checkpoint(tmp_path / "a")], max_epochs=1)
     resumed, _ = fit(tmp_path / "b", root / "last.ckpt", callbacks=[], max_epochs=3)
     assert_same_run(first.seen + resumed.seen, resumed, reference.seen, reference)
+
+
+class TerminatedWhileValidating(Tiny):
+    """A Tiny that sends itself SIGTERM in one validation batch, as a cluster's scheduler would at any moment."""
+
+    def __init__(self, at_step: int, at_batch: int, **kwargs):
+        super().__init__(dropout=0.3, validate=True, **kwargs)
+        self.at_step, self.at_batch = at_step, at_batch
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        if not self.trainer.sanity_checking and (self.global_step, batch_idx) == (self.at_step, self.at_batch):
+            signal.raise_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    "at_step, at_batch, args",
+    [(6, 0, {"val_check_interval": 2}), (8, 0, {}), (8, 1, {})],
+    ids=["inside an epoch's validation", "inside the validation at an epoch's end", "in its last batch"],
+)
+def test_a_sigterm_while_validating_leaves_a_checkpoint_of_that_step_that_resumes_exactly(
+    tmp_path, at_step, at_batch, args
+):
+    """Lightning stops a validation at the batch a SIGTERM came in: the checkpoint is written there, or at its end."""
+    reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3, validate=True), max_epochs=4, **args)
+    every_5 = [ResumableCheckpoint(every_n_train_steps=5, dirpath=str(tmp_path / "a"))]  # never at the signal's step
+    stopped = TerminatedWhileValidating(at_step, at_batch)
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "a", callbacks=every_5, module=stopped, max_epochs=4, **args)
+    assert torch.load(tmp_path / "a/last.ckpt", weights_only=True)["global_step"] == at_step
+    later = [ResumableCheckpoint(dirpath=str(tmp_path / "b"))]
+    second, _ = fit(tmp_path / "b", tmp_path / "a/last.ckpt", callbacks=later, module=Tiny(dropout=0.3, validate=True),
+                    max_steps=12, **args)  # fmt: skip
+    third, _ = fit(tmp_path / "c", tmp_path / "b/last.ckpt", module=Tiny(dropout=0.3, validate=True), max_epochs=4,
+                   **args)  # fmt: skip
+    seen = stopped.seen[: 2 * at_step] + second.seen + third.seen
+    assert_same_run(seen, third, reference.seen, reference)
 
 
 class SaveEveryBatch(pl.Callback):

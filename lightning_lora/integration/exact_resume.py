@@ -9,7 +9,8 @@ state (``state_dict`` / ``load_state_dict``):
   ``seed_everything``'s, or one drawn once per run; the checkpoint keeps it.
 - **Where a checkpoint was written.** The callback notes which hook every checkpoint was written
   in. Lightning 2.6 restores a checkpoint exactly when it was written at the end of a training
-  batch that completed an optimizer step, or at the end of a validation; one written at an
+  batch that completed an optimizer step, or at the end of a validation or of one of its batches
+  (the training state is the batch's; the validation continues with its next batch); one written at an
   epoch's or the training's end only into a run that counts epochs. One written at the end of an
   epoch's last batch resumes exactly, but the run resumed from it starts its next epoch without
   counting it started: Lightning then takes each of *that* run's checkpoints for one written after
@@ -51,7 +52,7 @@ from torch.utils.data import RandomSampler
 from lightning_lora.core.safe_io import non_finite_names
 from lightning_lora.errors import ResumeError
 
-EXACT_EVERYWHERE = ("batch_end", "validation_end")
+EXACT_EVERYWHERE = ("batch_end", "validation_batch_end", "validation_end")
 """Hooks whose checkpoints Lightning resumes exactly into any run (at an optimizer-step boundary)."""
 
 EXACT_IN_EPOCH_RUNS = ("epoch_end", "train_end")
@@ -62,6 +63,7 @@ RESUME_NEEDS = {"optimizer_states": "optimizer state", "loops": "loop state"}
 
 _HOOK_NAMES = {
     "batch_end": "the end of a training batch",
+    "validation_batch_end": "the end of a validation batch",
     "validation_end": "the end of a validation",
     "epoch_end": "the end of a training epoch (on_train_epoch_end)",
     "train_end": "the end of training (on_train_end)",
@@ -171,6 +173,14 @@ class ExactResume(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fitting(trainer):
             self._phase = "elsewhere"
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._fitting(trainer):
+            self._phase = "elsewhere"
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._fitting(trainer):
+            self._phase = "validation_batch_end"
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fitting(trainer):

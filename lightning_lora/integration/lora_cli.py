@@ -52,11 +52,10 @@ def sigterm_report() -> str:
         if p
     ]
     written = [p for p in paths if p.is_file() and p.stat().st_mtime >= started]
-    reasons = ["it came while validating, where no checkpoint can be resumed exactly"]
+    reasons = ["the run's checkpoint callback does not save at a signal"]
     if trainer is not None and trainer.accumulate_grad_batches > 1:
         reasons.insert(0, f"it came in the middle of an optimizer step of {trainer.accumulate_grad_batches} "
                           "accumulated batches, whose first batches' gradients no checkpoint holds")  # fmt: skip
-    reasons.append("the run's checkpoint callback does not save at a signal")
     why = "; or ".join(reasons)
     if not written:
         earlier = trainer.ckpt_path if trainer is not None else None

@@ -9,7 +9,9 @@ callback writes ``epoch=E-step=S.ckpt``, and ``last.ckpt`` beside it:
 - at the end of the run's last batch (``max_steps`` reached, or the last batch of the last epoch),
   so that ``--ckpt_path`` continues a finished run with more steps or more epochs;
 - on SIGTERM, at the end of the batch it arrived in (if that batch completed a step; all ranks
-  agree first), so that the run continues where it stopped.
+  agree first), so that the run continues where it stopped; one arriving while validating is
+  taken at the end of the validation batch it arrived in (Lightning stops the validation there),
+  or at the validation's end.
 
 A checkpoint due at an epoch's last batch is written again, under the same name, at the end of the
 validation that follows (the place Lightning resumes from cleanly; without such a validation the
@@ -30,6 +32,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_lora.core.safe_io import atomic_file
@@ -65,6 +68,7 @@ class ResumableCheckpoint(Checkpoint):
         self.saved: list[str] = []  # this run's step files, oldest first
         self._step_at_batch_start = 0
         self._again_after_validation = False
+        self._saved_step: int | None = None  # the step of this run's newest checkpoint, on every rank
 
     @property
     def state_key(self) -> str:
@@ -101,10 +105,30 @@ class ResumableCheckpoint(Checkpoint):
             self._save(trainer)
             self._again_after_validation = last_of_epoch
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._again_after_validation and not trainer.sanity_checking:
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._validating_after_a_step(trainer) and self._unsaved_sigterm(trainer):
             self._again_after_validation = False
             self._save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._validating_after_a_step(trainer):
+            return
+        again, self._again_after_validation = self._again_after_validation, False
+        if again or self._unsaved_sigterm(trainer):
+            self._save(trainer)
+
+    def _unsaved_sigterm(self, trainer: pl.Trainer) -> bool:
+        """A SIGTERM arrived and no checkpoint of this step was written yet (the same answer on every rank)."""
+        return self._saved_step != trainer.global_step and self._sigterm(trainer)
+
+    def _validating_after_a_step(self, trainer: pl.Trainer) -> bool:
+        """A validation inside a fit, after a training batch that completed an optimizer step."""
+        return (
+            trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
+            and not trainer.fast_dev_run
+            and trainer.global_step != self._step_at_batch_start
+        )
 
     @staticmethod
     def _run_ends_here(trainer: pl.Trainer, last_of_epoch: bool) -> bool:
@@ -123,6 +147,7 @@ class ResumableCheckpoint(Checkpoint):
     def _save(self, trainer: pl.Trainer) -> None:
         path = Path(self.dirpath) / f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # the full state a resume needs, said, not defaulted
+        self._saved_step = trainer.global_step
         if trainer.is_global_zero:
             if str(path) not in self.saved:
                 self.saved.append(str(path))
