@@ -10,8 +10,8 @@ callback writes ``epoch=E-step=S.ckpt``, and ``last.ckpt`` beside it:
   so that ``--ckpt_path`` continues a finished run with more steps or more epochs;
 - on SIGTERM, at the end of the batch it arrived in (if that batch completed a step; all ranks
   agree first), so that the run continues where it stopped; one arriving while validating is
-  taken at the end of the validation batch it arrived in (Lightning stops the validation there),
-  or at the validation's end.
+  taken at the end of the validation batch it arrived in (Lightning stops the validation there;
+  the resumed run goes on training and does not repeat it), or at the validation's end.
 
 A checkpoint due at an epoch's last batch is written again, under the same name, at the end of the
 validation that follows (the place Lightning resumes from cleanly; without such a validation the
