@@ -152,15 +152,23 @@ def train_end_checkpoint(root):
     return ModelCheckpoint(dirpath=str(root), every_n_train_steps=1000, save_last=True)
 
 
+COUNTING_STEPS = "does not resume exactly into a run that counts steps"
+MID_EPOCH = "in the middle of an epoch (the run stopped at its max_steps there)"
 REFUSED = {
-    "epoch-end checkpoint, resumed counting steps": (epoch_end_checkpoint, {"max_epochs": 1}, {"max_steps": 10}),
-    "train-end checkpoint, resumed counting steps": (train_end_checkpoint, {"max_steps": 3}, {"max_steps": 10}),
-}
+    "epoch-end checkpoint, resumed counting steps": (epoch_end_checkpoint, {"max_epochs": 1}, {"max_steps": 10},
+                                                     COUNTING_STEPS),
+    "train-end checkpoint, resumed counting steps": (train_end_checkpoint, {"max_steps": 4}, {"max_steps": 10},
+                                                     COUNTING_STEPS),
+    "train-end checkpoint mid-epoch, resumed counting epochs": (train_end_checkpoint, {"max_steps": 3},
+                                                                {"max_epochs": 3}, MID_EPOCH),
+    "epoch-end checkpoint mid-epoch, resumed counting epochs": (epoch_end_checkpoint, {"max_steps": 3},
+                                                                {"max_epochs": 3}, MID_EPOCH),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
 def test_lightnings_own_behaviour_these_checkpoints_do_not_resume_exactly(tmp_path, case):
-    make, first, then = REFUSED[case]
+    make, first, then, _ = REFUSED[case]
     assert not lightning_resumes_exactly(tmp_path, make(tmp_path / "a"), first, then), (
         "Lightning now resumes this checkpoint exactly: ExactResume's refusal of it can be relaxed"
     )
@@ -168,10 +176,10 @@ def test_lightnings_own_behaviour_these_checkpoints_do_not_resume_exactly(tmp_pa
 
 @pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
 def test_such_checkpoints_are_refused_before_anything_trains(tmp_path, case):
-    make, first, then = REFUSED[case]
+    make, first, then, said = REFUSED[case]
     _, root = fit(tmp_path / "a", callbacks=[make(tmp_path / "a")], **first)
     module = Tiny()
-    with pytest.raises(ResumeError, match="does not resume exactly into a run that counts steps"):
+    with pytest.raises(ResumeError, match=re.escape(said)):
         fit(tmp_path / "b", root / "last.ckpt", module=module, callbacks=[], **then)
     assert module.seen == []
 
@@ -362,6 +370,18 @@ def _exact_state(checkpoint):
     return checkpoint["callbacks"]["ExactResume"]
 
 
+def _loop(checkpoint, name):
+    """Lightning's own saved loop counters (a private shape: only this test alters them, as a tamperer would)."""
+    loop = checkpoint["loops"]["fit_loop"]
+    if name == "step":
+        return loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"]["total"]
+    return loop["epoch_loop.batch_progress"]["current"]
+
+
+def _shift(counters, by):
+    counters.update({key: value + by for key, value in counters.items()})
+
+
 @pytest.mark.parametrize(
     "change, said",
     [
@@ -373,9 +393,14 @@ def _exact_state(checkpoint):
          "trainer.limit_train_batches: 3 in the checkpoint, 1.0 now"),
         (lambda c: _exact_state(c)["settings"].update({"trainer.world_size (processes: devices x num_nodes)": 2}),
          "trainer.world_size (processes: devices x num_nodes): 2 in the checkpoint, 1 now"),
+        (lambda c: _shift(_loop(c, "step"), 2), "restored optimizer step 5, but it was written at optimizer step 3"),
+        (lambda c: _shift(_loop(c, "batch"), -1),
+         "restored the epoch's training batch 2, but it was written at the epoch's training batch 3"),
+        (lambda c: _exact_state(c).update(global_step=-1), "global_step=-1, not a count"),
     ],
     ids=["optimizer tensor of another shape", "infinite optimizer state", "a count that is not one",
-         "no ExactResume state", "another limit_train_batches", "another number of processes"],
+         "no ExactResume state", "another limit_train_batches", "another number of processes",
+         "Lightning's step count altered", "Lightning's batch position altered", "a recorded step that is no count"],
 )  # fmt: skip
 def test_a_tampered_or_foreign_checkpoint_is_refused_before_any_step(tmp_path, change, said):
     """A wrongly shaped Adam state would reach the fused kernel and corrupt memory; the rest resume inexactly."""

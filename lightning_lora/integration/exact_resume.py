@@ -49,27 +49,22 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import RandomSampler
 
-from lightning_lora.core.safe_io import non_finite_names
 from lightning_lora.errors import ResumeError
+from lightning_lora.integration.resume_refusals import (
+    EXACT_EVERYWHERE,
+    refuse_at_start,
+    refuse_damaged_optimizer_state,
+    refuse_inexact_checkpoint,
+    refuse_loaders_that_cannot_continue,
+    steps_per_epoch,
+    whole_number,
+)
 
-EXACT_EVERYWHERE = ("batch_end", "validation_batch_end", "validation_end")
-"""Hooks whose checkpoints Lightning resumes exactly into any run (at an optimizer-step boundary)."""
-
-EXACT_IN_EPOCH_RUNS = ("epoch_end", "train_end")
-"""Hooks whose checkpoints Lightning resumes exactly only into a run that counts epochs (``max_steps=-1``)."""
+RESTORED = {"global_step": "optimizer step", "next_batch_idx": "the epoch's training batch"}
+"""Where Lightning's restored loops put a resumed run (public: ``trainer.global_step``, a batch's ``batch_idx``)."""
 
 RESUME_NEEDS = {"optimizer_states": "optimizer state", "loops": "loop state"}
 """What a checkpoint must hold for a fit to continue from it (Lightning's own keys), and how to name it."""
-
-_HOOK_NAMES = {
-    "batch_end": "the end of a training batch",
-    "validation_batch_end": "the end of a validation batch",
-    "validation_end": "the end of a validation",
-    "epoch_end": "the end of a training epoch (on_train_epoch_end)",
-    "train_end": "the end of training (on_train_end)",
-    "exception": "an exception (a crash, Ctrl-C or SIGTERM)",
-    "elsewhere": "the middle of a training step or another hook",
-}
 
 
 def _flat(loaders: Any) -> list[Any]:
@@ -101,6 +96,8 @@ class ExactResume(pl.Callback):
         self._step_at_batch_start = 0
         self._stepped = True
         self._epoch_last_batch = False
+        self._next_batch_idx = 0  # the batch_idx the run goes on with after a checkpoint written now
+        self._restored: dict[str, int] = {}  # the step and next batch_idx a resumed run must start at
         self._restart_order = False
         self._resumed_mid_epoch = False
 
@@ -136,11 +133,12 @@ class ExactResume(pl.Callback):
                 if callable(getattr(loader, "discard_saved_position", None)):
                     loader.discard_saved_position()
         elif self._resumed_mid_epoch:
-            _refuse_loaders_that_cannot_continue(trainer, loaders)
+            refuse_loaders_that_cannot_continue(trainer, loaders)
         _seed_plain_shuffles(trainer, self._run_seed(trainer))
         self.step_at_start = trainer.global_step
         if trainer.ckpt_path:
-            _refuse_damaged_optimizer_state(trainer)
+            refuse_damaged_optimizer_state(trainer)
+            self._refuse_altered_position(trainer, "global_step", trainer.global_step)
         self._phase = "elsewhere"
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
@@ -150,6 +148,9 @@ class ExactResume(pl.Callback):
         ``torch.manual_seed`` also queues a seeding of every backend not yet initialised, capturing a
         stack trace each time (0.2-0.7 ms a step, a quarter of a small network's step on the CPU).
         """
+        if self._restored:
+            self._refuse_altered_position(trainer, "next_batch_idx", batch_idx)
+            self._restored = {}
         seed = ((self._run_seed(trainer) * 1_000_003 + self.batches_started) * 8_191 + trainer.global_rank) % 2**63
         torch.default_generator.manual_seed(seed)
         device = pl_module.device
@@ -166,6 +167,7 @@ class ExactResume(pl.Callback):
         self._phase = "batch_end"
         self._stepped = trainer.global_step != self._step_at_batch_start
         self._epoch_last_batch = batch_idx + 1 >= trainer.num_training_batches
+        self._next_batch_idx = 0 if self._epoch_last_batch else batch_idx + 1
 
     def _fitting(self, trainer: pl.Trainer) -> bool:
         return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
@@ -188,6 +190,7 @@ class ExactResume(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._phase = "epoch_end"
+        self._next_batch_idx = 0
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._phase = "train_end"
@@ -224,8 +227,10 @@ class ExactResume(pl.Callback):
             "written_at": self._phase,
             "step_boundary": self._stepped,
             "epoch_last_batch": self._epoch_last_batch,
+            "global_step": trainer.global_step if trainer is not None else 0,
+            "next_batch_idx": self._next_batch_idx,
             "inexact_from_restore": self.inexact_from_restore,
-            "steps_per_epoch": _steps_per_epoch(trainer) if trainer is not None else None,
+            "steps_per_epoch": steps_per_epoch(trainer) if trainer is not None else None,
             "settings": self.order_settings(trainer) if trainer is not None else {},
         }
 
@@ -234,7 +239,7 @@ class ExactResume(pl.Callback):
         if trainer is None:
             raise RuntimeError("ExactResume.load_state_dict before setup(): Lightning no longer restores callbacks "
                                "after setting them up; please report this")  # fmt: skip
-        _check_resumable(state_dict, trainer)
+        refuse_inexact_checkpoint(state_dict, trainer)
         differences = self._differences(state_dict, trainer)
         if differences and not self.new_data_order:
             raise ResumeError(
@@ -250,7 +255,10 @@ class ExactResume(pl.Callback):
                 + (f" ({'; '.join(differences)})" if differences else "")
                 + "; this run no longer repeats the interrupted one"
             )
-        self.batches_started = _whole_number(state_dict, "batches_started", trainer)
+        self.batches_started = whole_number(state_dict, "batches_started", trainer)
+        self._restored = {key: whole_number(state_dict, key, trainer) for key in RESTORED if key in state_dict}
+        if self.new_data_order:
+            self._restored.pop("next_batch_idx", None)  # the order restarts: the loader's position is dropped
         recorded = state_dict.get("run_seed")
         if isinstance(recorded, int) and not self.new_data_order:
             current = os.environ.get("PL_GLOBAL_SEED")
@@ -272,6 +280,18 @@ class ExactResume(pl.Callback):
                 "from its first batch)"
             )
 
+    def _refuse_altered_position(self, trainer: pl.Trainer, key: str, restored: int) -> None:
+        """Lightning's restored loop position must be the one ExactResume recorded when the checkpoint was written."""
+        recorded = self._restored.get(key)
+        if recorded is not None and recorded != restored:
+            refuse_at_start(
+                trainer,
+                f"resume refused: checkpoint {trainer.ckpt_path} restored {RESTORED[key]} {restored}, but it was "
+                f"written at {RESTORED[key]} {recorded}: its loop state was altered after it was written (or it was "
+                "put together from two checkpoints), so the run would not continue where it stopped. Resume another "
+                "checkpoint of the run",
+            )
+
     def _differences(self, state: dict[str, Any], trainer: pl.Trainer) -> list[str]:
         recorded = state.get("settings") or {}
         current = self.order_settings(trainer)
@@ -282,107 +302,9 @@ class ExactResume(pl.Callback):
         ]
 
 
-def _whole_number(state: dict[str, Any], key: str, trainer: pl.Trainer) -> int:
-    value = state.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ResumeError(
-            f"resume refused: checkpoint {trainer.ckpt_path} holds ExactResume {key}={value!r}, not a count: it was "
-            "altered after it was written; resume another checkpoint of the run"
-        )
-    return value
-
-
-def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
-    """Optimizer steps in one training epoch, once the loader is known (a refusal names ``max_steps`` with it)."""
-    batches = trainer.num_training_batches
-    if not isinstance(batches, int) or batches <= 0:
-        return None
-    return -(-batches // trainer.accumulate_grad_batches)
-
-
-def _refuse_damaged_optimizer_state(trainer: pl.Trainer) -> None:
-    """Every restored optimizer state tensor has its parameter's shape and finite values, or the resume stops."""
-    for number, optimizer in enumerate(trainer.optimizers):
-        params = [param for group in optimizer.param_groups for param in group["params"]]
-        for param, state in ((p, optimizer.state[p]) for p in params if p in optimizer.state):
-            wrong = {
-                key: v for key, v in state.items() if isinstance(v, torch.Tensor) and v.ndim and v.shape != param.shape
-            }
-            bad = next(iter(wrong), None) or next(iter(non_finite_names(state)), None)
-            if bad is None:
-                continue
-            what = (f"shape {tuple(wrong[bad].shape)} for a parameter of {tuple(param.shape)}" if bad in wrong
-                    else "NaN or infinite values")  # fmt: skip
-            raise ResumeError(
-                f"resume refused: checkpoint {trainer.ckpt_path} holds optimizer {number}'s state {bad!r} with {what}: "
-                "it was altered or damaged after it was written (stepping with it would corrupt the run). Resume "
-                "another checkpoint of the run"
-            )
-
-
 def _current_seed() -> int:
     seed = os.environ.get("PL_GLOBAL_SEED")  # what seed_everything (LightningCLI's too) sets
     return int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little")
-
-
-def _check_resumable(state: dict[str, Any], trainer: pl.Trainer) -> None:
-    """Refuse a checkpoint that Lightning 2.6 would not resume exactly into this run (see the module docstring)."""
-    where = state.get("written_at", "elsewhere")
-    written = _HOOK_NAMES.get(where, where)
-    advice = (
-        "Resume from a checkpoint that ResumableCheckpoint wrote (lightning-lora's configs write only those; "
-        "every_n_train_steps sets how often)"
-    )
-    if state.get("inexact_from_restore") and trainer.max_steps == -1:
-        per_epoch = state.get("steps_per_epoch")
-        epochs = trainer.max_epochs
-        as_far = (
-            f"--trainer.max_steps {epochs * per_epoch} (max_epochs={epochs} x {per_epoch} optimizer steps an epoch)"
-            if isinstance(per_epoch, int) and isinstance(epochs, int) and epochs > 0 and per_epoch > 0
-            else "--trainer.max_steps <max_epochs x optimizer steps an epoch>"
-        )
-        raise ResumeError(
-            "resume refused: this checkpoint resumes exactly only into a run that counts steps, not epochs: "
-            f"{state['inexact_from_restore']}. Continue it with {as_far}, which trains as far and counts the epochs "
-            "right again; or validate at every epoch end (checkpoints are then written after the validation, where "
-            "Lightning restores them exactly)"
-        )
-    if where in EXACT_EVERYWHERE:
-        if not state.get("step_boundary", True):
-            raise ResumeError(
-                f"resume refused: the checkpoint was written at {written} in the middle of an accumulated optimizer "
-                "step, so the gradient of that step's earlier batches is not in it and the run cannot continue "
-                f"exactly. {advice}."
-            )
-        return
-    if where in EXACT_IN_EPOCH_RUNS and trainer.max_steps == -1:
-        return
-    kind = " into a run that counts steps (max_steps)" if where in EXACT_IN_EPOCH_RUNS else ""
-    raise ResumeError(
-        f"resume refused: the checkpoint was written at {written}, which Lightning 2.6 does not resume exactly{kind}. "
-        f"{advice}"
-        + (", or resume this one with --trainer.max_epochs instead of --trainer.max_steps." if kind else ".")
-    )
-
-
-def _refuse_loaders_that_cannot_continue(trainer: pl.Trainer, loaders: list[Any]) -> None:
-    """A mid-epoch resume needs training loaders that saved their position (``state_dict``/``load_state_dict``).
-
-    Lightning would restart such an epoch from its first batch, with only a warning. The step
-    restored is not saved again: a checkpoint callback's save-on-exception is switched off first.
-    """
-    stuck = [type(loader).__name__ for loader in loaders if not callable(getattr(loader, "load_state_dict", None))]
-    if not stuck:
-        return
-    for callback in trainer.checkpoint_callbacks:
-        if hasattr(callback, "save_on_exception"):
-            callback.save_on_exception = False
-    raise ResumeError(
-        f"resume refused: the checkpoint was written in the middle of an epoch, but the training DataLoader "
-        f"({', '.join(stuck)}) cannot continue where the run stopped (it has no state_dict()/load_state_dict()), so "
-        "training would not repeat the interrupted run. Resume from a checkpoint written at an epoch's end, or use "
-        "a loader that saves its position (lightning_lora.integration.resumable_loader.ResumableDataLoader)."
-    )
 
 
 def _seed_plain_shuffles(trainer: pl.Trainer, run_seed: int) -> None:

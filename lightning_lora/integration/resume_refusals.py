@@ -1,0 +1,156 @@
+"""Why a resume is refused: the rules of where Lightning 2.6 resumes a checkpoint exactly, and the checks.
+
+:class:`~lightning_lora.integration.exact_resume.ExactResume` decides *when* each check runs (while
+Lightning restores the callbacks, or at the start of training, before any step); this module holds
+*what* is refused and the message that names the problem and the fix. Each rule about Lightning
+is tried against Lightning itself in ``tests/test_exact_resume.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_lora.core.safe_io import non_finite_names
+from lightning_lora.errors import ResumeError
+
+EXACT_EVERYWHERE = ("batch_end", "validation_batch_end", "validation_end")
+"""Hooks whose checkpoints Lightning resumes exactly into any run (at an optimizer-step boundary)."""
+
+EXACT_IN_EPOCH_RUNS = ("epoch_end", "train_end")
+"""Hooks whose checkpoints Lightning resumes exactly only into a run that counts epochs (``max_steps=-1``), and
+only after an epoch's last batch (a run stopped by ``max_steps`` mid-epoch calls them too)."""
+
+HOOK_NAMES = {
+    "batch_end": "the end of a training batch",
+    "validation_batch_end": "the end of a validation batch",
+    "validation_end": "the end of a validation",
+    "epoch_end": "the end of a training epoch (on_train_epoch_end)",
+    "train_end": "the end of training (on_train_end)",
+    "exception": "an exception (a crash, Ctrl-C or SIGTERM)",
+    "elsewhere": "the middle of a training step or another hook",
+}
+
+
+def whole_number(state: dict[str, Any], key: str, trainer: pl.Trainer) -> int:
+    value = state.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ResumeError(
+            f"resume refused: checkpoint {trainer.ckpt_path} holds ExactResume {key}={value!r}, not a count: it was "
+            "altered after it was written; resume another checkpoint of the run"
+        )
+    return value
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps in one training epoch, once the loader is known (a refusal names ``max_steps`` with it)."""
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) or batches <= 0:
+        return None
+    return -(-batches // trainer.accumulate_grad_batches)
+
+
+def refuse_damaged_optimizer_state(trainer: pl.Trainer) -> None:
+    """Every restored optimizer state tensor has its parameter's shape and finite values, or the resume stops."""
+    for number, optimizer in enumerate(trainer.optimizers):
+        params = [param for group in optimizer.param_groups for param in group["params"]]
+        for param, state in ((p, optimizer.state[p]) for p in params if p in optimizer.state):
+            wrong = {
+                key: v for key, v in state.items() if isinstance(v, torch.Tensor) and v.ndim and v.shape != param.shape
+            }
+            bad = next(iter(wrong), None) or next(iter(non_finite_names(state)), None)
+            if bad is None:
+                continue
+            what = (f"shape {tuple(wrong[bad].shape)} for a parameter of {tuple(param.shape)}" if bad in wrong
+                    else "NaN or infinite values")  # fmt: skip
+            raise ResumeError(
+                f"resume refused: checkpoint {trainer.ckpt_path} holds optimizer {number}'s state {bad!r} with {what}: "
+                "it was altered or damaged after it was written (stepping with it would corrupt the run). Resume "
+                "another checkpoint of the run"
+            )
+
+
+def refuse_inexact_checkpoint(state: dict[str, Any], trainer: pl.Trainer) -> None:
+    """Refuse a checkpoint that Lightning 2.6 would not resume exactly into this run (see the module docstring)."""
+    where = state.get("written_at", "elsewhere")
+    written = HOOK_NAMES.get(where, where)
+    advice = (
+        "Resume from a checkpoint that ResumableCheckpoint wrote (lightning-lora's configs write only those; "
+        "every_n_train_steps sets how often)"
+    )
+    if state.get("inexact_from_restore") and trainer.max_steps == -1:
+        per_epoch = state.get("steps_per_epoch")
+        epochs = trainer.max_epochs
+        as_far = (
+            f"--trainer.max_steps {epochs * per_epoch} (max_epochs={epochs} x {per_epoch} optimizer steps an epoch)"
+            if isinstance(per_epoch, int) and isinstance(epochs, int) and epochs > 0 and per_epoch > 0
+            else "--trainer.max_steps <max_epochs x optimizer steps an epoch>"
+        )
+        raise ResumeError(
+            "resume refused: this checkpoint resumes exactly only into a run that counts steps, not epochs: "
+            f"{state['inexact_from_restore']}. Continue it with {as_far}, which trains as far and counts the epochs "
+            "right again; or validate at every epoch end (checkpoints are then written after the validation, where "
+            "Lightning restores them exactly)"
+        )
+    if where in EXACT_EVERYWHERE:
+        if not state.get("step_boundary", True):
+            raise ResumeError(
+                f"resume refused: the checkpoint was written at {written} in the middle of an accumulated optimizer "
+                "step, so the gradient of that step's earlier batches is not in it and the run cannot continue "
+                f"exactly. {advice}."
+            )
+        return
+    if where in EXACT_IN_EPOCH_RUNS and not state.get("epoch_last_batch"):
+        raise ResumeError(
+            f"resume refused: the checkpoint was written at {written} in the middle of an epoch (the run stopped at "
+            "its max_steps there): Lightning 2.6 counts that epoch as finished, so a resumed run would skip the rest "
+            f"of it. {advice}."
+        )
+    if where in EXACT_IN_EPOCH_RUNS and trainer.max_steps == -1:
+        return
+    kind = " into a run that counts steps (max_steps)" if where in EXACT_IN_EPOCH_RUNS else ""
+    raise ResumeError(
+        f"resume refused: the checkpoint was written at {written}, which Lightning 2.6 does not resume exactly{kind}. "
+        f"{advice}"
+        + (", or resume this one with --trainer.max_epochs instead of --trainer.max_steps." if kind else ".")
+    )
+
+
+def refuse_loaders_that_cannot_continue(trainer: pl.Trainer, loaders: list[Any]) -> None:
+    """A mid-epoch resume needs training loaders that saved their position (``state_dict``/``load_state_dict``).
+
+    Lightning would restart such an epoch from its first batch, with only a warning.
+    """
+    stuck = [type(loader).__name__ for loader in loaders if not callable(getattr(loader, "load_state_dict", None))]
+    if not stuck:
+        return
+    refuse_at_start(
+        trainer,
+        f"resume refused: the checkpoint was written in the middle of an epoch, but the training DataLoader "
+        f"({', '.join(stuck)}) cannot continue where the run stopped (it has no state_dict()/load_state_dict()), so "
+        "training would not repeat the interrupted run. Resume from a checkpoint written at an epoch's end, or use "
+        "a loader that saves its position (lightning_lora.integration.resumable_loader.ResumableDataLoader).",
+    )
+
+
+def refuse_at_start(trainer: pl.Trainer, message: str) -> None:
+    """Stop a resumed fit at its start without saving the step it restored (save-on-exception is switched off)."""
+    for callback in trainer.checkpoint_callbacks:
+        if hasattr(callback, "save_on_exception"):
+            callback.save_on_exception = False
+    raise ResumeError(message)
+
+
+__all__ = [
+    "EXACT_EVERYWHERE",
+    "EXACT_IN_EPOCH_RUNS",
+    "HOOK_NAMES",
+    "refuse_at_start",
+    "refuse_damaged_optimizer_state",
+    "refuse_inexact_checkpoint",
+    "refuse_loaders_that_cannot_continue",
+    "steps_per_epoch",
+    "whole_number",
+]
