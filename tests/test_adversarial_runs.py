@@ -128,6 +128,20 @@ def test_two_process_ddp_killed_then_resumed_gives_the_uninterrupted_adapter(tmp
     assert_same(adapter(straight, "version_0"), adapter(folder, "version_1"))
 
 
+def test_a_resume_refused_under_ddp_is_said_once_and_leaves_no_version_folder(tmp_path, fake_mnist):
+    """Every process refuses alike (a mid-epoch checkpoint of one process, resumed with two); one prints it."""
+    folder = tmp_path / "run"
+    args = prepared(folder, fake_mnist)
+    run([*args, "--trainer.max_steps", "3"], folder)
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    result = subprocess.run([*args, *ddp, "--ckpt_path", "runs/finetune_lora"], cwd=folder, env=environment(),
+                            capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("error: resume refused") == 1, result.stderr[-3000:]
+    assert "trainer.world_size (processes: devices x num_nodes): 1 in the checkpoint, 2 now" in result.stderr
+    assert sorted(p.name for p in (folder / "runs/finetune_lora").iterdir()) == ["version_0"]
+
+
 def signalled(args: list[str], folder: Path, sig: int) -> tuple[subprocess.Popen, str]:
     """Start a fit, send ``sig`` once it is training, and return the process and its stderr."""
     process = subprocess.Popen(args, cwd=folder, env=environment(), stdout=subprocess.DEVNULL,

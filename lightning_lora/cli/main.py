@@ -58,9 +58,20 @@ def _help() -> str:
     return "\n".join(lines)
 
 
-def _fail(verb: str, message: str, code: int) -> NoReturn:
-    print(f"lightning-lora{' ' + verb if verb else ''}: error: {message}".rstrip(), file=sys.stderr)
+def _fail(verb: str, message: str, code: int, err: BaseException | None = None) -> NoReturn:
+    if not _said_by_rank_zero(err):
+        print(f"lightning-lora{' ' + verb if verb else ''}: error: {message}".rstrip(), file=sys.stderr)
     raise SystemExit(code)
+
+
+def _said_by_rank_zero(err: BaseException | None) -> bool:
+    """A resume refusal comes alike from every DDP process (each reads the same checkpoint and settings), so only
+    the first process prints it; Lightning's launcher gives the others a nonzero ``LOCAL_RANK`` or ``NODE_RANK``."""
+    from lightning_lora.errors import ResumeError
+
+    return isinstance(err, ResumeError) and any(
+        os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "NODE_RANK")
+    )
 
 
 def _runtime_errors() -> tuple[type[BaseException], ...]:
@@ -127,7 +138,7 @@ def main(args: Sequence[str] | None = None) -> None:
     except UsageError as err:
         if traceback_wanted:
             raise
-        _fail(verb, str(err), 2)
+        _fail(verb, str(err), 2, err)
     except KeyboardInterrupt:
         if traceback_wanted:
             raise
@@ -140,7 +151,7 @@ def main(args: Sequence[str] | None = None) -> None:
 
             err = explain_os_error(err) or err
         if isinstance(err, _runtime_errors()):
-            _fail(verb, str(err), 1)
+            _fail(verb, str(err), 1, err)
         _fail(
             verb,
             f"unexpected {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}\n"
