@@ -142,6 +142,22 @@ def test_a_resume_refused_under_ddp_is_said_once_and_leaves_no_version_folder(tm
     assert sorted(p.name for p in (folder / "runs/finetune_lora").iterdir()) == ["version_0"]
 
 
+def test_when_ddps_first_process_is_killed_the_second_says_so_not_that_it_is_a_bug(tmp_path, fake_mnist):
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    folder = tmp_path / "run"
+    args = [*prepared(folder, fake_mnist, slow=0.3), *ddp, "--trainer.max_steps", "1000"]
+    first = subprocess.Popen(args, cwd=folder, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    checkpoints = folder / "runs/finetune_lora/version_0/checkpoints"
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and not list(checkpoints.glob("*.ckpt")) and first.poll() is None:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)  # the second process, its child, lives on and fails in its next collective
+    _, stderr = first.communicate(timeout=120)  # until the second process, which shares the pipe, has exited too
+    assert f"error: the first process of this run (pid {first.pid}, rank 0) stopped first" in stderr, stderr[-3000:]
+    assert "This is a bug" not in stderr and "Traceback" not in stderr
+
+
 def signalled(args: list[str], folder: Path, sig: int) -> tuple[subprocess.Popen, str]:
     """Start a fit, send ``sig`` once it is training, and return the process and its stderr."""
     process = subprocess.Popen(args, cwd=folder, env=environment(), stdout=subprocess.DEVNULL,

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lightning_lora._version import __version__
+from lightning_lora.cli.ddp_peers import stopped_peer
 from lightning_lora.errors import UsageError
 
 LIGHTNING_VERBS = {
@@ -152,9 +153,19 @@ def main(args: Sequence[str] | None = None) -> None:
             err = explain_os_error(err) or err
         if isinstance(err, _runtime_errors()):
             _fail(verb, str(err), 1, err)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        peer = stopped_peer()
+        if peer is not None:  # the error is only this process's view of another one's death
+            _fail(
+                verb,
+                f"{peer}, and this process stopped with it ({type(err).__name__}: {first_line}). That process's own "
+                "output says why, if it could write any (a SIGKILL, such as the out-of-memory killer's, leaves none). "
+                "Resume the run with --ckpt_path and its run folder (its newest checkpoint)",
+                1,
+            )
         _fail(
             verb,
-            f"unexpected {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}\n"
+            f"unexpected {type(err).__name__}: {first_line}\n"
             "This is a bug in lightning-lora (or a library it uses). Run again with LIGHTNING_LORA_TRACEBACK=1 "
             "to see the traceback, and please report it.",
             1,
