@@ -36,6 +36,8 @@ def _exited_child() -> str | None:
     if info is None:
         return None
     killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+    if not killed and info.si_status == 0:
+        return None  # a helper process that finished its work (a DataLoader worker at an epoch's end)
     how = f"killed by signal {info.si_status}" if killed else f"exited with code {info.si_status}"
     return f"another process of this run (pid {info.si_pid}) stopped first ({how})"
 
