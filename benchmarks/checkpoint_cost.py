@@ -4,7 +4,7 @@
 
 For each config: the median training step (after warm-up) and the median time of one
 checkpoint write (Lightning's dump, the adapter-only filter, the atomic fsynced write), and so
-the overhead at the config's own ``every_n_train_steps``: save / (N * step).
+the overhead at the config's own ``every_n_steps``: save / (N * step).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import table  # noqa: E402
 
 from lightning_lora.demo.net_module import NetModule  # noqa: E402
 from lightning_lora.integration.lora_cli import LoRACLI  # noqa: E402
+from lightning_lora.integration.resumable_checkpoint import ResumableCheckpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ["pretrain", "finetune_lora", "finetune_dora", "mlp_pretrain", "mlp_finetune_lora", "shift_pretrain",
@@ -50,8 +51,8 @@ def measure(name: str, data_dir: str, steps: int) -> list[object]:
         args += ["--data.data_dir", data_dir]
     cli = LoRACLI(NetModule, pl.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                   args=args, run=False, auto_configure_optimizers=False, save_config_callback=None)  # fmt: skip
-    every = next(cb._every_n_train_steps for cb in cli.trainer.checkpoint_callbacks if cb._every_n_train_steps)
-    for callback in [cb for cb in cli.trainer.callbacks if isinstance(cb, (ModelCheckpoint, LearningRateMonitor))]:
+    every = next(cb.every_n_steps for cb in cli.trainer.callbacks if isinstance(cb, ResumableCheckpoint))
+    for callback in [cb for cb in cli.trainer.callbacks if isinstance(cb, (ResumableCheckpoint, LearningRateMonitor))]:
         cli.trainer.callbacks.remove(callback)  # time the step alone (and no logger here)
     timer = StepTimer()
     cli.trainer.callbacks.append(timer)

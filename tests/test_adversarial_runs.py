@@ -56,7 +56,7 @@ def prepared(folder: Path, fake_mnist: Path, slow: float = 0.0, every: int = 2, 
     write_base_checkpoint(folder / "runs/pretrain/checkpoints/last.ckpt", RichBoyNet())
     if writer == "resumable":
         callbacks = [{"class_path": "lightning_lora.integration.resumable_checkpoint.ResumableCheckpoint",
-                      "init_args": {"every_n_train_steps": every}}]  # fmt: skip
+                      "init_args": {"every_n_steps": every}}]  # fmt: skip
     else:
         callbacks = [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -255,7 +255,7 @@ def test_a_mid_epoch_resume_that_cannot_be_exact_is_refused_at_start(tmp_path):
 
     def fit(max_steps: int, ckpt_path: str | None = None) -> None:
         model = LitClassifier(MLP(hidden_sizes=[16]), base_checkpoint=str(tmp_path / "base.ckpt"))
-        checkpoints = ResumableCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, keep=20)
+        checkpoints = ResumableCheckpoint(dirpath=tmp_path / "ck", every_n_steps=3, keep=20)
         trainer = pl.Trainer(
             default_root_dir=tmp_path, max_steps=max_steps, logger=False, enable_progress_bar=False,
             limit_val_batches=0, callbacks=[ExactResume(), LoRAInjectionCallback(rank=2), checkpoints],
@@ -312,7 +312,7 @@ def test_a_resumed_run_writes_no_checkpoint_before_its_first_step(tmp_path, fake
 
     def fit(folder: str, max_steps: int, ckpt_path=None):
         model = LitClassifier(MLP(hidden_sizes=[16]), base_checkpoint=str(tmp_path / "base.ckpt"))
-        every_step = ResumableCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=1, keep=20)
+        every_step = ResumableCheckpoint(dirpath=tmp_path / folder, every_n_steps=1, keep=20)
         trainer = pl.Trainer(
             default_root_dir=tmp_path, max_steps=max_steps, logger=False, enable_progress_bar=False,
             limit_val_batches=0, accumulate_grad_batches=2,

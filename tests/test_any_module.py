@@ -123,7 +123,7 @@ def lora(**kwargs) -> LoRAInjectionCallback:
 
 
 def checkpoints(tmp_path, **kwargs) -> ResumableCheckpoint:
-    return ResumableCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, **kwargs)
+    return ResumableCheckpoint(dirpath=tmp_path / "ck", every_n_steps=2, **kwargs)
 
 
 @pytest.mark.parametrize("in_configure_model", [False, True])
@@ -404,7 +404,7 @@ def test_unseeded_runs_differ_and_a_resumed_one_keeps_its_seed(tmp_path, fake_mn
         draws.append(noise.draws)
     assert draws[0] != draws[1], "two runs without seed_everything drew the same random numbers"
     straight, noise = UserModule(), RecordNoise()
-    every_two = ResumableCheckpoint(dirpath=tmp_path / "s/ck", every_n_train_steps=2, keep=5)
+    every_two = ResumableCheckpoint(dirpath=tmp_path / "s/ck", every_n_steps=2, keep=5)
     callbacks = [ExactResume(), lora(dropout=0.3), every_two, noise]
     trainer(tmp_path / "s", callbacks, max_steps=4).fit(straight, data(fake_mnist))
     resumed, later = UserModule(), RecordNoise()

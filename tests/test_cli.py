@@ -64,6 +64,25 @@ def test_overlay_configs_parse(workdir, fake_mnist, names, capsys):
     assert ("strategy: ddp" in printed) if "ddp.yaml" in names else ("precision: bf16-mixed" in printed)
 
 
+@pytest.mark.parametrize("every", [{"every_n_epochs": 1}, {"every_n_train_steps": 1}, {}], ids=str)
+def test_your_own_model_checkpoint_in_a_second_config_takes_only_your_settings(workdir, fake_mnist, every):
+    """It replaces the shipped ResumableCheckpoint and inherits none of its settings; its files are named by the
+    step they hold (the demo logs a "step" for TensorBoard's x-axis, which must not rename them)."""
+    overlay = workdir / "my.yaml"
+    settings = {**every, "save_top_k": -1, "save_last": True, "save_on_train_epoch_end": True}
+    overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": settings}]}}))  # fmt: skip
+    main(["fit", *config_args(["finetune_lora.yaml"]), "-c", str(overlay), "--data.data_dir", str(fake_mnist),
+          "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+          "--trainer.val_check_interval", "1.0", "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    folder = workdir / "runs/finetune_lora/version_0/checkpoints"
+    files = sorted(p.name for p in folder.glob("epoch=*.ckpt"))
+    steps = [1, 2, 3, 4] if every.get("every_n_train_steps") else [2, 4]  # else at each epoch's end
+    assert files == [f"epoch={(step - 1) // 2}-step={step}.ckpt" for step in steps]
+    for name in files:
+        assert torch.load(folder / name, weights_only=True)["global_step"] == int(name.split("step=")[1][:-5])
+
+
 @pytest.mark.gpu
 def test_gpu_overlay_runs(workdir, fake_mnist):
     main(["fit", *config_args(PARSED_ONLY[1]), "--data.data_dir", str(fake_mnist), "--trainer.fast_dev_run", "1"])

@@ -66,7 +66,7 @@ def fit(root, ckpt=None, callbacks=None, module=None, exact=True, **trainer_args
     """One fit: (its module, the checkpoints folder). ``callbacks=None``: ResumableCheckpoint every 3 steps."""
     module = module or Tiny()
     if callbacks is None:
-        callbacks = [ResumableCheckpoint(every_n_train_steps=3, dirpath=str(root))]
+        callbacks = [ResumableCheckpoint(every_n_steps=3, dirpath=str(root))]
     trainer = pl.Trainer(
         default_root_dir=str(root), logger=False, enable_progress_bar=False, enable_model_summary=False,
         accelerator="cpu", num_sanity_val_steps=0, callbacks=([ExactResume()] if exact else []) + callbacks,
@@ -216,7 +216,7 @@ def test_a_sigterm_while_validating_leaves_a_checkpoint_of_that_step_that_resume
 ):
     """Lightning stops a validation at the batch a SIGTERM came in: the checkpoint is written there, or at its end."""
     reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3, validate=True), max_epochs=4, **args)
-    every_5 = [ResumableCheckpoint(every_n_train_steps=5, dirpath=str(tmp_path / "a"))]  # never at the signal's step
+    every_5 = [ResumableCheckpoint(every_n_steps=5, dirpath=str(tmp_path / "a"))]  # never at the signal's step
     stopped = TerminatedWhileValidating(at_step, at_batch)
     with pytest.raises(SystemExit):
         fit(tmp_path / "a", callbacks=every_5, module=stopped, max_epochs=4, **args)

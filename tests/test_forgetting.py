@@ -191,7 +191,7 @@ def test_replay_and_distillation_resume_exactly(tmp_path, fake_mnist, base_ckpt)
         pl.seed_everything(0)  # as the command line does for every run: the adapters start alike
         callbacks = [ExactResume(), LoRAInjectionCallback(rank=2, alpha=4, dropout=0.2)]
         if every:
-            callbacks.append(ResumableCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=every))
+            callbacks.append(ResumableCheckpoint(dirpath=tmp_path / folder, every_n_steps=every))
         lit = model(base_ckpt, distill_weight=1.0)
         trainer(tmp_path / folder, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=bool(every)).fit(
             lit, data(fake_mnist, replay_fraction=0.5), ckpt_path=ckpt_path

@@ -106,7 +106,7 @@ def late_config(data_dir: Path, strategy: str, accelerator: str, precision: str)
             init_args: {{save_dir: runs, name: late}}
           callbacks:
             - class_path: lightning_lora.integration.resumable_checkpoint.ResumableCheckpoint
-              init_args: {{every_n_train_steps: 2}}
+              init_args: {{every_n_steps: 2}}
         lora: {{rank: 2, alpha: 4, target_modules: all-linear}}
         model:
           class_path: late_module.LateNetModule

@@ -83,7 +83,7 @@ def test_adapter_only_checkpoints_hold_every_adapter_and_resume_exactly(tmp_path
         pl.seed_everything(0)  # the new adapter's A is drawn at injection: the same draw in every run
         model = module(base_ckpt)
         callback = LoRAInjectionCallback(rank=3, adapter_name="digit4", load_adapters={"digit9": str(digit9_folder)})
-        checkpoints = ResumableCheckpoint(every_n_train_steps=3, dirpath=str(root / "ck"))
+        checkpoints = ResumableCheckpoint(every_n_steps=3, dirpath=str(root / "ck"))
         fit(root, [callback, ExactResume(), checkpoints], model, digit(fake_mnist, 4), max_steps, ckpt)
         return model
 
@@ -98,7 +98,7 @@ def test_adapter_only_checkpoints_hold_every_adapter_and_resume_exactly(tmp_path
 
 
 def test_resuming_with_another_adapter_name_is_refused_naming_both(tmp_path, fake_mnist, base_ckpt):
-    checkpoints = ResumableCheckpoint(every_n_train_steps=3, dirpath=str(tmp_path / "ck"))
+    checkpoints = ResumableCheckpoint(every_n_steps=3, dirpath=str(tmp_path / "ck"))
     callback = LoRAInjectionCallback(rank=2, adapter_name="digit9")
     fit(tmp_path, [callback, ExactResume(), checkpoints], module(base_ckpt), digit(fake_mnist, 9), 3)
     ckpt = str(next((tmp_path / "ck").glob("*.ckpt")))
@@ -112,7 +112,7 @@ def test_resuming_with_another_adapter_name_is_refused_naming_both(tmp_path, fak
 def test_resuming_a_two_adapter_run_with_other_adapters_is_refused_naming_the_run_s_options(
     tmp_path, fake_mnist, base_ckpt, digit9_folder
 ):
-    checkpoints = ResumableCheckpoint(every_n_train_steps=3, dirpath=str(tmp_path / "ck"))
+    checkpoints = ResumableCheckpoint(every_n_steps=3, dirpath=str(tmp_path / "ck"))
     callback = LoRAInjectionCallback(rank=3, adapter_name="digit4", load_adapters={"digit9": str(digit9_folder)})
     fit(tmp_path / "r", [callback, ExactResume(), checkpoints], module(base_ckpt), digit(fake_mnist, 4), 3)
     ckpt = str(next((tmp_path / "ck").glob("*.ckpt")))

@@ -285,6 +285,12 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
 
+    def on_validation_end(self) -> None:
+        # The "step" logged for the loggers' x-axis stays among the callback metrics, where a ModelCheckpoint
+        # takes it for its file names' {step}: later checkpoints would be named after this validation's step
+        # and overwrite each other. Callbacks saw it at this validation's end (they run before this hook).
+        self.trainer.callback_metrics.pop("step", None)
+
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 

@@ -5,7 +5,7 @@ completed an optimizer step, mid-epoch, or at the end of the validation that fol
 last batch (``ExactResume`` says why the other places are not; its tests try them all). So this
 callback writes ``epoch=E-step=S.ckpt``, and ``last.ckpt`` beside it:
 
-- every ``every_n_train_steps`` optimizer steps, at the end of the batch that completed the step;
+- every ``every_n_steps`` optimizer steps, at the end of the batch that completed the step;
 - at the end of the run's last batch (``max_steps`` reached, or the last batch of the last epoch),
   so that ``--ckpt_path`` continues a finished run with more steps or more epochs;
 - on SIGTERM, at the end of the batch it arrived in (if that batch completed a step; all ranks
@@ -45,23 +45,23 @@ class ResumableCheckpoint(Checkpoint):
     """Checkpoints every N steps, at the run's end and on SIGTERM, each one exactly resumable.
 
     Args:
-        every_n_train_steps: Optimizer steps between checkpoints (``None``: only at the end and on
-            SIGTERM).
+        every_n_steps: Optimizer steps between checkpoints (``None``: only at the end and on
+            SIGTERM). Not ``every_n_train_steps`` on purpose: a user's ``ModelCheckpoint`` put in its
+            place by a second config (``-c my.yaml``) would inherit that value from the shipped config
+            (jsonargparse keeps the parameters two classes share) and clash with ``every_n_epochs``.
         dirpath: The folder (default: ``checkpoints/`` in the run's log folder, as ModelCheckpoint's).
         keep: How many ``epoch=E-step=S.ckpt`` files of this run to keep, newest first (``last.ckpt``
             is always kept). Two, so that after a non-finite loss one from before it remains.
     """
 
-    def __init__(
-        self, every_n_train_steps: int | None = None, dirpath: str | Path | None = None, keep: int = 2
-    ) -> None:
+    def __init__(self, every_n_steps: int | None = None, dirpath: str | Path | None = None, keep: int = 2) -> None:
         super().__init__()
-        for name, value, least in (("every_n_train_steps", every_n_train_steps, 1), ("keep", keep, 1)):
-            if value is None and name == "every_n_train_steps":
+        for name, value, least in (("every_n_steps", every_n_steps, 1), ("keep", keep, 1)):
+            if value is None and name == "every_n_steps":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"ResumableCheckpoint.{name} must be an integer >= {least}, got {value!r}")
-        self.every_n_train_steps, self.keep = every_n_train_steps, keep
+        self.every_n_steps, self.keep = every_n_steps, keep
         self.dirpath = None if dirpath is None else str(dirpath)  # a str: checkpoints load with weights_only
         self.last_model_path = ""
         self.best_model_path = ""  # Lightning's ckpt_path="best" reads it; no metric decides here
@@ -72,7 +72,7 @@ class ResumableCheckpoint(Checkpoint):
 
     @property
     def state_key(self) -> str:
-        return f"{type(self).__qualname__}[every_n_train_steps={self.every_n_train_steps}]"
+        return f"{type(self).__qualname__}[every_n_steps={self.every_n_steps}]"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None:  # on every rank: trainer.log_dir is a collective under DDP
@@ -100,7 +100,7 @@ class ResumableCheckpoint(Checkpoint):
             return  # a batch inside an accumulated step: nothing can be resumed exactly here
         step = trainer.global_step
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
-        due = bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
+        due = bool(self.every_n_steps) and step % self.every_n_steps == 0
         if due or self._run_ends_here(trainer, last_of_epoch) or self._sigterm(trainer):
             self._save(trainer)
             self._again_after_validation = last_of_epoch

@@ -78,7 +78,7 @@ def refuse_inexact_checkpoint(state: dict[str, Any], trainer: pl.Trainer) -> Non
     written = HOOK_NAMES.get(where, where)
     advice = (
         "Resume from a checkpoint that ResumableCheckpoint wrote (lightning-lora's configs write only those; "
-        "every_n_train_steps sets how often)"
+        "every_n_steps sets how often)"
     )
     if state.get("inexact_from_restore") and trainer.max_steps == -1:
         per_epoch = state.get("steps_per_epoch")
