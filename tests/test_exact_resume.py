@@ -101,10 +101,18 @@ CHAINS = {
 }
 
 
+THROUGH_A_RUN_COUNTING_EPOCHS_BEHIND = {
+    "steps 4 -> 8 -> 13 (each ends on an epoch boundary)",
+    "epochs 1 -> epochs 2 -> steps 15",
+}  # without validation: the second leg resumes at an epoch's end and ends at one
+
+
 @pytest.mark.parametrize("validate", [True, False], ids=["validating", "no validation"])
 @pytest.mark.parametrize("chain", list(CHAINS), ids=list(CHAINS))
 def test_every_checkpoint_it_writes_resumes_exactly_in_any_chain(tmp_path, chain, validate):
     legs = CHAINS[chain]
+    if not validate and chain in THROUGH_A_RUN_COUNTING_EPOCHS_BEHIND:
+        pytest.skip("refused at its third leg (see test_its_checkpoint_at_an_epochs_end_is_refused_naming_...)")
     reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3, validate=validate), **legs[-1])
     seen, ckpt, module = [], None, None
     for i, leg in enumerate(legs):
@@ -261,72 +269,104 @@ def test_a_mid_accumulation_checkpoint_is_refused(tmp_path):
     assert len(resumed.seen) == 6  # a step boundary: accepted, and three more steps of two batches
 
 
-EPOCH_LAST_BATCH_THEN = [{"max_epochs": 1}, {"max_epochs": 2}]  # the second run resumes at epoch 0's last batch
+def _plain_lightning_resume_is_exact(root, legs, every: int, **args) -> bool:
+    """Lightning alone (ModelCheckpoint every ``every`` steps): does the chain ``legs`` repeat the uninterrupted run?"""
+    reference, _ = fit(root / "ref", exact=False, callbacks=[], **legs[-1], **args)
+    seen, ckpt = [], None
+    for i, leg in enumerate(legs):
+        writer = ModelCheckpoint(dirpath=str(root / str(i)), every_n_train_steps=every, save_last=True)
+        module, _ = fit(root / str(i), ckpt, exact=False, callbacks=[writer], **leg, **args)
+        seen = seen[: torch.load(ckpt, weights_only=True)["global_step"] if ckpt else 0] + module.seen
+        ckpt = root / str(i) / "last.ckpt"
+    return seen == reference.seen
 
 
-def test_lightnings_own_behaviour_a_run_resumed_at_an_epochs_last_batch_resumes_exactly_only_counting_steps(tmp_path):
-    """Without validation after it, such a run's checkpoints repeat an epoch counting epochs, and not counting steps."""
-    assert not _chain_is_exact_in_plain_lightning(tmp_path / "epochs", [*EPOCH_LAST_BATCH_THEN, {"max_epochs": 4}]), (
-        "Lightning now resumes such a run's checkpoints exactly counting epochs: ExactResume's refusal can go"
-    )
-    assert _chain_is_exact_in_plain_lightning(tmp_path / "steps", [*EPOCH_LAST_BATCH_THEN, {"max_steps": 16}]), (
-        "Lightning no longer resumes such a run's checkpoints exactly counting steps: ExactResume must refuse them"
-    )
+LIMITED = {"limit_train_batches": 3}  # epochs of 3 of the loader's 4 batches: a loader not used up at an epoch's end
+
+
+def test_lightnings_own_behaviour_a_run_resumed_at_an_epochs_last_batch_counts_its_epochs_one_behind(tmp_path):
+    """Without validation after it: such a run's checkpoints inside an epoch resume exactly only counting steps; at
+    an epoch's end, in neither way. Each assertion fails when Lightning changes, and the refusal can be relaxed."""
+    behind_mid = [{"max_steps": 3}, {"max_steps": 5}]  # the second run resumes at an epoch's end, stops inside one
+    assert _plain_lightning_resume_is_exact(tmp_path / "m1", [*behind_mid, {"max_steps": 12}], 1, **LIMITED)
+    assert not _plain_lightning_resume_is_exact(tmp_path / "m2", [*behind_mid, {"max_epochs": 4}], 1, **LIMITED)
+    behind_end = [{"max_steps": 3}, {"max_steps": 6}]  # ... and stops at an epoch's end
+    assert not _plain_lightning_resume_is_exact(tmp_path / "e1", [*behind_end, {"max_steps": 12}], 3, **LIMITED)
+    assert not _plain_lightning_resume_is_exact(tmp_path / "e2", [*behind_end, {"max_epochs": 4}], 3, **LIMITED)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_such_a_run_continued_counting_epochs_is_refused_with_the_max_steps_that_trains_as_far(tmp_path, accumulate):
     args = {"accumulate_grad_batches": accumulate}
+    per_epoch = BATCHES // accumulate
     reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3), max_epochs=4, **args)
-    first, root = fit(tmp_path / "a", module=Tiny(dropout=0.3), **EPOCH_LAST_BATCH_THEN[0], **args)
-    second, root = fit(tmp_path / "b", root / "last.ckpt", module=Tiny(dropout=0.3), **EPOCH_LAST_BATCH_THEN[1], **args)
+    first, root = fit(tmp_path / "a", module=Tiny(dropout=0.3), max_epochs=1, **args)
+    second, root = fit(tmp_path / "b", root / "last.ckpt", module=Tiny(dropout=0.3), max_steps=per_epoch + 1, **args)
     module = Tiny(dropout=0.3)
     with pytest.raises(ResumeError, match="only into a run that counts steps") as refusal:
         fit(tmp_path / "c", root / "last.ckpt", module=module, max_epochs=4, **args)
     assert module.seen == []
-    steps = 4 * BATCHES // accumulate
-    assert f"--trainer.max_steps {steps} (max_epochs=4 x {steps // 4} optimizer steps an epoch)" in str(refusal.value)
+    steps = 4 * per_epoch
+    assert f"--trainer.max_steps {steps} (max_epochs=4 x {per_epoch} optimizer steps an epoch)" in str(refusal.value)
     resumed, _ = fit(tmp_path / "d", root / "last.ckpt", module=Tiny(dropout=0.3), max_steps=steps, **args)
     assert_same_run(first.seen + second.seen + resumed.seen, resumed, reference.seen, reference)
 
 
-ENDS = [4, 8, 12, 16]  # every leg ends on an epoch boundary: the place where counting epochs or steps matters
+@pytest.mark.parametrize("then", [{"max_steps": 12}, {"max_epochs": 4}], ids=["counting steps", "counting epochs"])
+def test_its_checkpoint_at_an_epochs_end_is_refused_naming_the_checkpoint_that_resumes_exactly(tmp_path, then):
+    reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3), max_steps=12, **LIMITED)
+    first, root = fit(tmp_path / "a", module=Tiny(dropout=0.3), max_steps=3, **LIMITED)
+    _, later = fit(tmp_path / "b", root / "last.ckpt", module=Tiny(dropout=0.3), max_steps=6, **LIMITED)
+    module = Tiny(dropout=0.3)
+    with pytest.raises(ResumeError, match="counting epochs or steps, the run would repeat or skip") as refusal:
+        fit(tmp_path / "c", later / "last.ckpt", module=module, **then, **LIMITED)
+    assert module.seen == [] and f"Resume from {root / 'last.ckpt'}, where that run started" in str(refusal.value)
+    resumed, _ = fit(tmp_path / "d", root / "last.ckpt", module=Tiny(dropout=0.3), **then, **LIMITED)
+    assert_same_run(first.seen + resumed.seen, resumed, reference.seen, reference)
 
 
+class PlainShuffleTiny(Tiny):
+    """A Tiny with a plain ``DataLoader(shuffle=True)``, whose order ExactResume ties to (run seed, epoch)."""
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x, self.ids), batch_size=self.batch_size, shuffle=True)
+
+
+def _follow_the_refusal(refusal: ResumeError, ckpt, leg: dict) -> tuple:
+    """(checkpoint, leg) as the refusal says: the max_steps it names, or the checkpoint that run began at."""
+    said = str(refusal)
+    if match := re.search(r"--trainer.max_steps (\d+) \(", said):
+        return ckpt, {"max_steps": int(match.group(1))}
+    return re.search(r"Resume from (\S+), where that run started", said).group(1), leg
+
+
+@pytest.mark.parametrize(
+    "limit, make",
+    [({}, Tiny), (LIMITED, Tiny), ({}, PlainShuffleTiny)],
+    ids=["whole epochs", "limit_train_batches", "a plain shuffled DataLoader"],
+)
 @pytest.mark.parametrize("counts", [f"{n:04b}" for n in range(16)])
-def test_any_chain_of_epoch_boundary_resumes_counting_epochs_or_steps_is_exact_or_refused_with_advice(tmp_path, counts):
-    """Each leg counts epochs (1) or steps (0); a refused leg is run again as the refusal says, and all stays exact."""
-    legs = [
-        {"max_epochs": end // BATCHES} if count == "1" else {"max_steps": end}
-        for end, count in zip(ENDS, counts, strict=True)
-    ]
-    reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3), max_steps=ENDS[-1])
+def test_any_chain_of_epoch_boundary_resumes_counting_epochs_or_steps_is_exact_or_refused_with_advice(
+    tmp_path, counts, limit, make
+):
+    """Each leg ends at an epoch's end, counting epochs (1) or steps (0); a refused leg is run as the refusal says."""
+    per_epoch = limit.get("limit_train_batches", BATCHES)
+    legs = [{"max_epochs": n} if count == "1" else {"max_steps": n * per_epoch} for n, count in enumerate(counts, 1)]
+    reference, _ = fit(tmp_path / "ref", module=make(dropout=0.3), max_steps=4 * per_epoch, **limit)
     seen, ckpt, module = [], None, None
     for i, leg in enumerate(legs):
-        module = Tiny(dropout=0.3)
+        module = make(dropout=0.3)
         try:
-            fit(tmp_path / str(i), ckpt, module=module, **leg)
+            fit(tmp_path / str(i), ckpt, module=module, **leg, **limit)
         except ResumeError as refusal:
-            assert module.seen == [] and "max_epochs" in leg, "refused before training, and only counting epochs"
-            steps = int(re.search(r"--trainer.max_steps (\d+)", str(refusal)).group(1))
-            assert steps == ENDS[i]
-            module = Tiny(dropout=0.3)
+            assert module.seen == [], "refused before training"
+            ckpt, leg = _follow_the_refusal(refusal, ckpt, leg)
+            module = make(dropout=0.3)
             writer = ResumableCheckpoint(dirpath=str(tmp_path / str(i)))
-            fit(tmp_path / f"{i}-steps", ckpt, module=module, callbacks=[writer], max_steps=steps)
+            fit(tmp_path / f"{i}-again", ckpt, module=module, callbacks=[writer], **leg, **limit)
         seen = seen[: torch.load(ckpt, weights_only=True)["global_step"] if ckpt else 0] + module.seen
         ckpt = tmp_path / str(i) / "last.ckpt"
     assert_same_run(seen, module, reference.seen, reference)
-
-
-def _chain_is_exact_in_plain_lightning(root, legs) -> bool:
-    reference, _ = fit(root / "ref", exact=False, callbacks=[], **legs[-1])
-    seen, ckpt = [], None
-    for i, leg in enumerate(legs):
-        every = ModelCheckpoint(dirpath=str(root / str(i)), every_n_train_steps=4, save_last=True)
-        module, _ = fit(root / str(i), ckpt, exact=False, callbacks=[every], **leg)
-        done = torch.load(ckpt, weights_only=True)["global_step"] if ckpt else 0
-        seen, ckpt = seen[:done] + module.seen, root / str(i) / "last.ckpt"
-    return seen == reference.seen
 
 
 def test_changed_data_order_settings_are_refused_naming_both_values(tmp_path):

@@ -13,13 +13,12 @@ state (``state_dict`` / ``load_state_dict``):
   (the training state is the batch's; the validation continues with its next batch); one written at an
   epoch's or the training's end only into a run that counts epochs. One written at the end of an
   epoch's last batch resumes exactly, but the run resumed from it starts its next epoch without
-  counting it started: Lightning then takes each of *that* run's checkpoints for one written after
-  a finished epoch, and a run counting epochs would repeat the epoch from its first batch. Those
-  checkpoints resume exactly only into a run that counts steps (``max_steps``; it counts the
-  epochs right again, so its own checkpoints resume anywhere), and a resume counting epochs is
-  refused with the ``max_steps`` that trains as far. ``tests/test_exact_resume.py`` tries each of
-  these against Lightning and fails if it changes. A resume from anything else is refused, naming
-  why and what to resume from instead. :class:`~lightning_lora.integration.
+  counting it started, so it counts its epochs one behind: its checkpoints written inside an
+  epoch resume exactly only into a run that counts steps (``max_steps``, which counts the epochs
+  right again; a resume counting epochs is refused with the ``max_steps`` that trains as far), and
+  those at an epoch's end in neither way (refused, naming the checkpoint that run started from).
+  ``tests/test_exact_resume.py`` tries each of these against Lightning and fails if it changes. A
+  resume from anything else is refused, naming why and what to resume from instead. :class:`~lightning_lora.integration.
   resumable_checkpoint.ResumableCheckpoint` writes only checkpoints of the first kind.
 - **What decides the data order.** The Trainer's ``accumulate_grad_batches``,
   ``limit_train_batches`` and number of processes, and the DataModule's ``resume_settings()``
@@ -89,7 +88,7 @@ class ExactResume(pl.Callback):
         self.new_data_order = new_data_order
         self.run_seed: int | None = None
         self.batches_started = 0
-        self.inexact_from_restore: str | None = None  # why this run's checkpoints resume exactly only counting steps
+        self.epochs_behind_since: str | None = None  # the epoch-end checkpoint this run resumed from, if it did
         self.step_at_start: int | None = None  # the global step this run's training began at; None: not begun
         self._run_trainer: pl.Trainer | None = None
         self._phase = "elsewhere"
@@ -229,7 +228,7 @@ class ExactResume(pl.Callback):
             "epoch_last_batch": self._epoch_last_batch,
             "global_step": trainer.global_step if trainer is not None else 0,
             "next_batch_idx": self._next_batch_idx,
-            "inexact_from_restore": self.inexact_from_restore,
+            "epochs_behind_since": self.epochs_behind_since,
             "steps_per_epoch": steps_per_epoch(trainer) if trainer is not None else None,
             "settings": self.order_settings(trainer) if trainer is not None else {},
         }
@@ -273,12 +272,7 @@ class ExactResume(pl.Callback):
             "epoch_last_batch"
         )
         if state_dict.get("written_at") == "batch_end" and state_dict.get("epoch_last_batch"):
-            self.inexact_from_restore = (
-                "its run was itself resumed from a checkpoint written at the end of an epoch's last batch, with no "
-                "validation after it (Lightning 2.6 then counts the epochs it starts one behind, and takes this "
-                "checkpoint for one written after a finished epoch: a run counting epochs would repeat the epoch "
-                "from its first batch)"
-            )
+            self.epochs_behind_since = str(trainer.ckpt_path)
 
     def _refuse_altered_position(self, trainer: pl.Trainer, key: str, restored: int) -> None:
         """Lightning's restored loop position must be the one ExactResume recorded when the checkpoint was written."""

@@ -80,20 +80,9 @@ def refuse_inexact_checkpoint(state: dict[str, Any], trainer: pl.Trainer) -> Non
         "Resume from a checkpoint that ResumableCheckpoint wrote (lightning-lora's configs write only those; "
         "every_n_steps sets how often)"
     )
-    if state.get("inexact_from_restore") and trainer.max_steps == -1:
-        per_epoch = state.get("steps_per_epoch")
-        epochs = trainer.max_epochs
-        as_far = (
-            f"--trainer.max_steps {epochs * per_epoch} (max_epochs={epochs} x {per_epoch} optimizer steps an epoch)"
-            if isinstance(per_epoch, int) and isinstance(epochs, int) and epochs > 0 and per_epoch > 0
-            else "--trainer.max_steps <max_epochs x optimizer steps an epoch>"
-        )
-        raise ResumeError(
-            "resume refused: this checkpoint resumes exactly only into a run that counts steps, not epochs: "
-            f"{state['inexact_from_restore']}. Continue it with {as_far}, which trains as far and counts the epochs "
-            "right again; or validate at every epoch end (checkpoints are then written after the validation, where "
-            "Lightning restores them exactly)"
-        )
+    since = state.get("epochs_behind_since")
+    if since:
+        refuse_a_run_counting_epochs_behind(state, trainer, str(since))
     if where in EXACT_EVERYWHERE:
         if not state.get("step_boundary", True):
             raise ResumeError(
@@ -115,6 +104,44 @@ def refuse_inexact_checkpoint(state: dict[str, Any], trainer: pl.Trainer) -> Non
         f"resume refused: the checkpoint was written at {written}, which Lightning 2.6 does not resume exactly{kind}. "
         f"{advice}"
         + (", or resume this one with --trainer.max_epochs instead of --trainer.max_steps." if kind else ".")
+    )
+
+
+def refuse_a_run_counting_epochs_behind(state: dict[str, Any], trainer: pl.Trainer, since: str) -> None:
+    """Refuse what Lightning 2.6 resumes inexactly from a run that was resumed at an epoch's last batch.
+
+    Such a run counts the epochs it starts one behind. Its checkpoints written inside an epoch resume
+    exactly into a run that counts steps (which counts the epochs right again); a run counting epochs
+    takes them for checkpoints of a finished epoch and repeats it. Its checkpoints at an epoch's end
+    resume inexactly either way (an epoch is repeated or cut, by the loader's saved position).
+    """
+    why = (
+        f"its run was itself resumed from {since}, written at the end of an epoch's last batch with no validation "
+        "after it, and Lightning 2.6 counts such a run's epochs one behind"
+    )
+    avoid = (
+        "Validating at every epoch end (check_val_every_n_epoch: 1, with validation batches) avoids this: checkpoints "
+        "at epoch ends are then written after the validation, where Lightning restores them exactly"
+    )
+    if state.get("epoch_last_batch") or state.get("written_at") in EXACT_IN_EPOCH_RUNS:
+        raise ResumeError(
+            f"resume refused: this checkpoint was written at the end of an epoch, and {why}: resumed from here, "
+            f"counting epochs or steps, the run would repeat or skip training batches. Resume from {since}, where that "
+            "run started (it resumes exactly), or from a checkpoint that run wrote inside an epoch, continuing with "
+            f"--trainer.max_steps. {avoid}"
+        )
+    if trainer.max_steps != -1:
+        return
+    per_epoch, epochs = state.get("steps_per_epoch"), trainer.max_epochs
+    as_far = (
+        f"--trainer.max_steps {epochs * per_epoch} (max_epochs={epochs} x {per_epoch} optimizer steps an epoch)"
+        if isinstance(per_epoch, int) and isinstance(epochs, int) and epochs > 0 and per_epoch > 0
+        else "--trainer.max_steps <max_epochs x optimizer steps an epoch>"
+    )
+    raise ResumeError(
+        f"resume refused: this checkpoint resumes exactly only into a run that counts steps, not epochs: {why}, so a "
+        f"run counting epochs would repeat this epoch from its first batch. Continue it with {as_far}, which trains "
+        f"as far and counts the epochs right again. {avoid}"
     )
 
 
@@ -147,6 +174,7 @@ __all__ = [
     "EXACT_EVERYWHERE",
     "EXACT_IN_EPOCH_RUNS",
     "HOOK_NAMES",
+    "refuse_a_run_counting_epochs_behind",
     "refuse_at_start",
     "refuse_damaged_optimizer_state",
     "refuse_inexact_checkpoint",
