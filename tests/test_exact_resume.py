@@ -238,6 +238,38 @@ def test_a_sigterm_while_validating_leaves_a_checkpoint_of_that_step_that_resume
     assert_same_run(seen, third, reference.seen, reference)
 
 
+class TerminatedWhileTraining(Tiny):
+    """A Tiny that sends itself SIGTERM in the training step that completes ``at_step``."""
+
+    def __init__(self, at_step: int):
+        super().__init__(dropout=0.3, validate=True)
+        self.at_step = at_step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step + 1 == self.at_step:
+            signal.raise_signal(signal.SIGTERM)
+        return loss
+
+
+def test_a_sigterm_at_an_epochs_last_batch_is_checkpointed_in_the_validation_it_cuts_short(tmp_path):
+    """Not at the batch's end, where Lightning would restore a run counting its epochs one behind: the chain after
+    it, through epoch ends counting steps and then epochs, with epochs cut by limit_train_batches, stays exact."""
+    reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3, validate=True), max_epochs=4, **LIMITED)
+    stopped = TerminatedWhileTraining(at_step=6)  # epoch 1's last batch
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "a", callbacks=[ResumableCheckpoint(dirpath=str(tmp_path / "a"))], module=stopped, max_epochs=4,
+            **LIMITED)  # fmt: skip
+    state = torch.load(tmp_path / "a/last.ckpt", weights_only=True)
+    assert state["global_step"] == 6 and state["callbacks"]["ExactResume"]["written_at"] == "validation_batch_end"
+    later = [ResumableCheckpoint(dirpath=str(tmp_path / "b"))]
+    second, _ = fit(tmp_path / "b", tmp_path / "a/last.ckpt", callbacks=later, module=Tiny(dropout=0.3, validate=True),
+                    max_steps=9, **LIMITED)  # fmt: skip
+    third, _ = fit(tmp_path / "c", tmp_path / "b/last.ckpt", module=Tiny(dropout=0.3, validate=True), max_epochs=4,
+                   **LIMITED)  # fmt: skip
+    assert_same_run(stopped.seen + second.seen + third.seen, third, reference.seen, reference)
+
+
 class SaveEveryBatch(pl.Callback):
     """Writes a checkpoint at the end of every training batch, inside accumulated steps too."""
 

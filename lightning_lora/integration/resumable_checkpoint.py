@@ -106,7 +106,10 @@ class ResumableCheckpoint(Checkpoint):
             self._again_after_validation = last_of_epoch
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self._validating_after_a_step(trainer) and self._unsaved_sigterm(trainer):
+        # A SIGTERM stops the validation after this batch: a checkpoint due again after it is written here.
+        if not self._validating_after_a_step(trainer):
+            return
+        if (self._again_after_validation and self._sigterm(trainer)) or self._unsaved_sigterm(trainer):
             self._again_after_validation = False
             self._save(trainer)
 
