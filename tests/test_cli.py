@@ -664,6 +664,21 @@ def test_output_that_is_not_a_terminal_gets_progress_lines(workdir, fake_mnist, 
     ]
 
 
+def test_a_run_resumed_at_an_epochs_end_prints_no_line_for_the_epoch_it_only_closes(workdir, fake_mnist, capsys,
+                                                                                      monkeypatch):  # fmt: skip
+    from lightning_lora.integration.line_progress import LineProgress
+
+    monkeypatch.setattr(LineProgress, "default_every_seconds", 0.0)
+    args = ["fit", "-c", str(CONFIGS / "pretrain.yaml"), "--data.data_dir", str(fake_mnist),
+            "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval",
+            "1.0", "--trainer.logger.init_args.name", "lines", "--trainer.max_epochs", "5"]  # fmt: skip
+    main([*args, "--trainer.max_steps", "3"])
+    capsys.readouterr()
+    main([*args, "--trainer.max_steps", "5", "--ckpt_path", "runs/lines"])
+    lines = [line.split(",")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert lines == ["epoch 1: 1/3 batches training", "epoch 1: 2/3 batches training", "epoch 1: 2/3 batches done"]
+
+
 def test_a_sigterm_report_names_accumulation_and_the_checkpoint_a_resumed_run_came_from(tmp_path):
     """A SIGTERM inside an accumulated step saves nothing: the report says why and what to resume instead."""
     from types import SimpleNamespace

@@ -77,8 +77,8 @@ class ExactResume(pl.Callback):
 
     Args:
         new_data_order: On a resume, accept changed data-order settings (batch size, data seed,
-            digits, replay share, ``accumulate_grad_batches``, the seed): the data order restarts
-            from the current epoch's first batch and the run prints that it does.
+            digits, replay share, ``accumulate_grad_batches``, the seed): the data order restarts (the
+            batches left in the current epoch are the new order's first) and the run prints that it does.
     """
 
     def __init__(self, new_data_order: bool = False) -> None:
@@ -250,7 +250,8 @@ class ExactResume(pl.Callback):
         if self.new_data_order:
             self._restart_order = True
             rank_zero_info(
-                "--new_data_order: the data order restarts at the current epoch's first batch"
+                "--new_data_order: the data order restarts: the batches left in the current epoch are the new "
+                "order's first, and later epochs follow it"
                 + (f" ({'; '.join(differences)})" if differences else "")
                 + "; this run no longer repeats the interrupted one"
             )

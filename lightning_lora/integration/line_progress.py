@@ -56,7 +56,8 @@ class LineProgress(ProgressBar):
             self._line(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._line(trainer, pl_module, done=True)
+        if self._batches:  # not an epoch a resumed run only closes: the interrupted run said it was done
+            self._line(trainer, pl_module, done=True)
 
     def _line(self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: bool = False) -> None:
         if not self.showing or not trainer.is_global_zero:

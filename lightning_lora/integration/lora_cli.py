@@ -213,7 +213,8 @@ class LoRACLI(LightningCLI):
             type=bool,
             default=False,
             help="With --ckpt_path: accept changed data-order settings (batch size, data seed, digits, replay "
-            "share, accumulate_grad_batches, seed); the data order restarts at the current epoch's first batch.",
+            "share, accumulate_grad_batches, seed); the data order restarts: the batches left in the current epoch are "
+            "the new order's first.",
         )
 
     def instantiate_classes(self) -> None:
