@@ -450,6 +450,11 @@ def _loop(checkpoint, name):
     return loop["epoch_loop.batch_progress"]["current"]
 
 
+def _loader_state(checkpoint):
+    """The training loader's saved position, inside Lightning's loop state (a private shape, as for ``_loop``)."""
+    return checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+
+
 def _shift(counters, by):
     counters.update({key: value + by for key, value in counters.items()})
 
@@ -465,14 +470,27 @@ def _shift(counters, by):
          "trainer.limit_train_batches: 3 in the checkpoint, 1.0 now"),
         (lambda c: _exact_state(c)["settings"].update({"trainer.world_size (processes: devices x num_nodes)": 2}),
          "trainer.world_size (processes: devices x num_nodes): 2 in the checkpoint, 1 now"),
-        (lambda c: _shift(_loop(c, "step"), 2), "restored optimizer step 5, but it was written at optimizer step 3"),
+        (lambda c: _shift(_loop(c, "step"), 2), "Lightning's position at optimizer step 5, but it was written at"),
         (lambda c: _shift(_loop(c, "batch"), -1),
-         "restored the epoch's training batch 2, but it was written at the epoch's training batch 3"),
+         "puts Lightning's position at batch 2 of the epoch, but it was written at batch 3 of the epoch"),
         (lambda c: _exact_state(c).update(global_step=-1), "global_step=-1, not a count"),
+        (lambda c: _loader_state(c)[0].update(batches=1000), "handed out 1000 batches of an epoch of 4"),
+        (lambda c: _loader_state(c)[0].update(batches=-2), "is not one a ResumableDataLoader writes"),
+        (lambda c: _loader_state(c)[0].update(batches="x"), "is not one a ResumableDataLoader writes"),
+        (lambda c: _loader_state(c)[0].update(batches=1), "loader's position at batch 1 of the epoch"),
+        (lambda c: _loader_state(c)[0].update(epoch=1), "loader's position at batch 0 of the epoch"),
+        (lambda c: _loader_state(c).clear(), "loader's position at batch 0 of the epoch"),
+        (lambda c: _exact_state(c).update(batches_started=2), "does not match its digest"),
+        (lambda c: _exact_state(c).update(run_seed=5), "does not match its digest"),
+        (lambda c: _exact_state(c)["settings"].clear(), "does not match its digest"),
+        (lambda c: c["callbacks"].update(ExactResume="x"), "holds ExactResume state of type str"),
     ],
     ids=["optimizer tensor of another shape", "infinite optimizer state", "a count that is not one",
          "no ExactResume state", "another limit_train_batches", "another number of processes",
-         "Lightning's step count altered", "Lightning's batch position altered", "a recorded step that is no count"],
+         "Lightning's step count altered", "Lightning's batch position altered", "a recorded step that is no count",
+         "loader: more batches than an epoch", "loader: a negative count", "loader: not a number",
+         "loader: another position", "loader: another epoch", "loader: no position", "another batch count",
+         "another run seed", "settings removed", "state that is no record"],
 )  # fmt: skip
 def test_a_tampered_or_foreign_checkpoint_is_refused_before_any_step(tmp_path, change, said):
     """A wrongly shaped Adam state would reach the fused kernel and corrupt memory; the rest resume inexactly."""
@@ -480,6 +498,20 @@ def test_a_tampered_or_foreign_checkpoint_is_refused_before_any_step(tmp_path, c
     module = Tiny()
     with pytest.raises(ResumeError, match=re.escape(said)):
         fit(tmp_path / "b", _tampered(root, tmp_path, change), module=module, max_steps=6)
+    assert module.seen == []
+
+
+class SGDTiny(Tiny):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+def test_a_resume_with_another_kind_of_optimizer_is_refused_before_its_first_step(tmp_path):
+    """torch would load Adam's state into SGD and fail at the first step with a KeyError ('momentum')."""
+    _, root = fit(tmp_path / "a", max_steps=3)
+    module = SGDTiny()
+    with pytest.raises(ResumeError, match="another kind of optimizer than this run's SGD .its settings lack dampening"):
+        fit(tmp_path / "b", root / "last.ckpt", module=module, max_steps=6)
     assert module.seen == []
 
 

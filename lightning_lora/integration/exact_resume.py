@@ -51,15 +51,17 @@ from torch.utils.data import RandomSampler
 from lightning_lora.errors import ResumeError
 from lightning_lora.integration.resume_refusals import (
     EXACT_EVERYWHERE,
+    refuse_altered_state,
     refuse_at_start,
     refuse_damaged_optimizer_state,
     refuse_inexact_checkpoint,
     refuse_loaders_that_cannot_continue,
+    state_digest,
     steps_per_epoch,
     whole_number,
 )
 
-RESTORED = {"global_step": "optimizer step", "next_batch_idx": "the epoch's training batch"}
+RESTORED = {"global_step": "optimizer step {}", "next_batch_idx": "batch {} of the epoch"}
 """Where Lightning's restored loops put a resumed run (public: ``trainer.global_step``, a batch's ``batch_idx``)."""
 
 RESUME_NEEDS = {"optimizer_states": "optimizer state", "loops": "loop state"}
@@ -149,6 +151,10 @@ class ExactResume(pl.Callback):
         """
         if self._restored:
             self._refuse_altered_position(trainer, "next_batch_idx", batch_idx)
+            for loader in _flat(trainer.train_dataloader):  # a ResumableDataLoader says where it restarted
+                skipped = getattr(loader, "skipped_at_start", None)
+                if isinstance(skipped, int) and "next_batch_idx" in self._restored:
+                    self._refuse_altered_position(trainer, "next_batch_idx", skipped, by="the training loader's")
             self._restored = {}
         seed = ((self._run_seed(trainer) * 1_000_003 + self.batches_started) * 8_191 + trainer.global_rank) % 2**63
         torch.default_generator.manual_seed(seed)
@@ -220,7 +226,7 @@ class ExactResume(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._run_trainer
-        return {
+        state = {
             "run_seed": self.run_seed,
             "batches_started": self.batches_started,
             "written_at": self._phase,
@@ -232,12 +238,14 @@ class ExactResume(pl.Callback):
             "steps_per_epoch": steps_per_epoch(trainer) if trainer is not None else None,
             "settings": self.order_settings(trainer) if trainer is not None else {},
         }
+        return {**state, "digest": state_digest(state)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         trainer = self._run_trainer
         if trainer is None:
             raise RuntimeError("ExactResume.load_state_dict before setup(): Lightning no longer restores callbacks "
                                "after setting them up; please report this")  # fmt: skip
+        refuse_altered_state(state_dict, trainer, digest=False)  # a mapping, before anything reads it
         refuse_inexact_checkpoint(state_dict, trainer)
         differences = self._differences(state_dict, trainer)
         if differences and not self.new_data_order:
@@ -274,17 +282,19 @@ class ExactResume(pl.Callback):
         )
         if state_dict.get("written_at") == "batch_end" and state_dict.get("epoch_last_batch"):
             self.epochs_behind_since = str(trainer.ckpt_path)
+        refuse_altered_state(state_dict, trainer)  # last: an edit that a check above names is said as such
 
-    def _refuse_altered_position(self, trainer: pl.Trainer, key: str, restored: int) -> None:
-        """Lightning's restored loop position must be the one ExactResume recorded when the checkpoint was written."""
+    def _refuse_altered_position(self, trainer: pl.Trainer, key: str, restored: int, by: str = "Lightning's") -> None:
+        """The restored position (Lightning's loops', a loader's) must be the one recorded when the checkpoint was
+        written."""
         recorded = self._restored.get(key)
         if recorded is not None and recorded != restored:
             refuse_at_start(
                 trainer,
-                f"resume refused: checkpoint {trainer.ckpt_path} restored {RESTORED[key]} {restored}, but it was "
-                f"written at {RESTORED[key]} {recorded}: its loop state was altered after it was written (or it was "
-                "put together from two checkpoints), so the run would not continue where it stopped. Resume another "
-                "checkpoint of the run",
+                f"resume refused: checkpoint {trainer.ckpt_path} puts {by} position at "
+                f"{RESTORED[key].format(restored)}, but it was written at {RESTORED[key].format(recorded)}: its saved "
+                "position was altered after it was written (or it was put together from two checkpoints), so the run "
+                "would not continue where it stopped. Resume another checkpoint of the run",
             )
 
     def _differences(self, state: dict[str, Any], trainer: pl.Trainer) -> list[str]:

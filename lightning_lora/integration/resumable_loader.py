@@ -59,6 +59,7 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._pass: dict[str, Any] = {"epoch": None, "handed_out": 0}
         self._saved_position: dict[str, Any] | None = None
+        self.skipped_at_start = 0  # batches of this pass's epoch the restored position skipped (ExactResume checks it)
 
     def _epoch(self) -> int | None:
         return getattr(self.sampler, "epoch", None)  # EpochShuffle, or Lightning's DistributedSampler
@@ -74,6 +75,7 @@ class ResumableDataLoader(DataLoader):
         for _ in range(skip):
             next(iterator)
         self._pass = {"epoch": epoch, "handed_out": skip}
+        self.skipped_at_start = skip
         for batch in iterator:
             self._pass["handed_out"] += 1
             yield batch
@@ -105,4 +107,22 @@ class ResumableDataLoader(DataLoader):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        counts = ("batches", "batch_size", "batches_per_epoch")
+        sound = isinstance(state, dict) and all(_count(state.get(key)) for key in counts)
+        if not sound or not (state.get("epoch") is None or _count(state.get("epoch"))):
+            raise ResumeError(
+                f"resume refused: the checkpoint's training-loader position {state!r} is not one a "
+                "ResumableDataLoader writes (whole numbers: epoch, batches, batch_size, batches_per_epoch): it was "
+                "altered after it was written; resume another checkpoint of the run"
+            )
+        if state["batches"] > state["batches_per_epoch"]:
+            raise ResumeError(
+                f"resume refused: the checkpoint's training loader says it handed out {state['batches']} batches of an "
+                f"epoch of {state['batches_per_epoch']}: it was altered after it was written; resume another "
+                "checkpoint of the run"
+            )
         self._saved_position = dict(state)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

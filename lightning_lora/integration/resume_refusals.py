@@ -8,6 +8,8 @@ is tried against Lightning itself in ``tests/test_exact_resume.py``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,6 +36,27 @@ HOOK_NAMES = {
 }
 
 
+def state_digest(state: dict[str, Any]) -> str:
+    """A digest of a callback's recorded state, written beside it, so that an edit of the state is noticed."""
+    canonical = json.dumps({k: v for k, v in state.items() if k != "digest"}, sort_keys=True, default=repr)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def refuse_altered_state(state: Any, trainer: pl.Trainer, digest: bool = True) -> None:
+    """ExactResume's state must be a mapping (and, with ``digest``, match its digest): else it was altered."""
+    if not isinstance(state, dict):
+        raise ResumeError(
+            f"resume refused: checkpoint {trainer.ckpt_path} holds ExactResume state of type {type(state).__name__}, "
+            "not the record it writes: it was altered after it was written; resume another checkpoint of the run"
+        )
+    if digest and state.get("digest") != state_digest(state):
+        raise ResumeError(
+            f"resume refused: checkpoint {trainer.ckpt_path} holds ExactResume state that does not match its digest "
+            "(its run seed, batch count, settings or where it was written were changed after it was written), so the "
+            "run could not be checked; resume another checkpoint of the run"
+        )
+
+
 def whole_number(state: dict[str, Any], key: str, trainer: pl.Trainer) -> int:
     value = state.get(key, 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -53,8 +76,18 @@ def steps_per_epoch(trainer: pl.Trainer) -> int | None:
 
 
 def refuse_damaged_optimizer_state(trainer: pl.Trainer) -> None:
-    """Every restored optimizer state tensor has its parameter's shape and finite values, or the resume stops."""
+    """The restored optimizer state is this optimizer's, each tensor of its parameter's shape and finite, or the resume
+    stops (before any step, saving nothing)."""
     for number, optimizer in enumerate(trainer.optimizers):
+        lacking = sorted({key for group in optimizer.param_groups for key in optimizer.defaults if key not in group})
+        if lacking:
+            refuse_at_start(
+                trainer,
+                f"resume refused: checkpoint {trainer.ckpt_path} holds optimizer {number}'s state from another kind of "
+                f"optimizer than this run's {type(optimizer).__name__} (its settings lack {', '.join(lacking)}), which "
+                "would fail at the first step. Resume with the optimizer the interrupted run used (its config.yaml "
+                "says which), or start a new fit from the adapter",
+            )
         params = [param for group in optimizer.param_groups for param in group["params"]]
         for param, state in ((p, optimizer.state[p]) for p in params if p in optimizer.state):
             wrong = {
@@ -65,10 +98,11 @@ def refuse_damaged_optimizer_state(trainer: pl.Trainer) -> None:
                 continue
             what = (f"shape {tuple(wrong[bad].shape)} for a parameter of {tuple(param.shape)}" if bad in wrong
                     else "NaN or infinite values")  # fmt: skip
-            raise ResumeError(
+            refuse_at_start(
+                trainer,
                 f"resume refused: checkpoint {trainer.ckpt_path} holds optimizer {number}'s state {bad!r} with {what}: "
                 "it was altered or damaged after it was written (stepping with it would corrupt the run). Resume "
-                "another checkpoint of the run"
+                "another checkpoint of the run",
             )
 
 
@@ -175,10 +209,12 @@ __all__ = [
     "EXACT_IN_EPOCH_RUNS",
     "HOOK_NAMES",
     "refuse_a_run_counting_epochs_behind",
+    "refuse_altered_state",
     "refuse_at_start",
     "refuse_damaged_optimizer_state",
     "refuse_inexact_checkpoint",
     "refuse_loaders_that_cannot_continue",
+    "state_digest",
     "steps_per_epoch",
     "whole_number",
 ]
