@@ -10,16 +10,17 @@ state (``state_dict`` / ``load_state_dict``):
 - **Where a checkpoint was written.** The callback notes which hook every checkpoint was written
   in. Lightning 2.6 restores a checkpoint exactly when it was written at the end of a training
   batch that completed an optimizer step, or at the end of a validation or of one of its batches
-  (the training state is the batch's; the validation continues with its next batch); one written at an
-  epoch's or the training's end only into a run that counts epochs. One written at the end of an
-  epoch's last batch resumes exactly, but the run resumed from it starts its next epoch without
-  counting it started, so it counts its epochs one behind: its checkpoints written inside an
-  epoch resume exactly only into a run that counts steps (``max_steps``, which counts the epochs
-  right again; a resume counting epochs is refused with the ``max_steps`` that trains as far), and
-  those at an epoch's end in neither way (refused, naming the checkpoint that run started from).
-  ``tests/test_exact_resume.py`` tries each of these against Lightning and fails if it changes. A
-  resume from anything else is refused, naming why and what to resume from instead. :class:`~lightning_lora.integration.
-  resumable_checkpoint.ResumableCheckpoint` writes only checkpoints of the first kind.
+  (a SIGTERM's: the resumed run goes on training, and the validation cut short is not repeated);
+  one written at an epoch's or the training's end only into a run that counts epochs. One written
+  at the end of an epoch's last batch resumes exactly, but the run resumed from it starts its next
+  epoch without counting it started, so it counts its epochs one behind: its checkpoints written
+  inside an epoch resume exactly only into a run that counts steps (``max_steps``, which counts the
+  epochs right again; a resume counting epochs is refused with the ``max_steps`` that trains as
+  far), and those at an epoch's end in neither way (refused, naming the checkpoint that run started
+  from). ``tests/test_exact_resume.py`` tries each of these against Lightning and fails if it
+  changes. A resume from anything else is refused, naming why and what to resume from instead.
+  :class:`~lightning_lora.integration.resumable_checkpoint.ResumableCheckpoint` writes only
+  checkpoints of the first kind.
 - **What decides the data order.** The Trainer's ``accumulate_grad_batches``,
   ``limit_train_batches`` and number of processes, and the DataModule's ``resume_settings()``
   (batch size, data seed, digits, replay share, for
