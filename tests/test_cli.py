@@ -729,7 +729,26 @@ def test_a_changed_learning_rate_on_resume_is_named_not_dropped_silently(workdir
     assert "resuming with the checkpoint's learning rate 0.001, not the configured 0.01" in captured.err + caplog.text
     caplog.clear()
     main([*fit, "--trainer.max_steps", "4", "--ckpt_path", "runs/finetune_lora"])
-    assert "learning rate" not in capsys.readouterr().err + caplog.text  # the same rate: nothing to say
+    said = capsys.readouterr().err + caplog.text
+    assert "learning rate" not in said and "optimizer settings" not in said  # the same settings: nothing to say
+    caplog.clear()
+    decay = ["--model.optimizer.init_args.weight_decay", "0.5"]
+    main([*fit, "--trainer.max_steps", "5", "--ckpt_path", "runs/finetune_lora", *decay])
+    assert (
+        "the checkpoint's optimizer settings weight_decay 0.0 (configured: 0.5)"
+        in capsys.readouterr().err + caplog.text
+    )
+
+
+def test_a_changed_distillation_weight_on_resume_is_refused_naming_both_values(workdir, fake_mnist, capsys):
+    fit = ["fit", *config_args(["finetune_lora.yaml"]), "--data.data_dir", str(fake_mnist),
+           "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "1.0"]  # fmt: skip
+    main([*fit, "--trainer.max_steps", "2", "--model.distill_weight", "1", "--model.distill_on", "all"])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*fit, "--trainer.max_steps", "3", "--ckpt_path", "runs/finetune_lora", "--model.distill_weight", "2",
+              "--model.distill_on", "all"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "model.distill_weight: 1.0 in the checkpoint, 2.0 now" in capsys.readouterr().err
 
 
 def test_a_refused_test_or_validate_leaves_the_run_s_folder_as_it_was(trained_run, fake_mnist, monkeypatch, capsys):

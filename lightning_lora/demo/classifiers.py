@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,10 @@ class LitClassifier(NetModule):
         self.distill_weight, self.distill_on = float(distill_weight), distill_on
         self._target_digits: torch.Tensor | None = None
         super().__init__(net, optimizer, base_checkpoint, compare_base, lr_on_resume, lora_plus_ratio)
+
+    def resume_settings(self) -> dict[str, Any]:
+        """What decides what the adapter learns beyond the data (``ExactResume`` records and compares them)."""
+        return {"distill_weight": self.distill_weight, "distill_on": self.distill_on}
 
     def new_eval_metrics(self) -> DigitMetrics:
         return DigitMetrics(self.num_classes)

@@ -201,16 +201,28 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
                 config.scheduler.base_lrs = [self._rate_on_resume(group) for group in groups]
 
     def _say_which_rate_holds(self) -> None:
-        """A resume restores the checkpoint's rate: a changed ``lr`` in the config would be dropped silently."""
-        configured = getattr(self, "_configured_lr", None)
+        """A resume restores the checkpoint's optimizer settings: a changed ``lr``, ``weight_decay`` or other setting
+        of the optimizer in the config would be dropped silently."""
+        configured = getattr(self, "_configured", None)
         groups = self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []
         if configured is None or not groups:
             return
         restored = groups[0].get("initial_lr", groups[0]["lr"])  # a scheduler keeps the run's starting rate there
-        if isinstance(restored, float) and abs(restored - configured) > 1e-12 * max(abs(configured), 1e-30):
+        lr = configured.get("lr")
+        if isinstance(restored, float) and isinstance(lr, float) and abs(restored - lr) > 1e-12 * max(abs(lr), 1e-30):
             rank_zero_info(
-                f"resuming with the checkpoint's learning rate {restored:g}, not the configured {configured:g}: a "
-                f"resume continues the interrupted run; --model.lr_on_resume {configured:g} sets a new rate"
+                f"resuming with the checkpoint's learning rate {restored:g}, not the configured {lr:g}: a "
+                f"resume continues the interrupted run; --model.lr_on_resume {lr:g} sets a new rate"
+            )
+        others = [
+            f"{key} {groups[0][key]!r} (configured: {value!r})"
+            for key, value in configured.items()
+            if key != "lr" and key in groups[0] and _differs(groups[0][key], value)
+        ]
+        if others:
+            rank_zero_info(
+                f"resuming with the checkpoint's optimizer settings {', '.join(others)}: a resume continues the "
+                "interrupted run's optimizer; start a new fit from its adapter to train with other settings"
             )
 
     def _rate_on_resume(self, group: dict[str, Any]) -> float:
@@ -330,7 +342,7 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
             )
         try:
             optimizer = self.optimizer(trainable)
-            self._configured_lr = optimizer.defaults.get("lr")
+            self._configured = dict(optimizer.defaults)  # a resume's restored settings replace these: said
             if self.lora_plus_ratio is None:
                 return optimizer
             # The optimizer's own rate (from its config) is A's; built again over LoRA+'s groups.
@@ -373,3 +385,12 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
                 f"model.lora_plus_ratio: {saved:g} in the checkpoint, {self.lora_plus_ratio:g} now; a resume restores "
                 f"the checkpoint's rates: keep {saved:g}, or give --model.lr_on_resume to set new ones"
             )
+
+
+def _differs(restored: Any, configured: Any) -> bool:
+    """Whether an optimizer setting changed (tensors and tuples compared by value)."""
+    if isinstance(restored, torch.Tensor) or isinstance(configured, torch.Tensor):
+        return not torch.equal(torch.as_tensor(restored), torch.as_tensor(configured))
+    if isinstance(restored, (list, tuple)) and isinstance(configured, (list, tuple)):
+        return tuple(restored) != tuple(configured)
+    return bool(restored != configured)

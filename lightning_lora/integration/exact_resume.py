@@ -112,9 +112,9 @@ class ExactResume(pl.Callback):
             "trainer.limit_train_batches": trainer.limit_train_batches,
             "trainer.world_size (processes: devices x num_nodes)": trainer.world_size,
         }
-        data = trainer.datamodule
-        own = data.resume_settings() if data is not None and callable(getattr(data, "resume_settings", None)) else {}
-        settings.update({f"data.{name}": value for name, value in own.items()})
+        for prefix, holder in (("data", trainer.datamodule), ("model", trainer.lightning_module)):
+            own = holder.resume_settings() if callable(getattr(holder, "resume_settings", None)) else {}
+            settings.update({f"{prefix}.{name}": value for name, value in own.items()})
         return settings
 
     def _run_seed(self, trainer: pl.Trainer) -> int:
@@ -252,9 +252,10 @@ class ExactResume(pl.Callback):
         if differences and not self.new_data_order:
             raise ResumeError(
                 "resume refused: this run's settings differ from the interrupted run's where they decide the data "
-                f"order ({'; '.join(differences)}). Resuming would apply the saved position to another order and train "
-                "on other batches than the interrupted run. Resume with the interrupted run's settings, or ask for a "
-                "new data order (--new_data_order true; in Python ExactResume(new_data_order=True))."
+                f"order or what the adapter learns ({'; '.join(differences)}). Resuming would apply the saved position "
+                "to another order, or train otherwise, and not repeat the interrupted run. Resume with the interrupted "
+                "run's settings, or accept them as a new start of the order (--new_data_order true; in Python "
+                "ExactResume(new_data_order=True))."
             )
         if self.new_data_order:
             self._restart_order = True
