@@ -22,9 +22,10 @@ state (``state_dict`` / ``load_state_dict``):
   :class:`~lightning_lora.integration.resumable_checkpoint.ResumableCheckpoint` writes only
   checkpoints of the first kind.
 - **What decides the data order.** The Trainer's ``accumulate_grad_batches``,
-  ``limit_train_batches`` and number of processes, and the DataModule's ``resume_settings()``
-  (batch size, data seed, digits, replay share, for
-  :class:`~lightning_lora.demo.mnist_datamodule.MNISTDataModule`) are recorded; a resume that
+  ``limit_train_batches`` and number of processes, and the DataModule's and the module's
+  ``resume_settings()`` (batch size, data seed, digits, replay share, for
+  :class:`~lightning_lora.demo.mnist_datamodule.MNISTDataModule`; the distillation for
+  :class:`~lightning_lora.demo.classifiers.LitClassifier`) are recorded; a resume that
   changes one is refused naming the setting and both values, unless ``new_data_order`` is set:
   then the run says that the order restarts and the training loader forgets its saved position.
   The seed is recorded too: a changed ``seed_everything`` is not refused, the interrupted run's
