@@ -501,6 +501,21 @@ def test_a_tampered_or_foreign_checkpoint_is_refused_before_any_step(tmp_path, c
     assert module.seen == []
 
 
+def test_an_epoch_counter_altered_at_an_epochs_end_is_refused(tmp_path):
+    """At an epoch's end neither the step nor the batch moves; the epoch Lightning resumes in is checked too."""
+    _, root = fit(tmp_path / "a", module=Tiny(validate=True), max_epochs=1)
+
+    def skip_an_epoch(checkpoint):
+        for counters in checkpoint["loops"]["fit_loop"]["epoch_progress"].values():
+            if isinstance(counters, dict):
+                _shift(counters, 1)
+
+    module = Tiny(validate=True)
+    with pytest.raises(ResumeError, match="puts Lightning's position at epoch 2, but it was written at epoch 1"):
+        fit(tmp_path / "b", _tampered(root, tmp_path, skip_an_epoch), module=module, max_epochs=4)
+    assert module.seen == []
+
+
 class SGDTiny(Tiny):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)

@@ -63,7 +63,7 @@ from lightning_lora.integration.resume_refusals import (
     whole_number,
 )
 
-RESTORED = {"global_step": "optimizer step {}", "next_batch_idx": "batch {} of the epoch"}
+RESTORED = {"global_step": "optimizer step {}", "next_batch_idx": "batch {} of the epoch", "next_epoch": "epoch {}"}
 """Where Lightning's restored loops put a resumed run (public: ``trainer.global_step``, a batch's ``batch_idx``)."""
 
 RESUME_NEEDS = {"optimizer_states": "optimizer state", "loops": "loop state"}
@@ -100,6 +100,7 @@ class ExactResume(pl.Callback):
         self._stepped = True
         self._epoch_last_batch = False
         self._next_batch_idx = 0  # the batch_idx the run goes on with after a checkpoint written now
+        self._next_epoch = 0  # and the epoch
         self._restored: dict[str, int] = {}  # the step and next batch_idx a resumed run must start at
         self._restart_order = False
         self._resumed_mid_epoch = False
@@ -153,6 +154,7 @@ class ExactResume(pl.Callback):
         """
         if self._restored:
             self._refuse_altered_position(trainer, "next_batch_idx", batch_idx)
+            self._refuse_altered_position(trainer, "next_epoch", trainer.current_epoch)
             for loader in _flat(trainer.train_dataloader):  # a ResumableDataLoader says where it restarted
                 skipped = getattr(loader, "skipped_at_start", None)
                 if isinstance(skipped, int) and "next_batch_idx" in self._restored:
@@ -175,6 +177,7 @@ class ExactResume(pl.Callback):
         self._stepped = trainer.global_step != self._step_at_batch_start
         self._epoch_last_batch = batch_idx + 1 >= trainer.num_training_batches
         self._next_batch_idx = 0 if self._epoch_last_batch else batch_idx + 1
+        self._next_epoch = trainer.current_epoch + int(self._epoch_last_batch)
 
     def _fitting(self, trainer: pl.Trainer) -> bool:
         return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
@@ -197,7 +200,7 @@ class ExactResume(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._phase = "epoch_end"
-        self._next_batch_idx = 0
+        self._next_batch_idx, self._next_epoch = 0, trainer.current_epoch + 1
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._phase = "train_end"
@@ -236,6 +239,7 @@ class ExactResume(pl.Callback):
             "epoch_last_batch": self._epoch_last_batch,
             "global_step": trainer.global_step if trainer is not None else 0,
             "next_batch_idx": self._next_batch_idx,
+            "next_epoch": self._next_epoch,
             "epochs_behind_since": self.epochs_behind_since,
             "steps_per_epoch": steps_per_epoch(trainer) if trainer is not None else None,
             "settings": self.order_settings(trainer) if trainer is not None else {},
