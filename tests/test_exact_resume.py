@@ -516,6 +516,37 @@ def test_an_epoch_counter_altered_at_an_epochs_end_is_refused(tmp_path):
     assert module.seen == []
 
 
+class NoisyData(torch.utils.data.Dataset):
+    """Each sample with fresh random noise added when it is fetched, as a random augmentation would."""
+
+    def __init__(self, x, ids):
+        self.x, self.ids = x, ids
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(3), self.ids[i]
+
+
+class AugmentedTiny(Tiny):
+    def train_dataloader(self):
+        sampler = EpochShuffle(torch.arange(len(self.x)), seed=self.seed)
+        return ResumableDataLoader(NoisyData(self.x, self.ids), batch_size=self.batch_size, sampler=sampler)
+
+
+@pytest.mark.parametrize("ends", [[3, 6, 10], [4, 8, 10]], ids=["inside epochs", "at epoch ends"])
+def test_random_draws_in_a_datasets_getitem_repeat_after_a_resume(tmp_path, ends):
+    """Batches are fetched before a batch's hooks run: the loader seeds the fetch itself, by its position."""
+    reference, _ = fit(tmp_path / "ref", module=AugmentedTiny(dropout=0.3, validate=True), max_steps=ends[-1])
+    seen, ckpt, module = [], None, None
+    for i, end in enumerate(ends):
+        module, root = fit(tmp_path / str(i), ckpt, module=AugmentedTiny(dropout=0.3, validate=True), max_steps=end)
+        seen = seen[: torch.load(ckpt, weights_only=True)["global_step"] if ckpt else 0] + module.seen
+        ckpt = root / "last.ckpt"
+    assert_same_run(seen, module, reference.seen, reference)
+
+
 class SGDTiny(Tiny):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)

@@ -139,6 +139,9 @@ class ExactResume(pl.Callback):
         elif self._resumed_mid_epoch:
             refuse_loaders_that_cannot_continue(trainer, loaders)
         _seed_plain_shuffles(trainer, self._run_seed(trainer))
+        for loader in loaders:  # a ResumableDataLoader fetches each batch with draws seeded by its position
+            if hasattr(loader, "draw_seed"):
+                loader.draw_seed = (self._run_seed(trainer) * 8_191 + trainer.global_rank) % 2**63
         self.step_at_start = trainer.global_step
         if trainer.ckpt_path:
             refuse_damaged_optimizer_state(trainer)

@@ -53,6 +53,11 @@ class ResumableDataLoader(DataLoader):
 
     The position is counted after DDP's sharding (each rank skips its own batches), and the skipped
     batches are only indexed, never trained on.
+
+    With ``draw_seed`` set (``ExactResume`` sets it from its run seed and the rank), each batch is
+    fetched with torch's random state seeded from (draw_seed, epoch, position) and restored after:
+    random draws in a dataset's ``__getitem__`` (augmentation) are then the same in a resumed run.
+    Only in the process itself (``num_workers=0``): workers draw from their own seeds.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -60,6 +65,7 @@ class ResumableDataLoader(DataLoader):
         self._pass: dict[str, Any] = {"epoch": None, "handed_out": 0}
         self._saved_position: dict[str, Any] | None = None
         self.skipped_at_start = 0  # batches of this pass's epoch the restored position skipped (ExactResume checks it)
+        self.draw_seed: int | None = None
 
     def _epoch(self) -> int | None:
         return getattr(self.sampler, "epoch", None)  # EpochShuffle, or Lightning's DistributedSampler
@@ -72,13 +78,26 @@ class ResumableDataLoader(DataLoader):
         # a position restored or discarded before the first batch is what counts.
         epoch, saved, self._saved_position = self._epoch(), self._saved_position, None
         skip = self._batches_to_skip(saved, epoch)
-        for _ in range(skip):
-            next(iterator)
+        for position in range(skip):
+            self._fetch(iterator, epoch, position)
         self._pass = {"epoch": epoch, "handed_out": skip}
         self.skipped_at_start = skip
-        for batch in iterator:
+        while True:
+            try:
+                batch = self._fetch(iterator, epoch, self._pass["handed_out"])
+            except StopIteration:
+                return
             self._pass["handed_out"] += 1
             yield batch
+
+    def _fetch(self, iterator: Iterator[Any], epoch: int | None, position: int) -> Any:
+        if self.draw_seed is None or self.num_workers:
+            return next(iterator)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(
+                ((self.draw_seed * 1_000_003 + (epoch or 0)) * 1_000_003 + position) % 2**63
+            )
+            return next(iterator)
 
     def _batches_to_skip(self, saved: dict[str, Any] | None, epoch: int | None) -> int:
         if not saved or saved.get("epoch") != epoch or not saved.get("batches"):
