@@ -409,6 +409,15 @@ def test_changed_data_order_settings_are_refused_naming_both_values(tmp_path):
     assert module.seen == []
 
 
+def test_a_changed_gradient_clipping_is_refused_naming_both_values(tmp_path):
+    """Clipping decides the adapter's steps as much as the data does."""
+    _, root = fit(tmp_path / "a", max_steps=3)
+    module = Tiny()
+    with pytest.raises(ResumeError, match=r"trainer.gradient_clip_val: None in the checkpoint, 0.01 now"):
+        fit(tmp_path / "b", root / "last.ckpt", module=module, max_steps=6, gradient_clip_val=0.01)
+    assert module.seen == []
+
+
 def test_a_new_data_order_is_taken_when_asked_for_and_said(tmp_path, caplog):
     _, root = fit(tmp_path / "a", max_steps=3)
     module = Tiny(seed=7)  # another order

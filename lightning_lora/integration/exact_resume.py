@@ -113,6 +113,8 @@ class ExactResume(pl.Callback):
             "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
             "trainer.limit_train_batches": trainer.limit_train_batches,
             "trainer.world_size (processes: devices x num_nodes)": trainer.world_size,
+            "trainer.gradient_clip_val": trainer.gradient_clip_val,
+            "trainer.gradient_clip_algorithm": trainer.gradient_clip_algorithm,
         }
         for prefix, holder in (("data", trainer.datamodule), ("model", trainer.lightning_module)):
             own = holder.resume_settings() if callable(getattr(holder, "resume_settings", None)) else {}
