@@ -346,14 +346,16 @@ def test_such_a_run_continued_counting_epochs_is_refused_with_the_max_steps_that
 
 @pytest.mark.parametrize("then", [{"max_steps": 12}, {"max_epochs": 4}], ids=["counting steps", "counting epochs"])
 def test_its_checkpoint_at_an_epochs_end_is_refused_naming_the_checkpoint_that_resumes_exactly(tmp_path, then):
+    """Both runs write into one folder, so its last.ckpt moves on: the refusal names the step file that stays."""
     reference, _ = fit(tmp_path / "ref", module=Tiny(dropout=0.3), max_steps=12, **LIMITED)
-    first, root = fit(tmp_path / "a", module=Tiny(dropout=0.3), max_steps=3, **LIMITED)
-    _, later = fit(tmp_path / "b", root / "last.ckpt", module=Tiny(dropout=0.3), max_steps=6, **LIMITED)
+    first, folder = fit(tmp_path / "ck", module=Tiny(dropout=0.3), max_steps=3, **LIMITED)
+    fit(folder, folder / "last.ckpt", module=Tiny(dropout=0.3), max_steps=6, **LIMITED)  # last.ckpt: step 6 now
     module = Tiny(dropout=0.3)
     with pytest.raises(ResumeError, match="counting epochs or steps, the run would repeat or skip") as refusal:
-        fit(tmp_path / "c", later / "last.ckpt", module=module, **then, **LIMITED)
-    assert module.seen == [] and f"Resume from {root / 'last.ckpt'}, where that run started" in str(refusal.value)
-    resumed, _ = fit(tmp_path / "d", root / "last.ckpt", module=Tiny(dropout=0.3), **then, **LIMITED)
+        fit(tmp_path / "c", folder / "last.ckpt", module=module, **then, **LIMITED)
+    started = folder / "epoch=0-step=3.ckpt"
+    assert module.seen == [] and f"Resume from {started}, where that run started" in str(refusal.value)
+    resumed, _ = fit(tmp_path / "d", started, module=Tiny(dropout=0.3), **then, **LIMITED)
     assert_same_run(first.seen + resumed.seen, resumed, reference.seen, reference)
 
 

@@ -42,6 +42,7 @@ callbacks, before the strategy wraps the model, before the optimizer exists and 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -293,7 +294,7 @@ class ExactResume(pl.Callback):
             "epoch_last_batch"
         )
         if state_dict.get("written_at") == "batch_end" and state_dict.get("epoch_last_batch"):
-            self.epochs_behind_since = str(trainer.ckpt_path)
+            self.epochs_behind_since = _lasting_name(trainer.ckpt_path)
         refuse_altered_state(state_dict, trainer)  # last: an edit that a check above names is said as such
 
     def _refuse_altered_position(self, trainer: pl.Trainer, key: str, restored: int, by: str = "Lightning's") -> None:
@@ -317,6 +318,20 @@ class ExactResume(pl.Callback):
             for name in sorted(set(recorded) & set(current))
             if recorded[name] != current[name]
         ]
+
+
+def _lasting_name(path: Any) -> str:
+    """The file a checkpoint path names for good: ``last.ckpt`` is a hard link a later run of the same folder moves,
+    so the step file it links to (same inode) is named instead, where there is one."""
+    given = Path(str(path))
+    try:
+        target = given.stat()
+        for sibling in sorted(given.parent.glob("*.ckpt")):
+            if sibling.name != given.name and os.path.samestat(sibling.stat(), target):
+                return str(sibling)
+    except OSError:
+        pass
+    return str(given)
 
 
 def _current_seed() -> int:
