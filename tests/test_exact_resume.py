@@ -490,7 +490,7 @@ def _shift(counters, by):
         (lambda c: _loader_state(c)[0].update(batches="x"), "is not one a ResumableDataLoader writes"),
         (lambda c: _loader_state(c)[0].update(batches=1), "loader's position at batch 1 of the epoch"),
         (lambda c: _loader_state(c)[0].update(epoch=1), "loader's position at batch 0 of the epoch"),
-        (lambda c: _loader_state(c).clear(), "loader's position at batch 0 of the epoch"),
+        (lambda c: _loader_state(c).clear(), "holds no saved position for the training loader"),
         (lambda c: _exact_state(c).update(batches_started=2), "does not match its digest"),
         (lambda c: _exact_state(c).update(run_seed=5), "does not match its digest"),
         (lambda c: _exact_state(c)["settings"].clear(), "does not match its digest"),
@@ -556,6 +556,15 @@ def test_random_draws_in_a_datasets_getitem_repeat_after_a_resume(tmp_path, ends
         seen = seen[: torch.load(ckpt, weights_only=True)["global_step"] if ckpt else 0] + module.seen
         ckpt = root / "last.ckpt"
     assert_same_run(seen, module, reference.seen, reference)
+
+
+def test_a_mid_epoch_checkpoint_of_a_loader_that_saves_no_position_is_refused_saying_so(tmp_path):
+    """Resumed with a ResumableDataLoader, it holds no position to continue from: refused as such, not as altered."""
+    _, root = fit(tmp_path / "a", module=PlainShuffleTiny(), max_steps=3)
+    module = Tiny()
+    with pytest.raises(ResumeError, match="holds no saved position for the training loader") as refusal:
+        fit(tmp_path / "b", root / "last.ckpt", module=module, max_steps=6)
+    assert module.seen == [] and "altered" not in str(refusal.value).split("(it was written")[0]
 
 
 class SGDTiny(Tiny):

@@ -159,12 +159,7 @@ class ExactResume(pl.Callback):
         stack trace each time (0.2-0.7 ms a step, a quarter of a small network's step on the CPU).
         """
         if self._restored:
-            self._refuse_altered_position(trainer, "next_batch_idx", batch_idx)
-            self._refuse_altered_position(trainer, "next_epoch", trainer.current_epoch)
-            for loader in _flat(trainer.train_dataloader):  # a ResumableDataLoader says where it restarted
-                skipped = getattr(loader, "skipped_at_start", None)
-                if isinstance(skipped, int) and "next_batch_idx" in self._restored:
-                    self._refuse_altered_position(trainer, "next_batch_idx", skipped, by="the training loader's")
+            self._refuse_a_moved_start(trainer, batch_idx)
             self._restored = {}
         seed = ((self._run_seed(trainer) * 1_000_003 + self.batches_started) * 8_191 + trainer.global_rank) % 2**63
         torch.default_generator.manual_seed(seed)
@@ -296,6 +291,27 @@ class ExactResume(pl.Callback):
         if state_dict.get("written_at") == "batch_end" and state_dict.get("epoch_last_batch"):
             self.epochs_behind_since = _lasting_name(trainer.ckpt_path)
         refuse_altered_state(state_dict, trainer)  # last: an edit that a check above names is said as such
+
+    def _refuse_a_moved_start(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        """At a resumed run's first batch: Lightning's batch and epoch, and a ResumableDataLoader's restart, must be
+        where the checkpoint was written."""
+        self._refuse_altered_position(trainer, "next_batch_idx", batch_idx)
+        self._refuse_altered_position(trainer, "next_epoch", trainer.current_epoch)
+        if "next_batch_idx" not in self._restored:
+            return
+        for loader in _flat(trainer.train_dataloader):
+            skipped = getattr(loader, "skipped_at_start", None)
+            if not isinstance(skipped, int):
+                continue
+            if self._restored["next_batch_idx"] and not getattr(loader, "restored", True):
+                refuse_at_start(
+                    trainer,
+                    f"resume refused: checkpoint {trainer.ckpt_path} was written in the middle of an epoch but holds "
+                    "no saved position for the training loader (it was written with a loader that saves none, such as "
+                    "a plain DataLoader, or the position was removed), so the run cannot continue where it stopped. "
+                    "Resume from a checkpoint of that run written at an epoch's end",
+                )
+            self._refuse_altered_position(trainer, "next_batch_idx", skipped, by="the training loader's")
 
     def _refuse_altered_position(self, trainer: pl.Trainer, key: str, restored: int, by: str = "Lightning's") -> None:
         """The restored position (Lightning's loops', a loader's) must be the one recorded when the checkpoint was

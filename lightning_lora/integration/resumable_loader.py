@@ -66,6 +66,7 @@ class ResumableDataLoader(DataLoader):
         self._saved_position: dict[str, Any] | None = None
         self.skipped_at_start = 0  # batches of this pass's epoch the restored position skipped (ExactResume checks it)
         self.draw_seed: int | None = None
+        self.restored = False  # whether Lightning handed this loader a saved position (ExactResume checks it)
 
     def _epoch(self) -> int | None:
         return getattr(self.sampler, "epoch", None)  # EpochShuffle, or Lightning's DistributedSampler
@@ -141,6 +142,7 @@ class ResumableDataLoader(DataLoader):
                 "checkpoint of the run"
             )
         self._saved_position = dict(state)
+        self.restored = True
 
 
 def _count(value: Any) -> bool:

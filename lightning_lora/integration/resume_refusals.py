@@ -191,8 +191,9 @@ def refuse_loaders_that_cannot_continue(trainer: pl.Trainer, loaders: list[Any])
         trainer,
         f"resume refused: the checkpoint was written in the middle of an epoch, but the training DataLoader "
         f"({', '.join(stuck)}) cannot continue where the run stopped (it has no state_dict()/load_state_dict()), so "
-        "training would not repeat the interrupted run. Resume from a checkpoint written at an epoch's end, or use "
-        "a loader that saves its position (lightning_lora.integration.resumable_loader.ResumableDataLoader).",
+        "training would not repeat the interrupted run, and the checkpoint holds no position any loader could "
+        "continue from. Resume from a checkpoint of that run written at an epoch's end; for runs to come, use a "
+        "loader that saves its position (lightning_lora.integration.resumable_loader.ResumableDataLoader).",
     )
 
 
