@@ -11,10 +11,12 @@ would, so they fail loudly when Lightning changes (then the refusals may be rela
 from __future__ import annotations
 
 import logging
+import random
 import re
 import signal
 
 import lightning.pytorch as pl
+import numpy
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -527,32 +529,53 @@ def test_an_epoch_counter_altered_at_an_epochs_end_is_refused(tmp_path):
     assert module.seen == []
 
 
+DRAWS = {
+    "torch": lambda: float(torch.randn(())),
+    "python random": lambda: random.gauss(0.0, 1.0),
+    "numpy": lambda: float(numpy.random.randn()),
+}
+
+
 class NoisyData(torch.utils.data.Dataset):
     """Each sample with fresh random noise added when it is fetched, as a random augmentation would."""
 
-    def __init__(self, x, ids):
-        self.x, self.ids = x, ids
+    def __init__(self, x, ids, draw):
+        self.x, self.ids, self.draw = x, ids, draw
 
     def __len__(self):
         return len(self.x)
 
     def __getitem__(self, i):
-        return self.x[i] + 0.1 * torch.randn(3), self.ids[i]
+        return self.x[i] + 0.1 * self.draw(), self.ids[i]
 
 
 class AugmentedTiny(Tiny):
+    """Random draws in the dataset's ``__getitem__`` and in the training step, from ``draw``'s generator."""
+
+    def __init__(self, draw, **kwargs):
+        super().__init__(**kwargs)
+        self.draw = draw
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * (1.0 + 0.1 * self.draw())
+
     def train_dataloader(self):
         sampler = EpochShuffle(torch.arange(len(self.x)), seed=self.seed)
-        return ResumableDataLoader(NoisyData(self.x, self.ids), batch_size=self.batch_size, sampler=sampler)
+        data = NoisyData(self.x, self.ids, self.draw)
+        return ResumableDataLoader(data, batch_size=self.batch_size, sampler=sampler)
 
 
+@pytest.mark.parametrize("source", list(DRAWS))
 @pytest.mark.parametrize("ends", [[3, 6, 10], [4, 8, 10]], ids=["inside epochs", "at epoch ends"])
-def test_random_draws_in_a_datasets_getitem_repeat_after_a_resume(tmp_path, ends):
-    """Batches are fetched before a batch's hooks run: the loader seeds the fetch itself, by its position."""
-    reference, _ = fit(tmp_path / "ref", module=AugmentedTiny(dropout=0.3, validate=True), max_steps=ends[-1])
+def test_random_draws_in_a_datasets_getitem_and_the_step_repeat_after_a_resume(tmp_path, ends, source):
+    """Batches are fetched before a batch's hooks run: the loader seeds the fetch itself, by its position; the step's
+    draws come after ExactResume seeded torch's, Python's and NumPy's generators."""
+    draw = DRAWS[source]
+    reference, _ = fit(tmp_path / "ref", module=AugmentedTiny(draw, dropout=0.3, validate=True), max_steps=ends[-1])
     seen, ckpt, module = [], None, None
     for i, end in enumerate(ends):
-        module, root = fit(tmp_path / str(i), ckpt, module=AugmentedTiny(dropout=0.3, validate=True), max_steps=end)
+        module = AugmentedTiny(draw, dropout=0.3, validate=True)
+        module, root = fit(tmp_path / str(i), ckpt, module=module, max_steps=end)
         seen = seen[: torch.load(ckpt, weights_only=True)["global_step"] if ckpt else 0] + module.seen
         ckpt = root / "last.ckpt"
     assert_same_run(seen, module, reference.seen, reference)

@@ -3,7 +3,7 @@
 Owns: ``LoRAInjectionCallback`` (:mod:`.callback`), adapter-only checkpoints
 (``LoRACheckpointMixin``, :mod:`.checkpoint_mixin`), exact and checked resume (``ExactResume``,
 :mod:`.exact_resume`, with what it refuses in :mod:`.resume_refusals`; ``ResumableCheckpoint``,
-:mod:`.resumable_checkpoint`;
+:mod:`.resumable_checkpoint`; the random generators beside torch's they seed, :mod:`.host_random`;
 ``ResumableDataLoader``, :mod:`.resumable_loader`), reading checkpoints safely
 (:mod:`.checkpoint_reader`, :mod:`.safe_checkpoint_io`), which classes a file may name
 (:mod:`.class_allowlist`), the CLI class (``LoRACLI``, :mod:`.lora_cli`) and the verbs it runs

@@ -52,6 +52,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import RandomSampler
 
 from lightning_lora.errors import ResumeError
+from lightning_lora.integration.host_random import seed_python_and_numpy
 from lightning_lora.integration.resume_refusals import (
     EXACT_EVERYWHERE,
     refuse_altered_state,
@@ -163,6 +164,7 @@ class ExactResume(pl.Callback):
             self._restored = {}
         seed = ((self._run_seed(trainer) * 1_000_003 + self.batches_started) * 8_191 + trainer.global_rank) % 2**63
         torch.default_generator.manual_seed(seed)
+        seed_python_and_numpy(seed)
         device = pl_module.device
         if device.type == "cuda":
             torch.cuda.default_generators[device.index if device.index is not None else 0].manual_seed(seed)

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_lora.errors import ResumeError
+from lightning_lora.integration.host_random import forked_draws
 
 
 class EpochShuffle(Sampler[int]):
@@ -55,7 +56,8 @@ class ResumableDataLoader(DataLoader):
     batches are only indexed, never trained on.
 
     With ``draw_seed`` set (``ExactResume`` sets it from its run seed and the rank), each batch is
-    fetched with torch's random state seeded from (draw_seed, epoch, position) and restored after:
+    fetched with torch's, Python's and NumPy's random state seeded from (draw_seed, epoch, position)
+    and restored after (:mod:`~lightning_lora.integration.host_random`):
     random draws in a dataset's ``__getitem__`` (augmentation) are then the same in a resumed run.
     Only in the process itself (``num_workers=0``): workers draw from their own seeds.
     """
@@ -94,10 +96,7 @@ class ResumableDataLoader(DataLoader):
     def _fetch(self, iterator: Iterator[Any], epoch: int | None, position: int) -> Any:
         if self.draw_seed is None or self.num_workers:
             return next(iterator)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(
-                ((self.draw_seed * 1_000_003 + (epoch or 0)) * 1_000_003 + position) % 2**63
-            )
+        with forked_draws(((self.draw_seed * 1_000_003 + (epoch or 0)) * 1_000_003 + position) % 2**63):
             return next(iterator)
 
     def _batches_to_skip(self, saved: dict[str, Any] | None, epoch: int | None) -> int:
