@@ -590,6 +590,25 @@ def test_a_mid_epoch_checkpoint_of_a_loader_that_saves_no_position_is_refused_sa
     assert module.seen == [] and "altered" not in str(refusal.value).split("(it was written")[0]
 
 
+class OwnGeneratorTiny(Tiny):
+    """A ResumableDataLoader over a RandomSampler with a generator of its own, whose state no checkpoint holds."""
+
+    def train_dataloader(self):
+        data = TensorDataset(self.x, self.ids)
+        sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(3))
+        return ResumableDataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+
+def test_a_random_sampler_with_its_own_generator_resumes_exactly_inside_and_across_epochs(tmp_path):
+    reference, _ = fit(tmp_path / "ref", module=OwnGeneratorTiny(dropout=0.3), max_steps=11)
+    seen, ckpt, module = [], None, None
+    for i, end in enumerate([3, 6, 11]):
+        module, root = fit(tmp_path / str(i), ckpt, module=OwnGeneratorTiny(dropout=0.3), max_steps=end)
+        seen = seen[: torch.load(ckpt, weights_only=True)["global_step"] if ckpt else 0] + module.seen
+        ckpt = root / "last.ckpt"
+    assert_same_run(seen, module, reference.seen, reference)
+
+
 class SGDTiny(Tiny):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)

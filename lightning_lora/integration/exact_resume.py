@@ -358,7 +358,8 @@ def _current_seed() -> int:
 
 
 def _seed_plain_shuffles(trainer: pl.Trainer, run_seed: int) -> None:
-    """Give a plain ``DataLoader(shuffle=True)`` an order that depends only on (run seed, epoch).
+    """Give a plain ``DataLoader(shuffle=True)`` an order that depends only on (run seed, epoch), and a
+    ``RandomSampler`` with a generator of its own one that depends on (that generator's seed, epoch).
 
     Its ``RandomSampler`` draws each epoch's order from torch's global random state, which no
     checkpoint restores, so a resumed run would see other batches. Lightning calls ``set_epoch``
@@ -368,11 +369,14 @@ def _seed_plain_shuffles(trainer: pl.Trainer, run_seed: int) -> None:
     """
     for loader in _flat(trainer.train_dataloader):
         sampler = getattr(loader, "sampler", None)
-        if type(sampler) is RandomSampler and sampler.generator is None and not hasattr(sampler, "set_epoch"):
-            sampler.generator = torch.Generator()
+        if type(sampler) is RandomSampler and not hasattr(sampler, "set_epoch"):
+            # A generator of the user's own keeps its seed, reseeded per epoch too: no checkpoint holds its state.
+            base = run_seed if sampler.generator is None else sampler.generator.initial_seed()
+            if sampler.generator is None:
+                sampler.generator = torch.Generator()
 
-            def set_epoch(epoch: int, generator: torch.Generator = sampler.generator) -> None:
-                generator.manual_seed((run_seed * 1_000_003 + epoch) % 2**63)
+            def set_epoch(epoch: int, generator: torch.Generator = sampler.generator, base: int = base) -> None:
+                generator.manual_seed((base * 1_000_003 + epoch) % 2**63)
 
             sampler.set_epoch = set_epoch
             set_epoch(trainer.current_epoch)
