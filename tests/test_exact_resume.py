@@ -422,6 +422,16 @@ def test_a_changed_gradient_clipping_is_refused_naming_both_values(tmp_path):
     assert module.seen == []
 
 
+@pytest.mark.parametrize("stop", [3, 4], ids=["inside an epoch", "at an epoch's end"])
+def test_a_changed_sampler_seed_of_your_own_loader_is_refused_naming_both_values(tmp_path, stop):
+    """A module's own EpochShuffle seed decides the order as the DataModule's settings do."""
+    _, root = fit(tmp_path / "a", module=Tiny(seed=7), max_steps=stop)
+    module = Tiny(seed=8)
+    with pytest.raises(ResumeError, match=r"sampler seed is \[8\] now, \[7\] in checkpoint"):
+        fit(tmp_path / "b", root / "last.ckpt", module=module, max_steps=8)
+    assert module.seen == []
+
+
 def test_a_new_data_order_is_taken_when_asked_for_and_said(tmp_path, caplog):
     _, root = fit(tmp_path / "a", max_steps=3)
     module = Tiny(seed=7)  # another order

@@ -42,7 +42,6 @@ callbacks, before the strategy wraps the model, before the optimizer exists and 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -55,11 +54,15 @@ from lightning_lora.errors import ResumeError
 from lightning_lora.integration.host_random import seed_python_and_numpy
 from lightning_lora.integration.resume_refusals import (
     EXACT_EVERYWHERE,
+    flat_loaders,
+    lasting_name,
     refuse_altered_state,
     refuse_at_start,
     refuse_damaged_optimizer_state,
     refuse_inexact_checkpoint,
     refuse_loaders_that_cannot_continue,
+    refuse_other_sampler_seeds,
+    sampler_seeds,
     state_digest,
     steps_per_epoch,
     whole_number,
@@ -70,12 +73,6 @@ RESTORED = {"global_step": "optimizer step {}", "next_batch_idx": "batch {} of t
 
 RESUME_NEEDS = {"optimizer_states": "optimizer state", "loops": "loop state"}
 """What a checkpoint must hold for a fit to continue from it (Lightning's own keys), and how to name it."""
-
-
-def _flat(loaders: Any) -> list[Any]:
-    if isinstance(loaders, dict):
-        return list(loaders.values())
-    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
 class ExactResume(pl.Callback):
@@ -105,6 +102,7 @@ class ExactResume(pl.Callback):
         self._next_epoch = 0  # and the epoch
         self._restored: dict[str, int] = {}  # the step and next batch_idx a resumed run must start at
         self._restart_order = False
+        self._recorded_sampler_seeds: list[Any] | None = None
         self._resumed_mid_epoch = False
 
     # -- settings -------------------------------------------------------------------------------
@@ -135,13 +133,15 @@ class ExactResume(pl.Callback):
         self._run_trainer = trainer
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loaders = _flat(trainer.train_dataloader)
+        loaders = flat_loaders(trainer.train_dataloader)
         if self._restart_order:
             for loader in loaders:
                 if callable(getattr(loader, "discard_saved_position", None)):
                     loader.discard_saved_position()
         elif self._resumed_mid_epoch:
             refuse_loaders_that_cannot_continue(trainer, loaders)
+        if not self.new_data_order:
+            refuse_other_sampler_seeds(trainer, self._recorded_sampler_seeds)
         _seed_plain_shuffles(trainer, self._run_seed(trainer))
         for loader in loaders:  # a ResumableDataLoader fetches each batch with draws seeded by its position
             if hasattr(loader, "draw_seed"):
@@ -246,6 +246,7 @@ class ExactResume(pl.Callback):
             "epochs_behind_since": self.epochs_behind_since,
             "steps_per_epoch": steps_per_epoch(trainer) if trainer is not None else None,
             "settings": self.order_settings(trainer) if trainer is not None else {},
+            "sampler_seeds": sampler_seeds(trainer) if trainer is not None else None,
         }
         return {**state, "digest": state_digest(state)}
 
@@ -274,6 +275,7 @@ class ExactResume(pl.Callback):
                 + "; this run no longer repeats the interrupted one"
             )
         self.batches_started = whole_number(state_dict, "batches_started", trainer)
+        self._recorded_sampler_seeds = state_dict.get("sampler_seeds")
         self._restored = {key: whole_number(state_dict, key, trainer) for key in RESTORED if key in state_dict}
         if self.new_data_order:
             self._restored.pop("next_batch_idx", None)  # the order restarts: the loader's position is dropped
@@ -291,7 +293,7 @@ class ExactResume(pl.Callback):
             "epoch_last_batch"
         )
         if state_dict.get("written_at") == "batch_end" and state_dict.get("epoch_last_batch"):
-            self.epochs_behind_since = _lasting_name(trainer.ckpt_path)
+            self.epochs_behind_since = lasting_name(trainer.ckpt_path)
         refuse_altered_state(state_dict, trainer)  # last: an edit that a check above names is said as such
 
     def _refuse_a_moved_start(self, trainer: pl.Trainer, batch_idx: int) -> None:
@@ -301,7 +303,7 @@ class ExactResume(pl.Callback):
         self._refuse_altered_position(trainer, "next_epoch", trainer.current_epoch)
         if "next_batch_idx" not in self._restored:
             return
-        for loader in _flat(trainer.train_dataloader):
+        for loader in flat_loaders(trainer.train_dataloader):
             skipped = getattr(loader, "skipped_at_start", None)
             if not isinstance(skipped, int):
                 continue
@@ -338,20 +340,6 @@ class ExactResume(pl.Callback):
         ]
 
 
-def _lasting_name(path: Any) -> str:
-    """The file a checkpoint path names for good: ``last.ckpt`` is a hard link a later run of the same folder moves,
-    so the step file it links to (same inode) is named instead, where there is one."""
-    given = Path(str(path))
-    try:
-        target = given.stat()
-        for sibling in sorted(given.parent.glob("*.ckpt")):
-            if sibling.name != given.name and os.path.samestat(sibling.stat(), target):
-                return str(sibling)
-    except OSError:
-        pass
-    return str(given)
-
-
 def _current_seed() -> int:
     seed = os.environ.get("PL_GLOBAL_SEED")  # what seed_everything (LightningCLI's too) sets
     return int(seed) if seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -367,7 +355,7 @@ def _seed_plain_shuffles(trainer: pl.Trainer, run_seed: int) -> None:
     so the sampler gets a generator reseeded there. Such a loader cannot continue mid-epoch (a
     resume there is refused). Under DDP Lightning's own DistributedSampler does the same.
     """
-    for loader in _flat(trainer.train_dataloader):
+    for loader in flat_loaders(trainer.train_dataloader):
         sampler = getattr(loader, "sampler", None)
         if type(sampler) is RandomSampler and not hasattr(sampler, "set_epoch"):
             # A generator of the user's own keeps its seed, reseeded per epoch too: no checkpoint holds its state.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -197,6 +199,52 @@ def refuse_loaders_that_cannot_continue(trainer: pl.Trainer, loaders: list[Any])
     )
 
 
+def flat_loaders(loaders: Any) -> list[Any]:
+    """A Trainer's training loaders as a list (Lightning gives one, a list or a dict of them)."""
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def sampler_seeds(trainer: pl.Trainer) -> list[Any] | None:
+    """The ``seed`` of each training loader's sampler (EpochShuffle's, DistributedSampler's; None where it has none)."""
+    if trainer.train_dataloader is None:
+        return None
+    return [
+        getattr(getattr(loader, "sampler", None), "seed", None) for loader in flat_loaders(trainer.train_dataloader)
+    ]
+
+
+def lasting_name(path: Any) -> str:
+    """The file a checkpoint path names for good: ``last.ckpt`` is a hard link a later run of the same folder moves,
+    so the step file it links to (same inode) is named instead, where there is one."""
+    given = Path(str(path))
+    try:
+        target = given.stat()
+        for sibling in sorted(given.parent.glob("*.ckpt")):
+            if sibling.name != given.name and os.path.samestat(sibling.stat(), target):
+                return str(sibling)
+    except OSError:
+        pass
+    return str(given)
+
+
+def refuse_other_sampler_seeds(trainer: pl.Trainer, recorded: list[Any] | None) -> None:
+    """A training loader's sampler seed (where it has one, then and now) must be the interrupted run's."""
+    now = sampler_seeds(trainer)
+    if recorded is None or now is None or len(recorded) != len(now):
+        return
+    if any(then is not None and seed is not None and then != seed for then, seed in zip(recorded, now, strict=True)):
+        refuse_at_start(
+            trainer,
+            f"resume refused: the training loader's sampler seed is {now} now, {recorded} in checkpoint "
+            f"{trainer.ckpt_path}: it decides the data order, so the run would train on other batches than the "
+            "interrupted one. Resume with the interrupted run's sampler seed (under DDP Lightning's DistributedSampler "
+            "takes seed_everything's), or ask for a new data order (--new_data_order true; in Python "
+            "ExactResume(new_data_order=True))",
+        )
+
+
 def refuse_at_start(trainer: pl.Trainer, message: str) -> None:
     """Stop a resumed fit at its start without saving the step it restored (save-on-exception is switched off)."""
     for callback in trainer.checkpoint_callbacks:
@@ -209,12 +257,16 @@ __all__ = [
     "EXACT_EVERYWHERE",
     "EXACT_IN_EPOCH_RUNS",
     "HOOK_NAMES",
+    "flat_loaders",
+    "lasting_name",
     "refuse_a_run_counting_epochs_behind",
     "refuse_altered_state",
     "refuse_at_start",
     "refuse_damaged_optimizer_state",
     "refuse_inexact_checkpoint",
     "refuse_loaders_that_cannot_continue",
+    "refuse_other_sampler_seeds",
+    "sampler_seeds",
     "state_digest",
     "steps_per_epoch",
     "whole_number",
