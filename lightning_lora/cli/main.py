@@ -25,7 +25,7 @@ from typing import NoReturn
 
 from lightning_lora._version import __version__
 from lightning_lora.cli.ddp_peers import stopped_peer
-from lightning_lora.errors import UsageError
+from lightning_lora.errors import ResumeError, UsageError
 
 LIGHTNING_VERBS = {
     "fit": "Train: pretrain a base, or fine-tune LoRA adapters (-c CONFIG, --lora.* settings).",
@@ -68,8 +68,6 @@ def _fail(verb: str, message: str, code: int, err: BaseException | None = None) 
 def _said_by_rank_zero(err: BaseException | None) -> bool:
     """A resume refusal comes alike from every DDP process (each reads the same checkpoint and settings), so only
     the first process prints it; Lightning's launcher gives the others a nonzero ``LOCAL_RANK`` or ``NODE_RANK``."""
-    from lightning_lora.errors import ResumeError
-
     return isinstance(err, ResumeError) and any(
         os.environ.get(name, "0") != "0" for name in ("LOCAL_RANK", "NODE_RANK")
     )

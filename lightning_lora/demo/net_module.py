@@ -191,7 +191,7 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
 
     def on_train_start(self) -> None:
         if self.lr_on_resume is None and self.trainer.ckpt_path is not None:
-            self._say_which_rate_holds()
+            self._say_which_settings_hold()
         if self.lr_on_resume is not None and self.trainer.ckpt_path is not None:
             for optimizer in self.trainer.optimizers:
                 for group in optimizer.param_groups:
@@ -200,7 +200,7 @@ class NetModule(LoRACheckpointMixin, pl.LightningModule):
                 groups = config.scheduler.optimizer.param_groups
                 config.scheduler.base_lrs = [self._rate_on_resume(group) for group in groups]
 
-    def _say_which_rate_holds(self) -> None:
+    def _say_which_settings_hold(self) -> None:
         """A resume restores the checkpoint's optimizer settings: a changed ``lr``, ``weight_decay`` or other setting
         of the optimizer in the config would be dropped silently."""
         configured = getattr(self, "_configured", None)

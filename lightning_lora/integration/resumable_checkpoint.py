@@ -109,7 +109,8 @@ class ResumableCheckpoint(Checkpoint):
         # A SIGTERM stops the validation after this batch: a checkpoint due again after it is written here.
         if not self._validating_after_a_step(trainer):
             return
-        if (self._again_after_validation and self._sigterm(trainer)) or self._unsaved_sigterm(trainer):
+        due = self._again_after_validation or self._saved_step != trainer.global_step  # the same on every rank
+        if due and self._sigterm(trainer):
             self._again_after_validation = False
             self._save(trainer)
 

@@ -60,6 +60,7 @@ def refuse_altered_state(state: Any, trainer: pl.Trainer, digest: bool = True) -
 
 
 def whole_number(state: dict[str, Any], key: str, trainer: pl.Trainer) -> int:
+    """ExactResume's count ``key`` (0 when absent), refused unless it is a whole number."""
     value = state.get(key, 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ResumeError(
